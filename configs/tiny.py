@@ -1,0 +1,81 @@
+"""The embedded default: a few-million-parameter TiDAR model that trains on 2 CPU cores in minutes.
+
+    python -m tidar_jax.train --config=configs/tiny.py [--config.train.steps=100] [--workdir=DIR]
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 0  # one seed for init, data order and dropout-free training: a run is reproducible from (config, seed)
+
+  c.model = ConfigDict()
+  c.model.vocab_size = 8192  # embedding rows; must hold the tokenizer's vocab including <|mask|>
+  c.model.d_model = 128  # residual stream width
+  c.model.num_layers = 4  # transformer blocks
+  c.model.num_heads = 4  # query heads
+  c.model.num_kv_heads = 2  # key/value heads (grouped-query attention); divides num_heads
+  c.model.head_dim = 32  # per-head width (need not equal d_model // num_heads)
+  c.model.mlp_dim = 512  # SwiGLU hidden width
+  c.model.qkv_bias = False  # bias on q/k/v projections (Qwen2/2.5)
+  c.model.qk_norm = False  # per-head RMSNorm on q and k (Qwen3)
+  c.model.tie_embeddings = True  # LM head shares the token embedding matrix
+  c.model.rope_theta = 10000.0  # RoPE base frequency
+  c.model.norm_eps = 1e-6  # RMSNorm epsilon
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
+  c.model.param_dtype = "float32"  # master weight dtype
+  c.model.scan_layers = True  # nn.scan over layers (fast compile); False unrolls the same stacked params
+  c.model.remat = "none"  # activation checkpointing per block: none | full | dots
+  c.model.attention = "dense"  # attention kernel: dense (reference, any device) | cudnn (GPU fast path)
+
+  c.tidar = ConfigDict()
+  c.tidar.objective = "tidar"  # tidar: dual AR + diffusion loss on the doubled sequence | ar: AR-only baseline
+  c.tidar.block_size = 8  # k: draft block length; train.seq_len must be a multiple of it
+  c.tidar.loss_alpha = 1.0  # weight of the AR loss: (alpha * L_AR + L_diff) / (1 + alpha)
+  c.tidar.verify_beta = 1.0  # decode: beta * AR + (1 - beta) * diffusion logits for verification (1 = exact AR)
+
+  c.data = ConfigDict()
+  c.data.dataset = "local_code"  # local_code (stdlib .py files) | text_files | any registered tfds dataset name
+  c.data.source = ""  # text_files: a directory or glob of .txt/.md/.py/.jsonl files
+  c.data.feature_key = "text"  # the text feature of a tfds dataset
+  c.data.data_dir = "~/.cache/tidar_jax"  # where prepared tfds data and the trained tokenizer are cached
+  c.data.tokenizer = ""  # path to tokenizer.json or an HF tokenizer dir; empty = train a BPE on the train split
+  c.data.validation_fraction = 0.02  # share of files (by stable hash of the path) held out for validation
+  c.data.num_workers = 0  # grain worker processes (0 = in the main process)
+
+  c.train = ConfigDict()
+  c.train.seq_len = 256  # clean tokens per training window (the TiDAR input is 2 * seq_len)
+  c.train.batch_size = 8  # global batch size in windows
+  c.train.steps = 400  # optimizer steps
+  c.train.learning_rate = 3e-3  # peak learning rate
+  c.train.min_learning_rate = 3e-4  # end of the cosine decay
+  c.train.warmup_steps = 40  # linear warmup steps
+  c.train.weight_decay = 0.1  # AdamW decoupled weight decay
+  c.train.adam_b1 = 0.9  # AdamW beta1
+  c.train.adam_b2 = 0.95  # AdamW beta2
+  c.train.grad_clip = 1.0  # global-norm gradient clipping (0 disables)
+  c.train.grad_accum = 1  # micro-batches per optimizer step (batch_size must divide by it)
+  c.train.log_every = 10  # steps between metric lines
+  c.train.eval_every = 100  # steps between validation evals
+  c.train.eval_batches = 8  # validation batches per eval
+  c.train.checkpoint_every = 100  # steps between checkpoints
+  c.train.keep_checkpoints = 3  # checkpoints kept on disk
+
+  c.mesh = ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size (-1: the rest of the devices)
+  c.mesh.fsdp = 1  # fully-sharded data-parallel axis size
+  c.mesh.tensor = 1  # tensor-parallel axis size
+  # logical axis -> mesh axes; one table for params and activations
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      ("head_dim", None),
+      ("layers", None),
+      ("length", None),
+  )
+  return c

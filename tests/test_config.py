@@ -1,0 +1,46 @@
+"""Each bad config field yields an error naming it."""
+
+import pytest
+
+from configs import tiny
+from tidar_jax import config as config_lib
+
+
+def test_tiny_config_is_valid():
+  cfg = config_lib.validate(tiny.get_config())
+  assert cfg.num_heads % cfg.num_kv_heads == 0 and hash(cfg)
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("model", "num_kv_heads", 3, "model.num_heads=4 is not a multiple of model.num_kv_heads=3"),
+    ("model", "dtype", "float8", "model.dtype='float8': unknown dtype"),
+    ("model", "param_dtype", "fp32", "model.param_dtype='fp32': unknown dtype"),
+    ("model", "head_dim", 31, "model.head_dim=31: must be even"),
+    ("model", "num_layers", 0, "model.num_layers=0: must be a positive integer"),
+    ("model", "remat", "some", "model.remat='some'"),
+    ("model", "attention", "flash9", "model.attention='flash9'"),
+    ("tidar", "block_size", 7, "train.seq_len=256 is not a multiple of tidar.block_size=7"),
+    ("tidar", "block_size", 0, "tidar.block_size=0"),
+    ("tidar", "objective", "mdlm", "tidar.objective='mdlm'"),
+    ("tidar", "verify_beta", 1.5, "tidar.verify_beta=1.5"),
+    ("tidar", "loss_alpha", -1.0, "tidar.loss_alpha=-1.0"),
+    ("train", "seq_len", 100, "train.seq_len=100 is not a multiple of tidar.block_size=8"),
+    ("train", "grad_accum", 3, "train.batch_size=8 is not a multiple of train.grad_accum=3"),
+    ("train", "learning_rate", 0.0, "train.learning_rate=0.0"),
+    ("train", "warmup_steps", 10_000, "train.warmup_steps=10000"),
+])
+def test_each_bad_field_is_named(section, field, value, message):
+  c = tiny.get_config()
+  setattr(getattr(c, section), field, value)
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(c)
+  assert message in str(e.value)
+
+
+def test_unknown_model_field():
+  c = tiny.get_config()
+  c.model.num_expert = 4
+  with pytest.raises(ValueError, match="num_expert"):
+    config_lib.validate(c)
+  with pytest.raises(ValueError, match="num_expert"):
+    config_lib.ModelConfig.from_config(c.model)

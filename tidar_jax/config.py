@@ -1,0 +1,128 @@
+"""Config validation: a user-facing ConfigDict in, checked values out, one clear error per bad field.
+
+The ConfigDict (configs/*.py) is the surface users edit and override on the command line; code
+that needs a hashable, typed view of the model (a static argument under jit) takes `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("dense", "cudnn")
+OBJECTIVES = ("tidar", "ar")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static model shape (hashable: safe as a `jax.jit` static argument)."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+  attention: str = "dense"
+
+  @property
+  def compute_dtype(self) -> Any:
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self) -> Any:
+    return DTYPES[self.param_dtype]
+
+  @classmethod
+  def from_config(cls, model_cfg: Any) -> "ModelConfig":
+    """Builds from `config.model` (a ConfigDict or mapping), validating it first."""
+    raw = dict(model_cfg)
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"model: unknown field(s) {unknown}; valid fields are "
+                       f"{[f.name for f in dataclasses.fields(cls)]}")
+    cfg = cls(**raw)
+    errors = model_errors(cfg)
+    if errors:
+      raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def model_errors(m: ModelConfig) -> list[str]:
+  """All problems with a model shape, each naming its field, the bad value and the fix."""
+  errors = []
+  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+    value = getattr(m, name)
+    if not isinstance(value, int) or value <= 0:
+      errors.append(f"model.{name}={value!r}: must be a positive integer")
+  if not errors and m.num_heads % m.num_kv_heads:
+    errors.append(f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}: "
+                  "grouped-query attention shares each KV head among num_heads // num_kv_heads query heads")
+  if isinstance(m.head_dim, int) and m.head_dim % 2:
+    errors.append(f"model.head_dim={m.head_dim}: must be even (RoPE rotates pairs of dimensions)")
+  for name in ("dtype", "param_dtype"):
+    if getattr(m, name) not in DTYPES:
+      errors.append(f"model.{name}={getattr(m, name)!r}: unknown dtype; use one of {sorted(DTYPES)}")
+  if m.remat not in REMAT_POLICIES:
+    errors.append(f"model.remat={m.remat!r}: use one of {list(REMAT_POLICIES)}")
+  if m.attention not in ATTENTION_IMPLS:
+    errors.append(f"model.attention={m.attention!r}: use one of {list(ATTENTION_IMPLS)}")
+  if not m.rope_theta > 0:
+    errors.append(f"model.rope_theta={m.rope_theta!r}: must be > 0")
+  if not m.norm_eps > 0:
+    errors.append(f"model.norm_eps={m.norm_eps!r}: must be > 0")
+  return errors
+
+
+def config_errors(config: Any) -> list[str]:
+  """All problems with a full training config (model, tidar, train sections)."""
+  try:
+    errors = model_errors(ModelConfig(**dict(config.model)))
+  except TypeError as e:  # unknown or missing model fields
+    errors = [f"model: {e}"]
+  t, tr = config.tidar, config.train
+  if t.objective not in OBJECTIVES:
+    errors.append(f"tidar.objective={t.objective!r}: use one of {list(OBJECTIVES)}")
+  if not isinstance(t.block_size, int) or t.block_size < 1:
+    errors.append(f"tidar.block_size={t.block_size!r}: must be a positive integer (typically 4, 8 or 16)")
+  elif isinstance(tr.seq_len, int) and tr.seq_len % t.block_size:
+    errors.append(f"train.seq_len={tr.seq_len} is not a multiple of tidar.block_size={t.block_size}: "
+                  f"use e.g. train.seq_len={tr.seq_len - tr.seq_len % t.block_size or t.block_size}")
+  if not t.loss_alpha >= 0:
+    errors.append(f"tidar.loss_alpha={t.loss_alpha!r}: must be >= 0")
+  if not 0.0 <= t.verify_beta <= 1.0:
+    errors.append(f"tidar.verify_beta={t.verify_beta!r}: must lie in [0, 1] (1 = exact AR verification)")
+  for name in ("seq_len", "batch_size", "steps", "grad_accum"):
+    value = getattr(tr, name)
+    if not isinstance(value, int) or value < 1:
+      errors.append(f"train.{name}={value!r}: must be a positive integer")
+  if (isinstance(tr.batch_size, int) and isinstance(tr.grad_accum, int) and tr.grad_accum >= 1
+      and tr.batch_size % tr.grad_accum):
+    errors.append(f"train.batch_size={tr.batch_size} is not a multiple of train.grad_accum={tr.grad_accum}")
+  if not tr.learning_rate > 0:
+    errors.append(f"train.learning_rate={tr.learning_rate!r}: must be > 0")
+  if tr.warmup_steps < 0 or (isinstance(tr.steps, int) and tr.warmup_steps > tr.steps):
+    errors.append(f"train.warmup_steps={tr.warmup_steps!r}: must lie in [0, train.steps]")
+  return errors
+
+
+def validate(config: Any) -> ModelConfig:
+  """Raises one ValueError listing every bad field; returns the static model config."""
+  errors = config_errors(config)
+  if errors:
+    raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+  return ModelConfig(**dict(config.model))

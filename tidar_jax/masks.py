@@ -1,0 +1,78 @@
+"""Static boolean attention masks (True = query row may attend to key column), built once with numpy.
+
+Conventions are fixed by ../shared/TIDAR.md: §1 for the doubled training sequence, §2 for the
+decode step. Every mask here is a constant under jit; callers slice it with static indices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+@functools.cache
+def causal_mask(length: int) -> np.ndarray:
+  """[length, length]: position i sees j <= i (the AR-only case)."""
+  return np.tril(np.ones((length, length), dtype=bool))
+
+
+@functools.cache
+def training_mask(seq_len: int, block_size: int) -> np.ndarray:
+  """[2L, 2L] mask over `[x_0..x_{L-1}, M..M]` (TIDAR.md §1).
+
+  clean i -> clean j: j <= i; clean never sees mask. Mask at position i in block b = i // k:
+  sees clean j < b*k and the mask tokens of its own block (bidirectional), nothing else.
+  """
+  if seq_len % block_size:
+    raise ValueError(f"seq_len={seq_len} is not a multiple of block_size={block_size}")
+  L, k = seq_len, block_size
+  block = np.arange(L) // k  # [L] block index of each mask-half position
+  mask = np.zeros((2 * L, 2 * L), dtype=bool)
+  mask[:L, :L] = causal_mask(L)
+  mask[L:, :L] = np.arange(L)[None, :] < (block * k)[:, None]  # prefix strictly before the block
+  mask[L:, L:] = block[:, None] == block[None, :]
+  mask.setflags(write=False)
+  return mask
+
+
+@functools.cache
+def decode_step_mask(block_size: int) -> np.ndarray:
+  """[T, T], T = k + k², among the new tokens of one TiDAR step (TIDAR.md §2).
+
+  Index layout: 0..k-1 verification `[t_0, d_1..d_{k-1}]` (causal); then k draft blocks, block a at
+  indices k + a*k .. k + a*k + k - 1, seeing verification 0..a and its own block only. Attention to
+  the KV cache ("slot < p" per row) is added by the caller.
+  """
+  k = block_size
+  T = k + k * k
+  mask = np.zeros((T, T), dtype=bool)
+  mask[:k, :k] = causal_mask(k)
+  for a in range(k):
+    rows = slice(k + a * k, k + (a + 1) * k)
+    mask[rows, : a + 1] = True
+    mask[rows, rows] = True
+  mask.setflags(write=False)
+  return mask
+
+
+@functools.cache
+def prefill_mask(prompt_len: int, block_size: int) -> np.ndarray:
+  """[n + k, n + k]: the prompt causally, then one draft block seeing the whole prompt and itself.
+
+  For a batch of right-padded prompts the caller ANDs per-row key validity (key < n_row, or key in
+  the block), so the block of a shorter row sees exactly its own prompt.
+  """
+  n, k = prompt_len, block_size
+  mask = np.zeros((n + k, n + k), dtype=bool)
+  mask[:n, :n] = causal_mask(n)
+  mask[n:, :] = True
+  mask.setflags(write=False)
+  return mask
+
+
+def decode_step_offsets(block_size: int) -> np.ndarray:
+  """[T] position of each step token relative to p (t_0's position): 0..k-1, then block a at a+1..a+k."""
+  k = block_size
+  blocks = (np.arange(k)[:, None] + 1 + np.arange(k)[None, :]).reshape(-1)  # [k*k]
+  return np.concatenate([np.arange(k), blocks]).astype(np.int32)

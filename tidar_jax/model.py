@@ -1,0 +1,196 @@
+"""Llama/Qwen-family decoder-only transformer in flax.linen.
+
+Pure `init`/`apply`; no training, data or decoding logic. The KV cache is an explicit read-only
+argument: `apply` returns the new tokens' keys/values and the caller decides which to keep
+(a TiDAR step keeps only its k verification tokens), so the cache is never copied by the model.
+
+    logits, new_kv = model.apply(params, tokens, positions, mask, cache)
+    hidden, new_kv = model.apply(params, tokens, positions, mask, cache, return_hidden=True)
+    logits = model.apply(params, hidden, method=Transformer.logits)   # LM head on chosen rows
+
+Parameters are stored layer-stacked ([layers, ...]) in both scanned and unrolled modes, so one
+checkpoint layout serves both (`scan_layers=False` fully unrolls the same scan).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tidar_jax.attention import dot_product_attention
+from tidar_jax.config import ModelConfig
+
+
+class LayerKV(NamedTuple):
+  """Keys/values of the new tokens, stacked over layers."""
+
+  k: jax.Array  # [layers, batch, q_len, kv_heads, head_dim]
+  v: jax.Array  # [layers, batch, q_len, kv_heads, head_dim]
+
+
+def _init(init_fn, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(init_fn, axes)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-rotation layout (Llama/Qwen `rotate_half`).
+
+  x: [batch, q_len, heads, head_dim]; positions: [batch, q_len] int.
+  """
+  D = x.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # [D/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [batch, q_len, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", _init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (y * scale).astype(self.dtype)
+
+
+def _dense(features, axis, kernel_axes, name, cfg: ModelConfig, bias_axes=None):
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=bias_axes is not None, dtype=cfg.compute_dtype,
+      param_dtype=cfg.weight_dtype, name=name,
+      kernel_init=_init(nn.initializers.normal(0.02), kernel_axes),
+      bias_init=_init(nn.initializers.zeros, bias_axes or ()),
+  )
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache_k, cache_v, cache_lengths):
+    c = self.cfg
+    qkv_bias = ("heads", "head_dim") if c.qkv_bias else None
+    kv_bias = ("kv_heads", "head_dim") if c.qkv_bias else None
+    q = _dense((c.num_heads, c.head_dim), -1, ("embed", "heads", "head_dim"), "q", c, qkv_bias)(x)
+    k = _dense((c.num_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"), "k", c, kv_bias)(x)
+    v = _dense((c.num_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"), "v", c, kv_bias)(x)
+    if c.qk_norm:  # Qwen3: per-head RMSNorm before RoPE
+      q = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, "head_dim", name="q_norm")(q)
+      k = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, "head_dim", name="k_norm")(k)
+    q = rope(q, positions, c.rope_theta)  # [batch, q_len, heads, head_dim]
+    k = rope(k, positions, c.rope_theta)  # [batch, q_len, kv_heads, head_dim]
+    out = dot_product_attention(q, k, v, mask, cache_k, cache_v, cache_lengths, c.attention)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    y = _dense(c.d_model, (-2, -1), ("heads", "head_dim", "embed"), "o", c)(out)
+    return y, (k, v)
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.cfg
+    gate = _dense(c.mlp_dim, -1, ("embed", "mlp"), "gate", c)(x)
+    up = _dense(c.mlp_dim, -1, ("embed", "mlp"), "up", c)(x)
+    h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return _dense(c.d_model, -1, ("mlp", "embed"), "down", c)(h)
+
+
+class Block(nn.Module):
+  """Pre-norm block; the scan body. Carry: x. Per-layer input: this layer's cache slice."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache_lengths, layer_cache):
+    c = self.cfg
+    cache_k, cache_v = layer_cache if layer_cache is not None else (None, None)
+    h = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="attn_norm")(x)
+    a, new_kv = Attention(c, name="attn")(h, positions, mask, cache_k, cache_v, cache_lengths)
+    x = x + a
+    h = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="mlp_norm")(x)
+    x = x + MLP(c, name="mlp")(h)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, new_kv
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    self.embed = nn.Embed(
+        c.vocab_size, c.d_model, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+        embedding_init=_init(nn.initializers.normal(0.02), ("vocab", "embed")), name="embed")
+    block = Block if c.remat == "none" else nn.remat(Block, policy=_REMAT[c.remat], prevent_cse=False)
+    self.layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=c.num_layers,
+        unroll=1 if c.scan_layers else c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(c, name="layers")
+    self.final_norm = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")
+    if not c.tie_embeddings:
+      self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), "lm_head", c)
+
+  def __call__(
+      self,
+      tokens: jax.Array,  # [batch, q_len] int32
+      positions: jax.Array,  # [batch, q_len] int32
+      mask: jax.Array,  # [batch or 1, q_len, q_len] bool among the new tokens
+      cache: Any = None,  # object with .k/.v [layers, batch, max_len, kv_heads, head_dim], .lengths [batch]
+      return_hidden: bool = False,
+  ) -> tuple[jax.Array, LayerKV]:
+    """Returns (logits [batch, q_len, vocab] fp32, or final-normed hidden) and the new tokens' K/V."""
+    if mask.ndim == 2:
+      mask = mask[None]
+    x = self.embed(tokens)  # [batch, q_len, d_model]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if cache is None:
+      layer_cache, lengths = None, None
+    else:
+      layer_cache, lengths = (cache.k, cache.v), cache.lengths
+    x, (k, v) = self.layers(x, positions, mask, lengths, layer_cache)
+    h = self.final_norm(x)
+    if return_hidden:
+      return h, LayerKV(k, v)
+    return self.logits(h), LayerKV(k, v)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """LM head: [..., d_model] -> [..., vocab] fp32 (apply it only to the rows you need)."""
+    if self.cfg.tie_embeddings:
+      table = jnp.asarray(self.embed.embedding, self.cfg.compute_dtype)  # [vocab, d_model]
+      return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
+  """Boxed (logically partitioned) params for a short dummy input."""
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  return jax.jit(Transformer(cfg).init)(key, tokens, tokens, jnp.ones((1, 2, 2), bool))
+
+
+def count_params(params: Any) -> int:
+  return sum(x.size for x in jax.tree.leaves(nn.unbox(params)))
