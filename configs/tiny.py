@@ -8,7 +8,8 @@ from ml_collections import ConfigDict
 
 def get_config() -> ConfigDict:
   c = ConfigDict()
-  c.seed = 0  # one seed for init, data order and dropout-free training: a run is reproducible from (config, seed)
+  c.seed = 0  # one seed for init and data order: a run is reproducible from (config, seed)
+  c.init_from = ""  # export or converted-HF checkpoint dir to start params from (continual pretraining)
 
   c.model = ConfigDict()
   c.model.vocab_size = 8192  # embedding rows; must hold the tokenizer's vocab including <|mask|>
@@ -27,7 +28,7 @@ def get_config() -> ConfigDict:
   c.model.param_dtype = "float32"  # master weight dtype
   c.model.scan_layers = True  # nn.scan over layers (fast compile); False unrolls the same stacked params
   c.model.remat = "none"  # activation checkpointing per block: none | full | dots
-  c.model.attention = "dense"  # attention kernel: dense (reference, any device) | cudnn (GPU fast path)
+  c.model.attention = "dense"  # dense (reference, any device) | cudnn (GPU) | auto (cudnn on GPU in bf16, else dense)
 
   c.tidar = ConfigDict()
   c.tidar.objective = "tidar"  # tidar: dual AR + diffusion loss on the doubled sequence | ar: AR-only baseline

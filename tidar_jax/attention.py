@@ -24,6 +24,9 @@ def dot_product_attention(
     cache_lengths: jax.Array | None = None,  # [batch] int32: slots < length are valid
     implementation: str = "dense",
 ) -> jax.Array:  # [batch, q_len, heads, head_dim]
+  if implementation == "auto":
+    on_gpu = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    implementation = "cudnn" if on_gpu else "dense"
   if implementation == "cudnn" and cache_k is None:
     return _cudnn_attention(q, k, v, mask)
   return _dense_attention(q, k, v, mask, cache_k, cache_v, cache_lengths)

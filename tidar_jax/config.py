@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("dense", "cudnn")
+ATTENTION_IMPLS = ("dense", "cudnn", "auto")
 OBJECTIVES = ("tidar", "ar")
 
 

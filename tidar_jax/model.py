@@ -66,13 +66,40 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
-def _dense(features, axis, kernel_axes, name, cfg: ModelConfig, bias_axes=None):
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=bias_axes is not None, dtype=cfg.compute_dtype,
-      param_dtype=cfg.weight_dtype, name=name,
-      kernel_init=_init(nn.initializers.normal(0.02), kernel_axes),
-      bias_init=_init(nn.initializers.zeros, bias_axes or ()),
-  )
+class Proj(nn.Module):
+  """x[..., *in] @ kernel[*in, *out] (+ bias[*out]); params created in their true shape.
+
+  (flax's DenseGeneral initialises a flattened kernel and reshapes it, which breaks logical
+  partitioning boxes of rank > 2 under an active mesh.)
+  """
+
+  features: tuple[int, ...]
+  contract: int  # trailing input dims contracted
+  kernel_axes: tuple[str, ...]
+  bias_axes: tuple[str, ...] | None
+  cfg: ModelConfig
+  fp32_out: bool = False  # accumulate and return fp32 (the LM head: logits stay fp32)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.cfg
+    in_shape = x.shape[x.ndim - self.contract:]
+    kernel = self.param("kernel", _init(nn.initializers.normal(0.02), self.kernel_axes),
+                        in_shape + self.features, c.weight_dtype)
+    n = self.contract
+    dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+    y = jax.lax.dot_general(x.astype(c.compute_dtype), kernel.astype(c.compute_dtype), dims,
+                            preferred_element_type=jnp.float32 if self.fp32_out else None)
+    if self.bias_axes is not None:
+      bias = self.param("bias", _init(nn.initializers.zeros, self.bias_axes), self.features, c.weight_dtype)
+      y = y + bias.astype(c.compute_dtype).reshape((1,) * (y.ndim - len(self.features)) + self.features)
+    return y
+
+
+def _dense(features, axis, kernel_axes, name, cfg: ModelConfig, bias_axes=None, fp32_out=False):
+  features = features if isinstance(features, tuple) else (features,)
+  contract = len(axis) if isinstance(axis, tuple) else 1
+  return Proj(features, contract, kernel_axes, bias_axes, cfg, fp32_out, name=name)
 
 
 class Attention(nn.Module):
@@ -153,7 +180,7 @@ class Transformer(nn.Module):
     )(c, name="layers")
     self.final_norm = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")
     if not c.tie_embeddings:
-      self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), "lm_head", c)
+      self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), "lm_head", c, fp32_out=True)
 
   def __call__(
       self,
@@ -183,7 +210,7 @@ class Transformer(nn.Module):
     if self.cfg.tie_embeddings:
       table = jnp.asarray(self.embed.embedding, self.cfg.compute_dtype)  # [vocab, d_model]
       return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
-    return self.lm_head(hidden).astype(jnp.float32)
+    return self.lm_head(hidden)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> Any:

@@ -1,0 +1,40 @@
+"""Export a training workdir's latest params for serving:
+
+    python -m tidar_jax.export --workdir=runs/tiny --out=exports/tiny [--dtype=bfloat16]
+
+Writes a params-only orbax checkpoint with config.json and tokenizer.json beside it; both
+`tidar_jax.generate --checkpoint=` and `--config.init_from=` accept the result.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax.numpy as jnp
+from absl import app, flags
+
+from tidar_jax import checkpoint
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory of the export.", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Stored weight dtype.")
+
+
+def export(workdir: str, out: str, dtype: str = "float32") -> None:
+  params, config, tokenizer = checkpoint.load_for_inference(workdir)
+  config.model.param_dtype = dtype
+  checkpoint.save_inference(out, params, config, tokenizer, dtype=getattr(jnp, dtype))
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  try:
+    export(_WORKDIR.value, _OUT.value, _DTYPE.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"exported {_WORKDIR.value} -> {_OUT.value} ({_DTYPE.value})")
+
+
+if __name__ == "__main__":
+  app.run(main)
