@@ -35,10 +35,10 @@ def config_from_json(data: dict[str, Any]) -> ml_collections.ConfigDict:
   def tuples(x):  # JSON turns the rules table's tuples into lists
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
-  config = ml_collections.ConfigDict(data)
-  if "mesh" in config and "rules" in config.mesh:
-    config.mesh.rules = tuples(data["mesh"]["rules"])
-  return config
+  data = json.loads(json.dumps(data))  # a private copy to edit
+  if "rules" in data.get("mesh", {}):
+    data["mesh"]["rules"] = tuples(data["mesh"]["rules"])
+  return ml_collections.ConfigDict(data)
 
 
 def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -68,17 +68,18 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
 
   steps = sorted(manager.all_steps(), reverse=True)
   for step in steps:
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    # State first, the iterator only once the state is known good: a half-read corrupt
+    # checkpoint must not leave the iterator at its position.
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
       logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); falling back to the previous one",
                       step, manager.directory, type(e).__name__, str(e).splitlines()[0][:200])
       print(f"WARNING: checkpoint step {step} is unreadable ({type(e).__name__}); trying the previous one")
       continue
-    return step, restored.state
+    if data_iterator is not None:
+      manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return step, state
   if steps:
     raise ValueError(f"no readable checkpoint in {manager.directory} (tried steps {steps}); "
                      "delete the directory to start afresh")

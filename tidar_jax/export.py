@@ -15,11 +15,6 @@ from absl import app, flags
 
 from tidar_jax import checkpoint
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory of the export.", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Stored weight dtype.")
-
-
 def export(workdir: str, out: str, dtype: str = "float32") -> None:
   params, config, tokenizer = checkpoint.load_for_inference(workdir)
   config.model.param_dtype = dtype
@@ -28,13 +23,18 @@ def export(workdir: str, out: str, dtype: str = "float32") -> None:
 
 def main(argv: list[str]) -> None:
   del argv
+  f = flags.FLAGS
   try:
-    export(_WORKDIR.value, _OUT.value, _DTYPE.value)
+    export(f.workdir, f.out, f.dtype)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"exported {_WORKDIR.value} -> {_OUT.value} ({_DTYPE.value})")
+  print(f"exported {f.workdir} -> {f.out} ({f.dtype})")
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: `train` defines --workdir too, and tests import both.
+  flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).", required=True)
+  flags.DEFINE_string("out", None, "Output directory of the export.", required=True)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Stored weight dtype.")
   app.run(main)

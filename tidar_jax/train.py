@@ -141,9 +141,11 @@ class _StopFlag:
     self.requested = True
 
 
-def _stop_everywhere(flag: _StopFlag) -> bool:
+def _stop_everywhere(flag: _StopFlag, step: int, every: int) -> bool:
   if jax.process_count() == 1:
     return flag.requested
+  if step % every:  # agreeing across hosts costs a sync: only at logging boundaries
+    return False
   from jax.experimental import multihost_utils  # all hosts must stop at the same step
 
   return bool(np.any(multihost_utils.process_allgather(np.array([flag.requested]))))
@@ -160,10 +162,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.check_divisibility(model_cfg, mesh, config.train.batch_size, rules)
   is_main = jax.process_index() == 0
 
-  tokenizer = data.get_tokenizer(config)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
-                     f"({tokenizer.vocab_size}); set --config.model.vocab_size={tokenizer.vocab_size} or larger")
+  if jax.process_count() > 1:  # one process prepares the corpus and tokenizer; the rest reuse the cache
+    from jax.experimental import multihost_utils
+
+    if is_main:
+      data.get_tokenizer(config)
+    multihost_utils.sync_global_devices("tidar_jax: data prepared")
+  tokenizer = data.get_tokenizer(config)  # also checks the vocab fits model.vocab_size
   if is_main:
     tokenizer.save(workdir)
   train_source, eval_source = data.load_splits(config.data)
@@ -173,7 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       num_workers=config.data.num_workers)
   eval_batches = list(data.make_eval_batches(
       eval_source, tokenizer, seq_len=config.train.seq_len,
-      batch_size=config.train.batch_size // jax.process_count(), num_batches=config.train.eval_batches))
+      batch_size=config.train.batch_size, num_batches=config.train.eval_batches,
+      process_index=jax.process_index(), process_count=jax.process_count()))
   eval_batches = [b["tokens"] for b in eval_batches]
 
   tx = make_optimizer(config.train)
@@ -183,7 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state_shardings = sharding.param_shardings(abstract, mesh, rules)
   abstract_unboxed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   nn.unbox(abstract), state_shardings)
-  manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  # On CPU the async "device-to-host" copy can alias the buffers that the next (donating) step
+  # overwrites, corrupting the checkpoint; accelerators copy for real, so only they save async.
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
+                                    async_save=jax.default_backend() != "cpu")
   restored = checkpoint.restore_latest(manager, abstract_unboxed, train_iter)
   if restored is not None:
     start_step, state = restored
@@ -230,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write(step, last_eval)
         if step % config.train.checkpoint_every == 0 or step == config.train.steps:
           checkpoint.save(manager, step, state, train_iter, config)
-        if _stop_everywhere(stop):
+        if _stop_everywhere(stop, step, config.train.log_every):
           checkpoint.save(manager, step, state, train_iter, config, force=True)
           manager.wait_until_finished()
           print(f"Stopped by signal at step {step}; checkpoint saved in {workdir}")
