@@ -1,0 +1,179 @@
+"""Pieces shared by the AR and TiDAR decoders: host-side request checks, prompt buckets, the
+per-row key table, token emission (EOS and `max_new_tokens` truncation), freezing finished rows.
+
+Emission convention (both decoders): the generated sequence of a row is every token it has
+emitted; the newest one is `t_0` (TIDAR.md §2), not yet in the cache, so a row's cache length is
+always `prompt_length + generated - 1`. Rows stop at `max_new_tokens` or at an EOS (which is
+emitted); tokens past the end are `PAD_TOKEN`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tidar_jax.config import ModelConfig
+from tidar_jax.decode.cache import KVCache
+from tidar_jax.decode.sampling import SamplingParams
+
+PAD_TOKEN = -1  # fills `tokens` past each row's length (never a real id)
+MIN_BUCKET = 16  # shortest compiled prompt width
+
+
+class DecodeStats(NamedTuple):
+  forward_passes: jax.Array  # [batch] int32: prefill + the steps while the row was active
+  accepted_hist: jax.Array  # [batch, k] int32: steps that accepted a = 0..k-1 drafts (AR: k = 1)
+
+
+class DecodeOutput(NamedTuple):
+  tokens: jax.Array  # [batch, max_new_tokens] int32, PAD_TOKEN after each row's length
+  lengths: jax.Array  # [batch] int32: generated tokens per row (an EOS counts and ends the row)
+  stats: DecodeStats
+  cache: KVCache  # final cache; slots < prompt_length + length - 1 hold the committed tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """A checked batch on the host, prompts padded to their compiled width."""
+
+  prompts: np.ndarray  # [batch, bucket] int32, right-padded with 0
+  lengths: np.ndarray  # [batch] int32
+  keys: jax.Array  # [batch] typed PRNG keys, one per row
+  max_len: int  # cache slots
+
+
+def bucket_length(longest: int, limit: int) -> int:
+  """Compiled prompt width: the next power of two (at least MIN_BUCKET), so prompts of similar
+  lengths share one compilation; never more than `limit`, the longest prompt the cache admits."""
+  return min(max(MIN_BUCKET, 1 << max(longest - 1, 0).bit_length()), limit)
+
+
+def resolve_config(config: Any) -> tuple[ModelConfig, Any]:
+  """(static model config, the checkpoint's `tidar` section or None) from a ModelConfig or a full
+  ConfigDict (as `tidar_jax.checkpoint.load_for_inference` returns)."""
+  if isinstance(config, ModelConfig):
+    return config, None
+  model = config.model
+  cfg = ModelConfig(**(model.to_dict() if hasattr(model, "to_dict") else dict(model)))
+  return cfg, config.get("tidar") if hasattr(config, "get") else None
+
+
+def check_request(cfg: ModelConfig, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
+                  sampling: SamplingParams, key: jax.Array, max_len: int | None, lookahead: int,
+                  token_ids: dict[str, int | None]) -> Request:
+  """Validates a decode request before anything is compiled; raises ValueError naming the argument.
+
+  `lookahead` is how many slots past the last generated token a step may write (TiDAR: k, AR: 1),
+  so a row needs prompt_length + max_new_tokens + lookahead <= max_len. `token_ids` are the
+  special ids (eos_id, mask_id) to range-check against the vocabulary.
+  """
+  prompts = np.asarray(prompts)
+  lengths = np.asarray(prompt_lengths)
+  if prompts.ndim != 2 or prompts.shape[0] < 1:
+    raise ValueError(f"prompts must be a [batch, prompt_len] int array with batch >= 1, got shape "
+                     f"{prompts.shape}; wrap a single prompt as prompts=[[...]]")
+  if not np.issubdtype(prompts.dtype, np.integer):
+    raise ValueError(f"prompts must hold integer token ids, got dtype {prompts.dtype}")
+  batch = prompts.shape[0]
+  if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+    raise ValueError(f"prompt_lengths must be [batch]={batch} ints (tokens per row before the "
+                     f"right padding), got {lengths.dtype} {lengths.shape}")
+  empty = np.flatnonzero(lengths < 1)
+  if empty.size:
+    raise ValueError(f"prompt_lengths: prompt(s) {empty.tolist()} are empty; every prompt needs at "
+                     f"least one token (e.g. start it with the EOS/BOS id)")
+  if np.any(lengths > prompts.shape[1]):
+    raise ValueError(f"prompt_lengths {lengths.tolist()} exceed the prompts' width {prompts.shape[1]}")
+  real = np.arange(prompts.shape[1])[None, :] < lengths[:, None]  # [batch, width]
+  bad = real & ((prompts < 0) | (prompts >= cfg.vocab_size))
+  if bad.any():
+    row, col = np.argwhere(bad)[0]
+    raise ValueError(f"prompts[{row}, {col}]={prompts[row, col]} is not a token id of this model "
+                     f"(vocab_size={cfg.vocab_size}); was the prompt encoded with another tokenizer?")
+  for name, value in token_ids.items():
+    if value is not None and not 0 <= value < cfg.vocab_size:
+      raise ValueError(f"{name}={value} lies outside the vocabulary [0, {cfg.vocab_size})")
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+  if not isinstance(sampling, SamplingParams):
+    raise ValueError(f"sampling must be a tidar_jax.decode.sampling.SamplingParams, got {type(sampling)}")
+  sampling.validate()
+  longest = int(lengths.max())
+  needed = longest + int(max_new_tokens) + lookahead
+  if max_len is None:
+    max_len = bucket_length(longest, 1 << 62) + int(max_new_tokens) + lookahead
+  elif needed > max_len:
+    raise ValueError(f"max_len={max_len} is too small: the longest prompt ({longest} tokens) + "
+                     f"max_new_tokens ({max_new_tokens}) + {lookahead} lookahead slots need {needed}; "
+                     f"raise max_len to >= {needed}, or shorten the prompt / max_new_tokens")
+  bucket = bucket_length(longest, max_len - int(max_new_tokens) - lookahead)
+  width = min(prompts.shape[1], bucket)
+  padded = np.zeros((batch, bucket), np.int32)
+  padded[:, :width] = np.where(real, prompts, 0)[:, :width]
+  return Request(padded, lengths.astype(np.int32), row_keys(key, batch), int(max_len))
+
+
+def row_keys(key: Any, batch: int) -> jax.Array:
+  """[batch] typed keys: a single key is split per row; a [batch] array of keys is used as given
+  (row i then decodes exactly as it would alone with key i)."""
+  key = jnp.asarray(key)
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key.astype(jnp.uint32))  # raw uint32 keys (jax.random.PRNGKey)
+  if key.shape == ():
+    return jax.random.split(key, batch)
+  if key.shape != (batch,):
+    raise ValueError(f"key must be one PRNG key or one per row ([batch]={batch}), got shape {key.shape}")
+  return key
+
+
+def key_table(keys_B: jax.Array, steps: int, uses: int) -> jax.Array:
+  """[batch, steps, uses] keys, derived once before the loop: entry (row, step, use) is
+  fold_in(key_row, step * uses + use), so it depends on nothing but the row's key (batch
+  invariance) and the loop body holds no key-derivation hashing. Step 0 is the prefill."""
+  index = jnp.arange(steps * uses, dtype=jnp.uint32)
+  table = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(index))(keys_B)
+  return table.reshape(keys_B.shape[0], steps, uses)
+
+
+def keys_at(table_BSU: jax.Array, step: jax.Array) -> jax.Array:
+  """[batch, uses]: the keys of one step."""
+  return jax.lax.dynamic_index_in_dim(table_BSU, step, axis=1, keepdims=False)
+
+
+def emit(out_BW: jax.Array, generated_B: jax.Array, cand_BC: jax.Array, count_B: jax.Array,
+         eos_id: jax.Array, max_new_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Appends the first `count` candidates of each row, cut at `max_new_tokens` and after an EOS.
+
+  out_BW: [batch, max_new_tokens + C] output buffer (PAD past each row's length; the C spare
+  columns let every row write a full window without clamping). Returns the buffer, the number
+  of tokens each row emitted now [batch], and whether the row hit EOS [batch].
+  """
+  C = cand_BC.shape[1]
+  j = jnp.arange(C)[None, :]  # [1, C]
+  keep = (j < count_B[:, None]) & (j < (max_new_tokens - generated_B)[:, None])  # [batch, C]
+  eos = keep & (cand_BC == eos_id)
+  first_eos = jnp.where(jnp.any(eos, axis=1), jnp.argmax(eos, axis=1), C)  # [batch]
+  keep &= j <= first_eos[:, None]
+  window = jnp.where(keep, cand_BC, PAD_TOKEN)  # positions >= generated are PAD already
+
+  def write_row(row, start, values):
+    return jax.lax.dynamic_update_slice(row, values, (start,))
+
+  out_BW = jax.vmap(write_row)(out_BW, generated_B, window)
+  return out_BW, jnp.sum(keep, axis=1).astype(jnp.int32), jnp.any(eos, axis=1)
+
+
+def freeze_done(done_B: jax.Array, new: Any, old: Any) -> Any:
+  """Per-row select over a pytree of [batch, ...] arrays: finished rows keep `old`."""
+  def pick(n, o):
+    return jnp.where(done_B.reshape(done_B.shape + (1,) * (n.ndim - 1)), o, n)
+  return jax.tree.map(pick, new, old)
+
+
+def eos_array(eos_id: int | None) -> jax.Array:
+  """EOS as a traced scalar (no recompile per id); -1 never matches a token."""
+  return jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)

@@ -1,0 +1,47 @@
+"""Prefill shared by the AR and TiDAR decoders (TIDAR.md §2, "Prefill").
+
+Right-padded prompts [batch, N] (N = the compiled bucket, row b has n_b real tokens) run causally,
+followed (TiDAR) by one block of k mask tokens at positions n_b .. n_b+k-1 that sees exactly its
+row's prompt and itself: the static `prefill_mask(N, k)` ANDed with per-row key validity. Only the
+prompt's K/V enter the cache (mask tokens are never cached); the cache length becomes n_b.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tidar_jax import masks
+from tidar_jax.config import ModelConfig
+from tidar_jax.decode import cache as cache_lib
+from tidar_jax.model import Transformer
+
+
+def prefill(params: Any, cfg: ModelConfig, prompts_BN: jax.Array, lengths_B: jax.Array, *,
+            max_len: int, block_size: int, mask_id: jax.Array
+            ) -> tuple[cache_lib.KVCache, jax.Array, jax.Array]:
+  """Returns (cache with lengths n_b, hidden of the last prompt token c_{n_b-1} [batch, d_model],
+  hidden of the mask block [batch, block_size, d_model]); block_size 0 (AR) gives an empty block.
+
+  The hidden states are final-normed: the caller runs the LM head only on the rows it needs.
+  """
+  B, N = prompts_BN.shape
+  k = block_size
+  tokens = jnp.concatenate([prompts_BN, jnp.full((B, k), mask_id, jnp.int32)], axis=1)  # [B, N+k]
+  positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32)[None, :], (B, N)),
+                               lengths_B[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]], axis=1)
+  cols = jnp.arange(N + k)[None, :]  # [1, N+k]
+  key_valid = (cols < lengths_B[:, None]) | (cols >= N)  # [B, N+k]: the row's prompt, or the block
+  mask = jnp.asarray(masks.prefill_mask(N, k))[None] & key_valid[:, None, :]  # [B, N+k, N+k]
+  hidden, kv = Transformer(cfg).apply(params, tokens, positions, mask, None, return_hidden=True)
+  cache = cache_lib.write(cache_lib.init_cache(cfg, B, max_len), kv, N)  # padding slots >= n_b are ignored
+  cache = cache_lib.with_lengths(cache, lengths_B)
+  last = jnp.take_along_axis(hidden, (lengths_B - 1)[:, None, None], axis=1)[:, 0]  # [B, d_model]
+  return cache, last, hidden[:, N:]
+
+
+def lm_head(params: Any, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+  """[..., d_model] final-normed hidden -> [..., vocab] fp32 logits."""
+  return Transformer(cfg).apply(params, hidden, method=Transformer.logits)

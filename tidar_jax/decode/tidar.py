@@ -1,0 +1,233 @@
+"""TiDAR decoding: draft and verify in one forward per step (TIDAR.md §2), prefill plus one
+`lax.while_loop` under one `jax.jit`, fixed shapes, per-row acceptance.
+
+Each step feeds T = k + k² tokens: `[t_0, d_1 .. d_{k-1}]` at positions p .. p+k-1 (causal, over
+the cache) and k mask blocks, block a at positions p+a+1 .. p+a+k seeing the cache, t_0 .. d_a and
+itself (the static `decode_step_mask(k)`). The LM head runs on the k verification rows (plus slot
+0 of every block when verify_beta < 1) and, after acceptance, on the chosen block's offsets
+1 .. k-1 only: never on all T rows (at k = 16 and a 152k vocab that buffer is ~165 MB per row).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tidar_jax import masks
+from tidar_jax.config import ModelConfig
+from tidar_jax.decode import cache as cache_lib
+from tidar_jax.decode import loop, sampling
+from tidar_jax.decode.prefill import lm_head, prefill
+from tidar_jax.decode.sampling import SamplingParams
+from tidar_jax.model import Transformer
+
+# Test-only broken variants of the step, chosen per row (negative controls for the distribution
+# tests); index 0 is the correct step.
+FAULTS = ("", "always_accept", "residual_from_p", "wrong_q", "wrong_block")
+_KEY_USES = 3  # keys per step: verification, the faults' resample, drafts (the prefill uses the last)
+
+
+class _State(NamedTuple):
+  cache: cache_lib.KVCache  # lengths = p per row: exact K/V of the committed positions 0 .. p-1
+  t0: jax.Array  # [batch] newest committed token, at position p, not yet in the cache
+  drafts: jax.Array  # [batch, k-1] drafts for positions p+1 .. p+k-1
+  q: jax.Array  # [batch, k-1, vocab] processed log-probs the drafts were drawn from ([.., 1] if greedy)
+  out: jax.Array  # [batch, max_new_tokens + k]
+  generated: jax.Array  # [batch]
+  done: jax.Array  # [batch] bool
+  forward_passes: jax.Array  # [batch]
+  accepted_hist: jax.Array  # [batch, k]
+  step: jax.Array  # [] int32: loop iterations so far
+
+
+class _Static(NamedTuple):
+  cfg: ModelConfig
+  block_size: int
+  max_new_tokens: int
+  max_len: int
+  sampling: SamplingParams
+  verify_beta: float
+
+
+def _target_logits(ar_logits: jax.Array, diffusion_logits: jax.Array | None, beta: float) -> jax.Array:
+  """The verifier's logits: beta * AR + (1 - beta) * diffusion for the same position (beta = 1: AR)."""
+  if diffusion_logits is None:
+    return ar_logits
+  return beta * ar_logits + (1.0 - beta) * diffusion_logits
+
+
+def _sample_rows(keys_B: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+  """One draw per row and position: logits [batch, n, vocab] -> (tokens [batch, n], the processed
+  log-probs they were drawn from [batch, n, vocab]; greedy: argmax and a [batch, n, 1] placeholder)."""
+  if params.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:2] + (1,), jnp.float32)
+  logprobs = sampling.process_logits(logits, params)
+  return jax.vmap(sampling.sample)(keys_B, logprobs), logprobs
+
+
+def _force_drafts(st: _Static, forced_BL: jax.Array | None, t0_position_B: jax.Array, drafts: jax.Array,
+                  q: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Replaces the drafts for positions t0_position+1 .. +k-1 by `forced_BL[row, position]` where that
+  entry is >= 0, with a one-hot q (the distribution the forced draft is drawn from)."""
+  if forced_BL is None:
+    return drafts, q
+  table = jax.vmap(lambda row, start: jax.lax.dynamic_slice(row, (start,), (st.block_size - 1,)))(
+      forced_BL, t0_position_B + 1)  # [batch, k-1]
+  use = table >= 0
+  drafts = jnp.where(use, table, drafts)
+  if not st.sampling.greedy:
+    one_hot = jnp.arange(q.shape[-1])[None, None, :] == table[:, :, None]  # [batch, k-1, vocab]
+    q = jnp.where(use[:, :, None], jnp.where(one_hot, 0.0, -jnp.inf), q)
+  return drafts, q
+
+
+def _verify(st: _Static, keys: jax.Array, target_logits: jax.Array, q: jax.Array, drafts: jax.Array,
+            faults: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(accepted [batch] in 0..k-1, next token [batch]) per row; `faults` [batch] breaks rows on purpose."""
+  k, greedy = st.block_size, st.sampling.greedy
+  # Greedy verification only needs the argmax, which processing does not move.
+  logp = target_logits if greedy else sampling.process_logits(target_logits, st.sampling)  # [batch, k, vocab]
+  verify = jax.vmap(functools.partial(sampling.verify, greedy=greedy))
+  if faults is None:
+    return verify(keys[:, 0], logp, q, drafts)
+  wrong_q = (faults == FAULTS.index("wrong_q"))[:, None, None]  # judge with a uniform q instead
+  accepted, nxt = verify(keys[:, 0], logp, jnp.where(wrong_q, -math.log(q.shape[-1]), q), drafts)
+  always = faults == FAULTS.index("always_accept")
+  accepted = jnp.where(always, k - 1, accepted)
+  # always_accept takes its bonus from p[k-1]; residual_from_p draws from p instead of max(0, p - q).
+  from_p = always | (faults == FAULTS.index("residual_from_p"))
+  logp_a = jnp.take_along_axis(logp, accepted[:, None, None], axis=1)[:, 0]  # [batch, vocab]
+  return accepted, jnp.where(from_p, jax.vmap(sampling.sample)(keys[:, 1], logp_a), nxt)
+
+
+def _step(params: Any, st: _Static, key_table: jax.Array, forced: jax.Array | None, faults: jax.Array | None,
+          eos_id: jax.Array, mask_id: jax.Array, s: _State) -> _State:
+  k, cfg = st.block_size, st.cfg
+  B = s.t0.shape[0]
+  p = s.cache.lengths  # [batch]
+  tokens = jnp.concatenate([s.t0[:, None], s.drafts, jnp.full((B, k * k), mask_id, jnp.int32)], axis=1)  # [B, T]
+  positions = p[:, None] + jnp.asarray(masks.decode_step_offsets(k))[None, :]  # [B, T]
+  step_mask = jnp.asarray(masks.decode_step_mask(k))[None]  # [1, T, T]; cache: slot < p via lengths
+  hidden, kv = Transformer(cfg).apply(params, tokens, positions, step_mask, s.cache, return_hidden=True)
+  blocks = hidden[:, k:].reshape(B, k, k, cfg.d_model)  # [batch, block a, offset, d_model]
+  diffusion0 = lm_head(params, cfg, blocks[:, :, 0]) if st.verify_beta < 1 else None  # [batch, k, vocab]
+  target = _target_logits(lm_head(params, cfg, hidden[:, :k]), diffusion0, st.verify_beta)  # [batch, k, vocab]
+
+  keys = loop.keys_at(key_table, s.step + 1)  # [batch, _KEY_USES]
+  accepted, nxt = _verify(st, keys, target, s.q, s.drafts, faults)
+
+  # Commit t_0, d_1 .. d_a; emit d_1 .. d_a and the next token t_0' (cut at EOS / max_new_tokens).
+  active = ~s.done
+  j = jnp.arange(k)[None, :]
+  drafts_ext = jnp.concatenate([s.drafts, jnp.zeros((B, 1), jnp.int32)], axis=1)  # [batch, k]
+  cand = jnp.where(j < accepted[:, None], drafts_ext, nxt[:, None])  # [batch, k]: d_1..d_a, t_0', (ignored)
+  count = jnp.where(active, accepted + 1, 0)
+  out, emitted, hit_eos = loop.emit(s.out, s.generated, cand, count, eos_id, st.max_new_tokens)
+  generated = s.generated + emitted
+  p_new = p + emitted  # = p + a + 1 unless the row ended inside this step
+  # All k verification K/V are exact for their prefix; slots past p_new are ignored and overwritten.
+  cache = cache_lib.with_lengths(cache_lib.write(s.cache, kv, k), p_new)
+
+  block_index = accepted  # [batch]
+  if faults is not None:  # wrong_block: draft from the block of another outcome
+    block_index = jnp.where(faults == FAULTS.index("wrong_block"), (accepted + 1) % k, accepted)
+  chosen = jnp.take_along_axis(blocks, block_index[:, None, None, None], axis=1)[:, 0]  # [batch, k, d_model]
+  # Block a's offset 0 predicts t_0' (already chosen); offsets 1 .. k-1 draft positions p_new+1 ..
+  drafts, q = _sample_rows(keys[:, 2], lm_head(params, cfg, chosen[:, 1:]), st.sampling)
+  drafts, q = _force_drafts(st, forced, p_new, drafts, q)
+  new = _State(cache, nxt, drafts, q, out, generated, s.done | hit_eos | (generated >= st.max_new_tokens),
+               s.forward_passes + active, s.accepted_hist + (active[:, None] & (j == accepted[:, None])),
+               s.step + 1)
+  # Finished rows keep their state (their cache K/V past p is ignored; lengths did not move).
+  frozen = loop.freeze_done(s.done, (new.t0, new.drafts, new.q), (s.t0, s.drafts, s.q))
+  return new._replace(t0=frozen[0], drafts=frozen[1], q=frozen[2])
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def _generate_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, *, st: _Static
+                    ) -> loop.DecodeOutput:
+  B, k, cfg = prompts.shape[0], st.block_size, st.cfg
+  keys = loop.key_table(keys, st.max_new_tokens, _KEY_USES)  # [batch, steps, uses]; step 0 = prefill
+  cache, last_h, block_h = prefill(params, cfg, prompts, lengths, max_len=st.max_len, block_size=k,
+                                   mask_id=mask_id)
+  diffusion0 = lm_head(params, cfg, block_h[:, 0]) if st.verify_beta < 1 else None  # predicts position n
+  target = _target_logits(lm_head(params, cfg, last_h), diffusion0, st.verify_beta)  # [batch, vocab]
+  # t_0 (position n) and the drafts (block offsets 1 .. k-1: positions n+1 .. n+k-1) in one draw.
+  logits = jnp.concatenate([target[:, None], lm_head(params, cfg, block_h[:, 1:])], axis=1)  # [batch, k, vocab]
+  tokens, logprobs = _sample_rows(keys[:, 0, 2], logits, st.sampling)
+  t0 = tokens[:, 0]
+  drafts, q = _force_drafts(st, forced, lengths, tokens[:, 1:], logprobs[:, 1:])
+
+  out = jnp.full((B, st.max_new_tokens + k), loop.PAD_TOKEN, jnp.int32)
+  out, generated, hit_eos = loop.emit(out, jnp.zeros((B,), jnp.int32), t0[:, None], jnp.ones((B,), jnp.int32),
+                                      eos_id, st.max_new_tokens)
+  state = _State(cache, t0, drafts, q, out, generated, hit_eos | (generated >= st.max_new_tokens),
+                 jnp.ones((B,), jnp.int32), jnp.zeros((B, k), jnp.int32), jnp.int32(0))
+  step = functools.partial(_step, params, st, keys, forced, faults, eos_id, mask_id)
+  # Every active step emits at least one token, so max_new_tokens - 1 steps finish every row.
+  state = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.step < st.max_new_tokens - 1), step, state)
+  stats = loop.DecodeStats(state.forward_passes, state.accepted_hist)
+  return loop.DecodeOutput(state.out[:, : st.max_new_tokens], state.generated, stats, state.cache)
+
+
+def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
+                   sampling: SamplingParams, key: Any, eos_id: int | None, mask_id: int,
+                   max_len: int | None = None, block_size: int | None = None, verify_beta: float | None = None,
+                   forced_drafts: Any = None, _faults: Any = None) -> loop.DecodeOutput:
+  """Decodes right-padded prompts [batch, N] (row b has prompt_lengths[b] tokens) with TiDAR steps.
+
+  config: the checkpoint's ConfigDict (block_size and verify_beta default to its `tidar` section,
+  and a different block_size is an error) or a bare ModelConfig (then block_size is required).
+  key: one PRNG key, or [batch] keys (row i then equals the batch-of-1 run with key i).
+  mask_id: the tokenizer's mask token. max_len: cache slots (default: prompt bucket +
+  max_new_tokens + block_size). forced_drafts: optional [batch, positions] int32; the draft for
+  position x becomes forced_drafts[row, x] with a one-hot q where that entry is >= 0 (-1, or past
+  the table's width: the model's own draft). Tests force an oracle continuation, benchmarks force
+  acceptance. `_faults`: test only, one FAULTS name per row (negative controls).
+
+  One compilation per (batch, prompt bucket, max_new_tokens, max_len, block_size, sampling,
+  verify_beta). Returns tokens [batch, max_new_tokens], lengths, stats and the final cache.
+  """
+  cfg, tidar_cfg = loop.resolve_config(config)
+  trained_k = None if tidar_cfg is None else tidar_cfg.get("block_size")
+  if block_size is None:
+    if trained_k is None:
+      raise ValueError("block_size is required when config is a bare ModelConfig (pass the "
+                       "checkpoint's tidar.block_size)")
+    block_size = trained_k
+  if not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"block_size={block_size!r}: must be a positive integer")
+  if trained_k is not None and block_size != trained_k:
+    raise ValueError(f"block_size={block_size} does not match the checkpoint's tidar.block_size={trained_k}: "
+                     f"its diffusion head drafts blocks of {trained_k}; pass block_size={trained_k} (or omit it)")
+  if verify_beta is None:
+    verify_beta = 1.0 if tidar_cfg is None else float(tidar_cfg.get("verify_beta", 1.0))
+  if not 0.0 <= verify_beta <= 1.0:
+    raise ValueError(f"verify_beta={verify_beta!r}: must lie in [0, 1] (1 = exact AR verification)")
+  req = loop.check_request(cfg, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
+                           key=key, max_len=max_len, lookahead=block_size,
+                           token_ids={"eos_id": eos_id, "mask_id": mask_id})
+  if forced_drafts is not None:
+    forced_drafts = np.asarray(forced_drafts)
+    if forced_drafts.ndim != 2 or forced_drafts.shape[0] != req.prompts.shape[0]:
+      raise ValueError(f"forced_drafts must be [batch={req.prompts.shape[0]}, positions], got {forced_drafts.shape}")
+    if np.any(forced_drafts >= cfg.vocab_size):
+      raise ValueError(f"forced_drafts holds ids >= vocab_size={cfg.vocab_size}; use ids of this model, "
+                       "or -1 to keep the model's own draft")
+    width = min(forced_drafts.shape[1], req.max_len)  # positions past the table keep the model's drafts
+    table = np.full((req.prompts.shape[0], req.max_len), -1, np.int32)
+    table[:, :width] = forced_drafts[:, :width]
+    forced_drafts = table
+  if _faults is not None:
+    unknown = sorted(set(_faults) - set(FAULTS))
+    if unknown or len(_faults) != req.prompts.shape[0]:
+      raise ValueError(f"_faults must name one of {FAULTS} per row; got {unknown or len(_faults)}")
+    _faults = np.array([FAULTS.index(f) for f in _faults], np.int32)
+  st = _Static(cfg, block_size, int(max_new_tokens), req.max_len, sampling, float(verify_beta))
+  return _generate_tidar(params, req.prompts, req.lengths, req.keys, forced_drafts, _faults,
+                         loop.eos_array(eos_id), jnp.asarray(mask_id, jnp.int32), st=st)
