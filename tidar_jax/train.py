@@ -221,13 +221,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       _print_eval("initial", 0, first_eval, is_main)
     tokens_per_step = config.train.batch_size * config.train.seq_len
     bar = tqdm(total=config.train.steps, initial=start_step, disable=not is_main, desc="train", unit="step")
-    last_eval, step, t0 = None, start_step, time.perf_counter()
+    last_eval, last_loss, step, t0 = None, None, start_step, time.perf_counter()
     try:
       for step in range(start_step + 1, config.train.steps + 1):
         tokens = to_device(next(train_iter)["tokens"])
         state, metrics = train_step(state, tokens)
         if step % config.train.log_every == 0 or step == config.train.steps:
           metrics = jax.device_get(metrics)
+          last_loss = float(metrics["loss"])
           dt = time.perf_counter() - t0
           rate = tokens_per_step * config.train.log_every / max(dt, 1e-9)
           writer.write(step, {**metrics, "tokens_per_s": rate})
@@ -251,6 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.close()
   if last_eval is not None:
     _print_eval("final", step, last_eval, is_main)
+  if last_loss is not None and jax.process_count() > 1:  # every process: they must agree
+    print(f"process {jax.process_index()}/{jax.process_count()}: step {step} train loss {last_loss:.9g}", flush=True)
   return {"first_eval": first_eval, "last_eval": last_eval, "step": step, "state": state}
 
 
@@ -266,6 +269,8 @@ def _print_eval(label: str, step: int, ev: dict[str, float], is_main: bool) -> N
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config (a Python file with get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl, TensorBoard events and the tokenizer.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print params, per-device memory and shardings; allocate nothing.")
+_DRY_RUN_MESH = flags.DEFINE_string("dry_run_mesh", "", "With --dry_run: data,fsdp,tensor sizes of a mesh to "
+                                    "size (e.g. 1,64,1), which may exceed the current devices.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
@@ -277,12 +282,12 @@ def main(argv: list[str]) -> None:
 
   distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
-  if _DRY_RUN.value:
-    from tidar_jax import dry_run
-
-    dry_run.report(config)
-    return
   try:
+    if _DRY_RUN.value:
+      from tidar_jax import dry_run
+
+      dry_run.report(config, dry_run.parse_mesh(_DRY_RUN_MESH.value))
+      return
     train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -290,4 +295,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  # `python -m tidar_jax.train` runs this file as __main__; modules that import tidar_jax.train
+  # (dry_run) must get this module, not a second copy that would define the flags again.
+  sys.modules.setdefault("tidar_jax.train", sys.modules[__name__])
   app.run(main)
