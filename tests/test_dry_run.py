@@ -1,0 +1,124 @@
+"""`--dry_run`: parameter counts against the published models, per-device bytes on a hypothetical
+64-chip fsdp mesh, parameter shardings, compiled memory numbers; nothing allocated."""
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import tiny
+from tidar_jax import dry_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (published parameter count, params whose dims have no "embed" axis, so fsdp does not split them)
+PUBLISHED = {
+    "1p5b": (1.54e9, 28 * (12 + 2 + 2) * 128),  # q/k/v biases [layers, heads, head_dim]
+    "8b": (8.19e9, 36 * 2 * 128),  # q_norm/k_norm scales [layers, head_dim]
+}
+
+
+@pytest.mark.parametrize("name", ["1p5b", "8b"])
+def test_counts_bytes_and_shardings_on_64_way_fsdp(name, capsys):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  out = dry_run.report(config, (1, 64, 1), measure=False)
+  printed = capsys.readouterr().out
+
+  published, unsplit = PUBLISHED[name]
+  count = out["param_count"]
+  assert abs(count - published) / published < 0.01
+  assert out["reference"]["relative_difference"] == 0  # the exact safetensors count
+  assert f"{count:,}" in printed and out["reference"]["name"] in printed
+
+  assert out["mesh_shape"] == (1, 64, 1) and out["hypothetical"] and out["per_device_batch"] == 512 // 64
+  assert "data=1 fsdp=64 tensor=1 = 64 devices (hypothetical" in printed
+  b = out["per_device_bytes"]
+  assert b["params"] == 4 * ((count - unsplit) // 64 + unsplit)  # fp32, everything with an embed dim / 64
+  assert 0 <= b["opt_state"] - 2 * b["params"] < 64  # Adam mu + nu, plus the step and count scalars
+  assert b["batch"] == 8 * 4096 * 4
+  assert b["activations_and_temporaries"] is None and b["total"] is None
+  assert out["activations"]["method"] == "skipped"
+
+  sh = out["shardings"]
+  d_model = config.model.d_model
+  assert sh["embed/embedding"]["spec"] == P("tensor", "fsdp")
+  assert sh["embed/embedding"]["per_device_shape"] == (151936, d_model // 64)
+  assert sh["layers/mlp/down/kernel"]["logical"] == ("layers", "mlp", "embed")
+  assert sh["layers/mlp/down/kernel"]["per_device_shape"] == (config.model.num_layers, config.model.mlp_dim,
+                                                              d_model // 64)
+  assert re.search(rf"layers/attn/q/kernel +\(layers, embed, heads, head_dim\) +\(None, fsdp, tensor, None\) +"
+                   rf"\({config.model.num_layers}, {d_model}, {config.model.num_heads}, 128\) +"
+                   rf"\({config.model.num_layers}, {d_model // 64}, {config.model.num_heads}, 128\)", printed)
+  if name == "8b":
+    assert sh["lm_head/kernel"]["per_device_shape"] == (64, 151936)
+  else:
+    assert "lm_head/kernel" not in sh
+
+
+def small_config():
+  c = tiny.get_config()
+  m = c.model
+  m.vocab_size, m.d_model, m.num_layers, m.mlp_dim = 256, 32, 2, 64
+  m.num_heads, m.num_kv_heads, m.head_dim = 4, 2, 8
+  c.tidar.block_size = 4
+  c.train.seq_len, c.train.batch_size = 16, 16
+  return c
+
+
+def test_larger_mesh_than_devices_is_extrapolated_from_a_stand_in(capsys):
+  """16-way fsdp on 8 devices: compiled on an 8-way stand-in with the same per-device batch, its
+  gradient buffer swapped for the target's; XLA's argument bytes match the analytic ones."""
+  out = dry_run.report(small_config(), (1, 16, 1))
+  printed = capsys.readouterr().out
+  act = out["activations"]
+  assert act["method"] == "extrapolated" and out["hypothetical"]
+  measured = act["measured"]
+  assert measured["mesh_shape"] == (1, 8, 1) and measured["global_batch"] == 8  # 1 sequence per device
+  ma = measured["memory_analysis"]
+  assert ma["argument_size_in_bytes"] == measured["analytic_argument_bytes"]
+  b = out["per_device_bytes"]
+  assert b["activations_and_temporaries"] == ma["temp_size_in_bytes"] - measured["grad_bytes"] + b["params"]
+  assert b["params"] < measured["grad_bytes"] and b["activations_and_temporaries"] > 0
+  assert b["total"] == sum(v for k, v in b.items() if k != "total")
+  assert "stand-in mesh data=1 fsdp=8 tensor=1" in printed and "extrapolated:" in printed
+  assert "XLA's argument bytes" in printed and "dense attention ('dense' on cpu)" in printed
+
+
+def test_hypothetical_mesh_from_config_and_bad_fits():
+  config = importlib.import_module("configs.8b").get_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 16, 8  # explicit sizes beyond this machine
+  out = dry_run.report(config, measure=False)
+  assert out["mesh_shape"] == (4, 16, 8) and out["num_devices"] == 512 and out["hypothetical"]
+  assert out["shardings"]["layers/attn/k/kernel"]["per_device_shape"] == (36, 256, 1, 128)  # 8 KV heads / 8
+  with pytest.raises(ValueError, match=r"model.num_kv_heads=2 is smaller than mesh.tensor=4"):
+    dry_run.report(importlib.import_module("configs.1p5b").get_config(), (1, 16, 4), measure=False)
+  with pytest.raises(ValueError, match=r"train.batch_size=512 is not divisible by mesh.data=3 \* mesh.fsdp=1"):
+    dry_run.report(importlib.import_module("configs.1p5b").get_config(), (3, 1, 1), measure=False)
+  assert dry_run.parse_mesh("1,64,1") == (1, 64, 1) and dry_run.parse_mesh("") is None
+  with pytest.raises(ValueError, match=r"--dry_run_mesh='1,64'.*data,fsdp,tensor"):
+    dry_run.parse_mesh("1,64")
+
+
+def test_cli_dry_run_1p5b():
+  """The command a user types, on this machine's one CPU device: counts, memory, shardings, < 60 s."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  t0 = time.perf_counter()
+  result = subprocess.run([sys.executable, "-m", "tidar_jax.train", "--config=configs/1p5b.py", "--dry_run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  elapsed = time.perf_counter() - t0
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "parameters: 1,543,714,304 (1.544B)" in out and "vs Qwen2.5-1.5B on Hugging Face" in out
+  assert "mesh: data=1 fsdp=1 tensor=1 = 1 devices (on the current cpu devices)" in out
+  assert re.search(r"params \(float32 master weights\) +5\.751 ", out)  # 1,543,714,304 * 4 bytes
+  assert re.search(r"optimizer state \(AdamW mu, nu; float32\) +11\.502 ", out)
+  assert re.search(r"activations \+ temporaries +[0-9.]+ +measured: XLA memory_analysis", out)
+  assert re.search(r"check on the compiled mesh: XLA's argument bytes 17\.\d+ GiB = analytic", out)
+  assert re.search(r"embed/embedding +\(vocab, embed\) +\(tensor, fsdp\) +\(151936, 1536\)", out)
+  assert "--dry_run_mesh=1,64,1" in out
+  assert elapsed < 60, f"the 1.5B dry run took {elapsed:.0f} s"
