@@ -1,0 +1,323 @@
+"""Shared pieces of the benchmarks: model shapes with random bf16 weights, device ceilings (copy
+bandwidth, matmul rate) measured in the same process, FLOP/byte counts, timing, JSON and markdown.
+
+Every benchmark is `python -m benchmarks.<name> [--smoke] [--out result.json] [--markdown BENCHMARKS.md]`;
+`--render result.json --markdown BENCHMARKS.md` appends the section of a result measured elsewhere
+(the device machine returns only files, so results come back as JSON and are rendered here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tidar_jax.config import ModelConfig
+from tidar_jax.model import Transformer
+
+# Cache slots past the prompt and the new tokens: the largest block size benchmarked, so every
+# block size (and AR) of one (batch, kv) group runs on the same cache shape.
+LOOKAHEAD_PAD = 16
+
+
+def cache_slots(prompt_len: int, new_tokens: int, blocks) -> int:
+  return prompt_len + new_tokens + max([LOOKAHEAD_PAD, *blocks])
+
+
+# H100 SXM dense bf16 tensor-core peak from NVIDIA's datasheet (989.4 TFLOP/s without sparsity).
+# MFU is quoted against it; the measured matmul rate of the same run is reported beside it.
+H100_BF16_PEAK_TFLOPS = 989.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Model shapes and random weights
+
+
+def load_config(name: str):
+  """The ConfigDict of configs/<name>.py (names like "1p5b" are not valid identifiers)."""
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+  """The model shape of configs/<name>.py as a ModelConfig, with field overrides."""
+  fields = dict(load_config(name).model)
+  fields.update({k: v for k, v in overrides.items() if v is not None})
+  return ModelConfig(**fields)
+
+
+def inference_config(name: str, *, dtype: str = "bfloat16", scan_layers: bool | None = None) -> ModelConfig:
+  """Serving shape: weights and compute in `dtype`, no remat."""
+  return model_config(name, dtype=dtype, param_dtype=dtype, remat="none", scan_layers=scan_layers)
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, on_host: bool = False) -> Any:
+  """Random weights (the model's own N(0, 0.02) init) created directly on the device in
+  cfg.param_dtype by one jitted init: no host copy, no fp32 replica. on_host: drawn with numpy into
+  the abstract shapes instead (no compilation: for the CPU smoke runs; norm gains stay 1)."""
+  if on_host:
+    tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    shapes = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(seed), tokens, tokens,
+                                     jax.ShapeDtypeStruct((1, 2, 2), jnp.bool_)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+      if "scale" in jax.tree_util.keystr(path):
+        return jnp.ones(leaf.shape, leaf.dtype)
+      return jnp.asarray(rng.normal(0.0, 0.02, leaf.shape).astype(np.float32), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+  def init(key):
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return nn.unbox(Transformer(cfg).init(key, tokens, tokens, jnp.ones((1, 2, 2), bool)))
+
+  return jax.block_until_ready(jax.jit(init)(jax.random.key(seed)))
+
+
+_PARAMS: dict[tuple, Any] = {}
+
+
+def get_params(cfg: ModelConfig, on_host: bool = False) -> Any:
+  """random_params, memoised for one shape at a time (benchmarks of one process share weights;
+  the previous model's weights are dropped first, so two large models never share the device)."""
+  key = (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+         cfg.mlp_dim, cfg.qkv_bias, cfg.qk_norm, cfg.tie_embeddings, cfg.param_dtype, on_host)
+  if key not in _PARAMS:
+    _PARAMS.clear()
+    t = time.perf_counter()
+    _PARAMS[key] = random_params(cfg, on_host=on_host)
+    print(f"[params] random {cfg.param_dtype} weights, {tree_bytes(_PARAMS[key]) / 1e9:.2f} GB, "
+          f"in {time.perf_counter() - t:.1f}s", flush=True)
+  return _PARAMS[key]
+
+
+def drop_params() -> None:
+  _PARAMS.clear()
+
+
+def tree_bytes(tree: Any) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts from the shape alone: total, per-token matmul weights (layers + LM head)."""
+  d, H, Hkv, D, F, L, V = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
+                           cfg.num_layers, cfg.vocab_size)
+  layer_matmul = d * H * D + 2 * d * Hkv * D + H * D * d + 3 * d * F
+  layer_other = 2 * d + (H * D + 2 * Hkv * D if cfg.qkv_bias else 0) + (2 * D if cfg.qk_norm else 0)
+  embed = V * d
+  head = 0 if cfg.tie_embeddings else V * d
+  return {
+      "total": L * (layer_matmul + layer_other) + embed + head + d,
+      "layer_matmul": L * layer_matmul,  # per token through the layers
+      "lm_head": V * d,  # per row the LM head runs on
+      "embedding_table": embed,
+  }
+
+
+def weight_bytes_read_per_step(cfg: ModelConfig, bytes_per_param: int = 2) -> int:
+  """Bytes a decode step must read once: every weight, except that an untied input embedding is
+  only gathered (a few rows), not read whole. The LM head is read once."""
+  c = count_params(cfg)
+  skip = 0 if cfg.tie_embeddings else c["embedding_table"]
+  return (c["total"] - skip) * bytes_per_param
+
+
+def kv_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:
+  return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * bytes_per_value
+
+
+def decode_step_flops(cfg: ModelConfig, batch: int, block_size: int, kv_len: float) -> float:
+  """Model FLOPs of one decode step: AR (block 0) feeds 1 token and runs the LM head on it;
+  a TiDAR step feeds T = k + k^2 tokens and runs the LM head on 2k - 1 rows (k verification,
+  k - 1 drafts). Attention counts every (query, cache slot < kv_len) pair and the mask's pairs."""
+  c = count_params(cfg)
+  if block_size == 0:
+    T, head_rows, new_pairs = 1, 1, 1
+  else:
+    from tidar_jax import masks
+    k = block_size
+    T, head_rows = k + k * k, 2 * k - 1
+    new_pairs = int(masks.decode_step_mask(k).sum())
+  pairs = T * kv_len + new_pairs
+  attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
+  return float(batch * (2 * c["layer_matmul"] * T + 2 * c["lm_head"] * head_rows + attn))
+
+
+def train_step_flops(cfg: ModelConfig, batch: int, seq_len: int, objective: str, block_size: int) -> dict[str, float]:
+  """Model FLOPs of one training step (forward + backward = 3x forward), no remat recompute.
+
+  Tokens through the model: L (AR) or 2L (TiDAR, clean + mask halves); the LM head runs on all of
+  them. Attention counts the (query, key) pairs the mask allows (causal: L(L+1)/2)."""
+  from tidar_jax import masks
+  c = count_params(cfg)
+  if objective == "ar":
+    tokens, pairs = seq_len, seq_len * (seq_len + 1) // 2
+  else:
+    tokens, pairs = 2 * seq_len, int(masks.training_mask(seq_len, block_size).sum())
+  dense = 6.0 * (c["layer_matmul"] + c["lm_head"]) * tokens * batch
+  attn = 3.0 * 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs * batch
+  return {"dense": dense, "attention": attn, "total": dense + attn, "model_tokens": tokens * batch}
+
+
+# ----------------------------------------------------------------------------------------------
+# Device ceilings, measured in the same run
+
+
+def time_calls(fn: Callable[[], Any], reps: int, warmup: int = 1) -> list[float]:
+  """Wall seconds of `reps` calls of fn (each blocked until its outputs are ready)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  out = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t)
+  return out
+
+
+def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> dict[str, float]:
+  """Device-to-device streaming bandwidth: an elementwise `x + 1` over `nbytes` of int32 reads
+  and writes every byte once; bandwidth = (read + written bytes) / time (the usual "copy" figure)."""
+  n = nbytes // 4
+  x = jax.block_until_ready(jnp.arange(n, dtype=jnp.int32))  # not zeros: no shortcut for constant data
+  f = jax.jit(lambda a: a + 1)
+  times = time_calls(lambda: f(x), reps, warmup=2)
+  del x
+  t = statistics.median(times)
+  return {"bytes": float(2 * n * 4), "median_s": t, "GBps": 2 * n * 4 / t / 1e9}
+
+
+def matmul_rate(n: int = 8192, reps: int = 10, dtype=jnp.bfloat16) -> dict[str, float]:
+  """Dense matmul rate of an n x n x n product on random data (fp32 accumulation)."""
+  ka, kb = jax.random.split(jax.random.key(2))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
+  times = time_calls(lambda: f(a, b), reps, warmup=2)
+  t = statistics.median(times)
+  return {"n": n, "median_s": t, "TFLOPs": 2 * n**3 / t / 1e12}
+
+
+def device_info() -> dict[str, Any]:
+  dev = jax.devices()[0]
+  info = {
+      "device": getattr(dev, "device_kind", str(dev)),
+      "platform": dev.platform,
+      "num_devices": jax.device_count(),
+      "jax": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "host": platform.node(),
+  }
+  try:
+    import jaxlib
+    info["jaxlib"] = jaxlib.__version__
+  except Exception:  # noqa: BLE001
+    pass
+  return info
+
+
+def memory_stats() -> dict[str, float]:
+  try:
+    s = jax.devices()[0].memory_stats() or {}
+  except Exception:  # noqa: BLE001
+    return {}
+  return {k: float(s[k]) / 2**30 for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit") if k in s}
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: JSON written as it grows, markdown sections
+
+
+class Recorder:
+  """Collects records and rewrites the JSON file after each one, so a run stopped by a time limit
+  still leaves what it measured."""
+
+  def __init__(self, path: str | None, meta: dict[str, Any]):
+    self.path, self.result = path, {"meta": meta, "records": []}
+
+  def add(self, record: dict[str, Any]) -> None:
+    self.result["records"].append(record)
+    self.flush()
+
+  def set(self, key: str, value: Any) -> None:
+    self.result[key] = value
+    self.flush()
+
+  def flush(self) -> None:
+    if self.path:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      with open(self.path + ".tmp", "w") as f:
+        json.dump(self.result, f, indent=1, default=_json_default)
+      os.replace(self.path + ".tmp", self.path)
+
+
+def _json_default(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if dataclasses.is_dataclass(x):
+    return dataclasses.asdict(x)
+  return str(x)
+
+
+def load_json(path: str) -> dict[str, Any]:
+  with open(path) as f:
+    return json.load(f)
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return "" if v is None else str(v)
+
+  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def meta_line(meta: dict[str, Any]) -> str:
+  parts = [f"{meta.get('device', '?')} ({meta.get('platform', '?')})", f"jax {meta.get('jax', '?')}",
+           meta.get("date", "?")]
+  if "copy_bandwidth" in meta:
+    parts.append(f"measured copy bandwidth {meta['copy_bandwidth']['GBps']:,.0f} GB/s (read+write)")
+  if "matmul" in meta:
+    parts.append(f"bf16 {meta['matmul']['n']}^3 matmul {meta['matmul']['TFLOPs']:.0f} TFLOP/s")
+  return "; ".join(parts)
+
+
+def append_markdown(path: str, text: str) -> None:
+  with open(path, "a") as f:
+    f.write("\n" + text.rstrip() + "\n")
+
+
+def fmt_ms(seconds: float | None) -> float | None:
+  return None if seconds is None else seconds * 1e3
+
+
+class Deadline:
+  """A soft time budget: work items are skipped (and recorded as skipped) once it is spent."""
+
+  def __init__(self, seconds: float | None):
+    self.end = None if not seconds else time.monotonic() + seconds
+
+  def left(self) -> float:
+    return float("inf") if self.end is None else self.end - time.monotonic()
+
+  def spent(self) -> bool:
+    return self.left() <= 0

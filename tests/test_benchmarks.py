@@ -1,0 +1,79 @@
+"""Smoke test of benchmarks/: each benchmark runs one tiny iteration on CPU (`--smoke`), writes its
+JSON and a markdown section, and renders again from the JSON, so the GPU benchmarks cannot rot.
+
+The benchmarks run in one process in this order on purpose: the throughput and profile smoke runs
+use the decoder shapes decode_latency compiled, and the profile traces the train state that
+train_step left, so the whole file costs about two decoder and one train-step compilations.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import common, decode_latency, generate_throughput, profile_step, train_step
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+  return tmp_path_factory.mktemp("bench")
+
+
+def run(module, out, name):
+  path, md = str(out / f"{name}.json"), str(out / f"{name}.md")
+  result = module.main(["--smoke", "--out", path, "--markdown", md])
+  with open(path) as f:
+    assert json.load(f)["meta"]["platform"]  # the JSON on disk is complete
+  text = open(md).read()
+  assert text.startswith(f"\n### {name}")
+  module.main(["--render", path, "--markdown", md])  # re-rendering from the JSON alone
+  assert open(md).read().count(f"### {name}") == 2
+  return result
+
+
+def test_decode_latency(out):
+  result = run(decode_latency, out, "decode_latency")
+  recs = {r["block_size"]: r for r in result["records"]}
+  assert set(recs) == {0, 4}
+  for r in recs.values():
+    assert r["steps"] > 0 and r["steps_prefill_only"] == 0 and np.isfinite(r["ms_per_step"])
+    assert r["roofline_ms"] > 0 and r["bytes_weights"] > 0
+  assert recs[0]["steps"] == 9 - 1  # AR: one token per step after the prefill's
+  assert recs[4]["tokens_per_step"] == 4.0  # forced drafts = the AR continuation: all accepted
+  assert recs[4]["steps"] == 2 and "ratio_to_ar" in recs[4]
+
+
+def test_generate_throughput(out):
+  result = run(generate_throughput, out, "generate_throughput")
+  ar, tidar = result["records"]
+  assert ar["generated"] == tidar["generated"] == 9
+  assert tidar["e2e_tokens_per_s"] > 0 and "speedup_decode" in tidar
+
+
+def test_train_step(out):
+  result = run(train_step, out, "train_step")
+  (r,) = result["records"]
+  assert r["objective"] == "tidar" and np.isfinite(r["loss"]) and r["step_s"] > 0
+  flops = common.train_step_flops(common.model_config("tiny"), 2, 32, "tidar", 8)
+  assert r["model_tflop_per_step"] == pytest.approx(flops["total"] / 1e12)
+
+
+def test_profile_step(out):
+  result = run(profile_step, out, "profile_step")
+  decode, train = result["profiles"]
+  assert decode["per_step"]["kernel_us_total"] > 0 and decode["steps"] == 2
+  assert train["step"]["kernel_us_total"] > 0 and train["step"]["by_part_us"]
+
+
+def test_flop_and_byte_counts():
+  """The shape arithmetic behind MFU and the roofline, against the real parameter count."""
+  cfg = common.model_config("tiny")
+  params = common.random_params(cfg, on_host=True)
+  assert common.count_params(cfg)["total"] == sum(x.size for x in __import__("jax").tree.leaves(params))
+  c15 = common.count_params(common.model_config("1p5b"))
+  assert 1.50e9 < c15["total"] < 1.56e9  # Qwen2.5-1.5B: 1.54B
+  c8 = common.count_params(common.model_config("8b"))
+  assert 8.1e9 < c8["total"] < 8.3e9  # Qwen3-8B: 8.19B
+  # Decode flops grow with the tokens fed: a k=16 step feeds 272 tokens.
+  c = common.model_config("1p5b")
+  assert common.decode_step_flops(c, 1, 16, 100) > 200 * common.decode_step_flops(c, 1, 0, 100)
