@@ -220,6 +220,9 @@ def device_info() -> dict[str, Any]:
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "host": platform.node(),
   }
+  flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_dump"))
+  if flags:
+    info["xla_flags"] = flags  # anything that changes what is measured
   try:
     import jaxlib
     info["jaxlib"] = jaxlib.__version__
@@ -298,6 +301,10 @@ def meta_line(meta: dict[str, Any]) -> str:
     parts.append(f"measured copy bandwidth {meta['copy_bandwidth']['GBps']:,.0f} GB/s (read+write)")
   if "matmul" in meta:
     parts.append(f"bf16 {meta['matmul']['n']}^3 matmul {meta['matmul']['TFLOPs']:.0f} TFLOP/s")
+  if meta.get("xla_flags"):
+    parts.append(f"XLA_FLAGS={meta['xla_flags']}")
+  if meta.get("note"):
+    parts.append(meta["note"])
   return "; ".join(parts)
 
 

@@ -203,16 +203,23 @@ def run_grid(rec: common.Recorder, *, models: list[str], batches: list[int], kvs
             on_config(name, cfg, params, r)
 
 
+def _step_name(r: dict[str, Any]) -> str:
+  if r["block_size"] == 0:
+    return "AR"
+  beta = r.get("verify_beta")
+  return f"k={r['block_size']}" + (f" (β={beta:g})" if beta is not None else "")
+
+
 def render(result: dict[str, Any]) -> str:
   meta = result["meta"]
   rows = []
   for r in result["records"]:
     if "ms_per_step" not in r:
-      rows.append([r["model"], r["batch"], r["kv"], "AR" if r["block_size"] == 0 else r["block_size"],
+      rows.append([r["model"], r["batch"], r["kv"], _step_name(r),
                    "scan" if r.get("scan_layers", True) else "unrolled", r.get("skipped") or r.get("error", "")[:60],
                    None, None, None, None, None, None])
       continue
-    rows.append([r["model"], r["batch"], r["kv"], "AR" if r["block_size"] == 0 else r["block_size"],
+    rows.append([r["model"], r["batch"], r["kv"], _step_name(r),
                  "scan" if r.get("scan_layers", True) else "unrolled", r["tokens_fed_per_step"],
                  round(r["ms_per_step"], 3), round(r["roofline_ms"], 3),
                  f"{r['pct_of_roofline'] or float('nan'):.0f}%", round(r.get("compute_floor_ms", float("nan")), 3),

@@ -74,7 +74,7 @@ def prepare(params: Any, cfg: ModelConfig) -> dict[str, Any]:
 def _rms(x, scale, eps, dtype):
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(dtype)
+  return (y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(dtype)
 
 
 def _attend(q, kc, vc, mask_BTS, layout: str, impl: str):
@@ -111,7 +111,7 @@ def forward(w: dict[str, Any], cfg: ModelConfig, caches: list, tokens, positions
     h = _rms(x, lw["attn_norm"], cfg.norm_eps, dt)
     qkv = jnp.einsum("btd,de->bte", h, lw["wqkv"].astype(dt))
     if "bqkv" in lw:
-      qkv = qkv + lw["bqkv"].astype(dt)
+      qkv = qkv + lw["bqkv"].astype(dt)[None, None, :]
     q = qkv[..., : H * D].reshape(B, T, H, D)
     k = qkv[..., H * D:(H + Hkv) * D].reshape(B, T, Hkv, D)
     v = qkv[..., (H + Hkv) * D:].reshape(B, T, Hkv, D)
@@ -304,12 +304,15 @@ def render(result: dict[str, Any]) -> str:
       continue
     total = max(pr["kernel_us_total"], 1e-9)
     step = "AR" if r["block_size"] == 0 else f"TiDAR k={r['block_size']}"
-    rows_p = [[part, round(us / 1e3, 4), f"{100 * us / total:.1f}%", round(pr["by_part_kernels"].get(part, 0))]
-              for part, us in pr["by_part_us"].items()]
+    from benchmarks.profile_step import RELABEL
+    rows_p = [[RELABEL.get(part, part), round(us / 1e3, 4), f"{100 * us / total:.1f}%",
+               round(pr["by_part_kernels"].get(part, 0))] for part, us in pr["by_part_us"].items()]
+    kern = [[k_, round(us / 1e3, 4), f"{100 * us / total:.1f}%"] for k_, us in list(pr["top_kernels_us"].items())[:8]]
     prof_text += (f"\nPrototype {r['model']} {step} ({r['attention']}), B={r['batch']}, KV {r['kv']}: "
                   f"{total / 1e3:.3f} ms of kernels in {pr['kernels']:.0f} launches per step vs "
                   f"{r['ms_per_step']:.3f} ms measured.\n\n"
-                  + common.md_table(["part", "ms", "share", "kernels"], rows_p) + "\n")
+                  + common.md_table(["part", "ms", "share", "kernels"], rows_p) + "\n\n"
+                  + common.md_table(["top kernel", "ms", "share"], kern) + "\n")
   return (f"### decode_levers: prototype step with the levers applied ({meta.get('date', '?')})\n\n"
           f"{common.meta_line(meta)}. Stand-alone step in benchmarks/decode_levers.py (same weights and math as "
           f"the model; per-layer fused weights, unrolled layers, per-layer in-place KV cache, one masked "
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.render:
     result = common.load_json(args.render)
   else:
-    if args.profile:
+    if args.profile and not args.smoke:
       from benchmarks import profile_step
       profile_step.enable_hlo_dump()
     from benchmarks.decode_latency import ceilings, parse_ints

@@ -148,7 +148,8 @@ _DECODE_PARTS = [
     ("attention: q/k/v/o projections", r"/attn/(q|k|v|o)/"),
     ("attention: scores/softmax/PV over cache+new", r"/attn/"),
     ("MLP: gate/up/down", r"/mlp/"),
-    ("layer-scan plumbing (cache slice, stacking new K/V)", r"Transformer/while/body/(jit\(dynamic|dynamic|closed_call/?$)"),
+    ("layer scan: per-layer dynamic-slice copies of the stacked weights/cache, stacking new K/V",
+     r"Transformer/while/body/(jit\(dynamic|dynamic|closed_call/?$)"),
     ("LM head (logits)", r"logits|lm_head|/einsum|embed"),
     ("cache write (dynamic_update_slice)", r"dynamic_update_slice|scatter"),
     ("verify / sample / emit", r"argmax|verify|sample|cumprod|cumsum|take_along_axis|reduce_max|top_k|sort"),
@@ -164,10 +165,10 @@ def categorize(op_name: str | None, kernel: str, parts=_DECODE_PARTS) -> str:
   k = kernel.lower()
   if "memcpy" in k or "memset" in k:
     return "memcpy/memset"
-  if "gemm" in k or "cublas" in k or "nvjet" in k or "cutlass" in k or "sm90" in k:
-    return "matmul kernels (unmapped)"
-  if "cudnn" in k or "flash" in k or "fmha" in k:
+  if "cudnn" in k or "flash" in k or "fmha" in k or "sdpa" in k:
     return "cuDNN attention (unmapped)"
+  if "gemm" in k or "cublas" in k or "nvjet" in k or "cutlass" in k or "xmma" in k:
+    return "matmul kernels (unmapped)"
   return "other kernels (unmapped)"
 
 
@@ -318,6 +319,14 @@ def profile_train(name: str, *, seq_len: int, batch: int, objective: str, dump_d
 # ----------------------------------------------------------------------------------------------
 
 
+# Labels of results written by earlier versions of this file -> what they hold.
+RELABEL = {
+    "layer-scan plumbing (cache slice, stacking new K/V)":
+        "layer scan: per-layer dynamic-slice copies of the stacked weights/cache, stacking new K/V",
+    "matmul kernels (unmapped)": "GEMM (and, in older results, cuDNN) kernels inside command buffers (unmapped)",
+}
+
+
 def render(result: dict[str, Any]) -> str:
   from benchmarks import common
   meta = result["meta"]
@@ -338,11 +347,13 @@ def render(result: dict[str, Any]) -> str:
               f"remat {p['remat']}, attention {p['attention']}): {s['kernel_us_total'] / 1e3:.1f} ms of kernels "
               f"in {s['kernels']:.0f} launches vs {p['wall_ms']:.1f} ms wall")
     total = max(s["kernel_us_total"], 1e-9)
-    rows = [[part, round(us / 1e3, 4), f"{100 * us / total:.1f}%", round(s["by_part_kernels"].get(part, 0))]
-            for part, us in s["by_part_us"].items()]
+    rows = [[RELABEL.get(part, part), round(us / 1e3, 4), f"{100 * us / total:.1f}%",
+             round(s["by_part_kernels"].get(part, 0))] for part, us in s["by_part_us"].items()]
     ops = [[op, round(us / 1e3, 4), f"{100 * us / total:.1f}%"] for op, us in list(s["top_ops_us"].items())[:12]]
+    kern = [[k, round(us / 1e3, 4), f"{100 * us / total:.1f}%"] for k, us in list(s["top_kernels_us"].items())[:12]]
     out.append(head + ".\n\n" + common.md_table(["part", "ms", "share", "kernels"], rows) + "\n\n"
-               + "Top ops:\n\n" + common.md_table(["op (jax op_name or [hlo instruction])", "ms", "share"], ops) + "\n")
+               + "Top ops:\n\n" + common.md_table(["op (jax op_name or [hlo instruction])", "ms", "share"], ops)
+               + "\n\nTop kernels:\n\n" + common.md_table(["kernel", "ms", "share"], kern) + "\n")
   return "\n".join(out)
 
 
@@ -366,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks import common
     result = common.load_json(args.render)
   else:
-    enable_hlo_dump()
+    if not args.smoke:  # CI: no dump files (the smoke run maps kernel names only)
+      enable_hlo_dump()
     from benchmarks import common
     if args.smoke:
       args.model, args.kv, args.block, args.new_tokens = "tiny", 16, 4, 9

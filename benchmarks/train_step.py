@@ -123,7 +123,7 @@ def render(result: dict[str, Any]) -> str:
                  round(r["memory_gib"].get("peak_bytes_in_use", float("nan")), 1)])
   table = common.md_table(["model", "objective", "seq_len", "batch", "remat/attention", "step ms",
                            "clean tok/s", "model tok/s", "model TFLOP/step", "TFLOP/s", "MFU", "TiDAR ÷ AR",
-                           "peak GiB"], rows)
+                           "process peak GiB so far"], rows)
   return (f"### train_step ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. One device, the trainer's "
           f"jitted step (AdamW, state donated), random tokens, median of {meta.get('steps', '?')} steps after "
           f"2 warm-up steps. MFU = model FLOPs (matmuls incl. LM head + attended pairs, no remat recompute) ÷ "
