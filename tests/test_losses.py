@@ -1,5 +1,7 @@
 """TiDAR loss against hand computation; AR objective against a plain next-token loss."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +51,7 @@ def test_ar_objective_is_plain_next_token_loss():
   params = init_params(CFG, jax.random.key(0))
   model = Transformer(CFG)
   tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, 39)
-  loss, _ = jax.jit(lambda p, t: losses.compute_loss(model.apply, p, t, None, mask_id=39, objective="ar",
+  loss, _ = jax.jit(lambda p, t: losses.compute_loss(CFG, p, t, None, mask_id=39, objective="ar",
                                                      block_size=4, alpha=1.0))(params, tokens)
   pos = jnp.broadcast_to(jnp.arange(16)[None], (3, 16))
   logits, _ = jax.jit(model.apply)(params, tokens, pos, jnp.tril(jnp.ones((16, 16), bool)))
@@ -59,11 +61,10 @@ def test_ar_objective_is_plain_next_token_loss():
 
 def test_tidar_loss_gradients_finite_and_nonzero():
   params = init_params(CFG, jax.random.key(0))
-  model = Transformer(CFG)
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 39)
 
   def f(p):
-    return losses.compute_loss(model.apply, p, tokens, None, mask_id=39, objective="tidar",
+    return losses.compute_loss(CFG, p, tokens, None, mask_id=39, objective="tidar",
                                block_size=4, alpha=1.0)
 
   (loss, m), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
@@ -72,3 +73,32 @@ def test_tidar_loss_gradients_finite_and_nonzero():
   assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
   # near-uniform init: both halves start close to log(V)
   assert abs(float(m["ar_loss"]) - np.log(40)) < 0.5 and abs(float(m["diffusion_loss"]) - np.log(40)) < 0.5
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, num_kv_heads=4, qk_norm=True, qkv_bias=True)],
+                         ids=["gqa", "mha_qknorm_bias"])
+def test_structured_attention_equals_dense_training_mask(cfg, block_size):
+  """The block-by-block training attention gives the dense-mask loss and gradients: an off-by-one in
+  the prefix or the own-block extent would change the mask half's outputs."""
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 39)
+
+  def f(p, structured):
+    return losses.compute_loss(cfg, p, tokens, None, mask_id=39, objective="tidar", block_size=block_size,
+                               alpha=1.0, structured_attention=structured)
+
+  grad = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)
+  (loss_s, m_s), g_s = grad(params, True)
+  (loss_d, m_d), g_d = grad(params, False)
+  np.testing.assert_allclose(loss_s, loss_d, rtol=1e-6)
+  np.testing.assert_allclose(m_s["diffusion_loss"], m_d["diffusion_loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_d)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_structured_model_rejects_a_mask():
+  params = init_params(CFG, jax.random.key(0))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match="mask=None"):
+    Transformer(CFG, tidar_block=4).apply(params, tokens, tokens, jnp.ones((1, 8, 8), bool))

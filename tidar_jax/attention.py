@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tidar_jax import masks
+
 # A large finite negative instead of -inf: a fully masked query row (padding) gives a uniform
 # softmax instead of NaNs that would poison gradients through `where`.
 _MASKED = -1e30
@@ -23,10 +25,13 @@ def dot_product_attention(
     cache_v: jax.Array | None = None,  # [batch, max_len, kv_heads, head_dim]
     cache_lengths: jax.Array | None = None,  # [batch] int32: slots < length are valid
     implementation: str = "dense",
+    tidar_block: int = 0,  # > 0: q/k/v are the TiDAR training sequence; `mask` is unused (None)
 ) -> jax.Array:  # [batch, q_len, heads, head_dim]
   if implementation == "auto":
     on_gpu = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
     implementation = "cudnn" if on_gpu else "dense"
+  if tidar_block:
+    return tidar_training_attention(q, k, v, tidar_block, implementation)
   if implementation == "cudnn" and cache_k is None:
     return _cudnn_attention(q, k, v, mask)
   return _dense_attention(q, k, v, mask, cache_k, cache_v, cache_lengths)
@@ -57,3 +62,37 @@ def _cudnn_attention(q, k, v, mask):
   B, Q = q.shape[:2]
   mask_BNQS = jnp.broadcast_to(mask[:, None], (B, 1, Q, Q))
   return jax.nn.dot_product_attention(q, k, v, mask=mask_BNQS, implementation="cudnn")
+
+
+def tidar_training_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int,
+                             implementation: str) -> jax.Array:
+  """Attention under `masks.training_mask(L, k)` for q/k/v [batch, 2L, heads, head_dim], computing only
+  the blocks the mask allows instead of the dense [2L, 2L] score matrix.
+
+  The clean half attends causally to the clean half (a causal kernel, no mask array). A mask token
+  of block b attends to the clean prefix before its block plus its own block, jointly softmaxed:
+  [L, L + k] scores instead of [L, 2L]. Equal to the dense masked attention (tests/test_attention.py).
+  """
+  B, Q, H, D = q.shape
+  L = Q // 2
+  prefix, own = masks.training_blocks(L, block_size)  # [nb, L], [k, k] numpy
+  kernel = "cudnn" if implementation == "cudnn" else "xla"
+  clean = jax.nn.dot_product_attention(q[:, :L], k[:, :L], v[:, :L], is_causal=True, implementation=kernel)
+  if implementation == "cudnn":  # cuDNN wants one key axis: the mask rows over all 2L keys
+    full = masks.training_mask(L, block_size)[L:]  # [L, 2L]
+    mask_half = jax.nn.dot_product_attention(q[:, L:], k, v, mask=jnp.asarray(full)[None, None],
+                                             implementation="cudnn")
+    return jnp.concatenate([clean, mask_half], axis=1)
+  nb, kb, Hkv = L // block_size, block_size, k.shape[2]
+  qm = q[:, L:].reshape(B, nb, kb, Hkv, H // Hkv, D)  # [batch, block, offset, kv_heads, group, head_dim]
+  km = k[:, L:].reshape(B, nb, kb, Hkv, D)
+  vm = v[:, L:].reshape(B, nb, kb, Hkv, D)
+  scale = D**-0.5
+  s_pre = jnp.einsum("bnqhgd,bshd->bhgnqs", qm, k[:, :L], preferred_element_type=jnp.float32) * scale
+  s_pre = jnp.where(jnp.asarray(prefix)[None, None, None, :, None, :], s_pre, _MASKED)  # [B, Hkv, G, nb, k, L]
+  s_own = jnp.einsum("bnqhgd,bnshd->bhgnqs", qm, km, preferred_element_type=jnp.float32) * scale
+  s_own = jnp.where(jnp.asarray(own)[None, None, None, None], s_own, _MASKED)  # [B, Hkv, G, nb, k, k]
+  p = jax.nn.softmax(jnp.concatenate([s_pre, s_own], axis=-1), axis=-1)
+  out = (jnp.einsum("bhgnqs,bshd->bnqhgd", p[..., :L].astype(v.dtype), v[:, :L])
+         + jnp.einsum("bhgnqs,bnshd->bnqhgd", p[..., L:].astype(v.dtype), vm))
+  return jnp.concatenate([clean, out.reshape(B, L, H, D)], axis=1)

@@ -6,13 +6,15 @@ diffusion loss on the fully masked half, combined as (alpha * L_AR + L_diff) / (
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tidar_jax import masks
+from tidar_jax.config import ModelConfig
+from tidar_jax.model import Transformer
 
 
 def tidar_inputs(tokens: jax.Array, mask_id: int) -> tuple[jax.Array, jax.Array]:
@@ -79,17 +81,22 @@ def loss_from_logits(logits: jax.Array, tokens: jax.Array, weights: jax.Array, o
   return combine(ar_sum, ar_n, diff_sum, diff_n, alpha), metrics
 
 
-def compute_loss(apply_fn: Callable[..., Any], params: Any, tokens: jax.Array, weights: jax.Array | None,
-                 *, mask_id: int, objective: str, block_size: int, alpha: float
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def compute_loss(model_cfg: ModelConfig, params: Any, tokens: jax.Array, weights: jax.Array | None,
+                 *, mask_id: int, objective: str, block_size: int, alpha: float,
+                 structured_attention: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One training forward: doubled input (or plain for "ar"), static mask, model, loss.
 
-  apply_fn(params, inputs, positions, mask) -> (logits, _), e.g. `Transformer(cfg).apply`.
+  structured_attention: for "tidar", attend block by block (`Transformer(tidar_block=k)`, about
+  half the score entries of the dense [2L, 2L] mask); False applies the dense mask (the reference).
   """
   if weights is None:
     weights = jnp.ones(tokens.shape, jnp.float32)
   inputs, positions, mask = model_inputs(tokens, mask_id, objective, block_size)
-  logits, _ = apply_fn(params, inputs, positions, jnp.asarray(mask))
+  if objective == "tidar" and structured_attention:
+    model, mask = Transformer(model_cfg, tidar_block=block_size), None
+  else:
+    model, mask = Transformer(model_cfg), jnp.asarray(mask)
+  logits, _ = model.apply(params, inputs, positions, mask)
   loss, metrics = loss_from_logits(logits, tokens, weights, objective, alpha)
   metrics["loss"] = loss
   return loss, metrics

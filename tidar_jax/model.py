@@ -50,6 +50,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Array:
+  """x / rms(x) * scale over the last axis, computed in fp32, returned in `dtype`."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(dtype)
+
+
 class RMSNorm(nn.Module):
   eps: float
   dtype: Any
@@ -60,10 +67,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param("scale", _init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],),
                        self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (y * scale).astype(self.dtype)
+    return rms_norm(x, scale, self.eps, self.dtype)
 
 
 class Proj(nn.Module):
@@ -104,6 +108,7 @@ def _dense(features, axis, kernel_axes, name, cfg: ModelConfig, bias_axes=None, 
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  tidar_block: int = 0  # see Transformer.tidar_block
 
   @nn.compact
   def __call__(self, x, positions, mask, cache_k, cache_v, cache_lengths):
@@ -118,7 +123,7 @@ class Attention(nn.Module):
       k = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, "head_dim", name="k_norm")(k)
     q = rope(q, positions, c.rope_theta)  # [batch, q_len, heads, head_dim]
     k = rope(k, positions, c.rope_theta)  # [batch, q_len, kv_heads, head_dim]
-    out = dot_product_attention(q, k, v, mask, cache_k, cache_v, cache_lengths, c.attention)
+    out = dot_product_attention(q, k, v, mask, cache_k, cache_v, cache_lengths, c.attention, self.tidar_block)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     y = _dense(c.d_model, (-2, -1), ("heads", "head_dim", "embed"), "o", c)(out)
     return y, (k, v)
@@ -140,13 +145,14 @@ class Block(nn.Module):
   """Pre-norm block; the scan body. Carry: x. Per-layer input: this layer's cache slice."""
 
   cfg: ModelConfig
+  tidar_block: int = 0  # see Transformer.tidar_block
 
   @nn.compact
   def __call__(self, x, positions, mask, cache_lengths, layer_cache):
     c = self.cfg
     cache_k, cache_v = layer_cache if layer_cache is not None else (None, None)
     h = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="attn_norm")(x)
-    a, new_kv = Attention(c, name="attn")(h, positions, mask, cache_k, cache_v, cache_lengths)
+    a, new_kv = Attention(c, self.tidar_block, name="attn")(h, positions, mask, cache_k, cache_v, cache_lengths)
     x = x + a
     h = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="mlp_norm")(x)
     x = x + MLP(c, name="mlp")(h)
@@ -161,7 +167,13 @@ _REMAT = {
 
 
 class Transformer(nn.Module):
+  """cfg: the architecture. tidar_block > 0: every input is the TiDAR training sequence
+  `[x_0..x_{L-1}, M..M]` with draft block size `tidar_block`, attention follows
+  `masks.training_mask(L, tidar_block)` computing only the blocks it allows, and `mask` must be
+  None (0: attention follows the given `mask`)."""
+
   cfg: ModelConfig
+  tidar_block: int = 0
 
   def setup(self):
     c = self.cfg
@@ -177,7 +189,7 @@ class Transformer(nn.Module):
         length=c.num_layers,
         unroll=1 if c.scan_layers else c.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(c, name="layers")
+    )(c, self.tidar_block, name="layers")
     self.final_norm = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")
     if not c.tie_embeddings:
       self.lm_head = _dense(c.vocab_size, -1, ("embed", "vocab"), "lm_head", c, fp32_out=True)
@@ -186,14 +198,20 @@ class Transformer(nn.Module):
       self,
       tokens: jax.Array,  # [batch, q_len] int32
       positions: jax.Array,  # [batch, q_len] int32
-      mask: jax.Array,  # [batch or 1, q_len, q_len] bool among the new tokens
+      mask: jax.Array | None,  # [batch or 1, q_len, q_len] bool among the new tokens (None iff tidar_block)
       cache: Any = None,  # object with .k/.v [layers, batch, max_len, kv_heads, head_dim], .lengths [batch]
       return_hidden: bool = False,
   ) -> tuple[jax.Array, LayerKV]:
     """Returns (logits [batch, q_len, vocab] fp32, or final-normed hidden) and the new tokens' K/V."""
-    if mask.ndim == 2:
+    if (mask is None) != bool(self.tidar_block):
+      raise ValueError("pass mask=None exactly when the model is built with tidar_block > 0 (the "
+                       "structured training attention); otherwise pass a [batch or 1, q, q] mask")
+    if mask is not None and mask.ndim == 2:
       mask = mask[None]
-    x = self.embed(tokens)  # [batch, q_len, d_model]
+    # Gather from the master-dtype table, then cast: nn.Embed(dtype=bf16) would cast the whole
+    # table first, making the backward a bf16 scatter-add in which the TiDAR mask half piles
+    # thousands of updates onto the one <|mask|> row (14% of a 1p5b train step on H100, BENCHMARKS.md).
+    x = jnp.take(self.embed.embedding, tokens, axis=0).astype(self.cfg.compute_dtype)  # [batch, q_len, d_model]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if cache is None:
       layer_cache, lengths = None, None

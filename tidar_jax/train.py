@@ -68,7 +68,7 @@ def create_train_state(model_cfg: ModelConfig, tx, seed: int, shardings: Any) ->
 
 
 def loss_fn(params, tokens, *, model_cfg: ModelConfig, tidar_cfg: Any, mask_id: int, objective: str):
-  return losses.compute_loss(Transformer(model_cfg).apply, params, tokens, None, mask_id=mask_id,
+  return losses.compute_loss(model_cfg, params, tokens, None, mask_id=mask_id,
                              objective=objective, block_size=tidar_cfg.block_size, alpha=tidar_cfg.loss_alpha)
 
 
@@ -175,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = data.make_train_iterator(
       train_source, tokenizer, seq_len=config.train.seq_len, global_batch_size=config.train.batch_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.data.num_workers)
+      num_workers=config.data.num_workers, window_shuffle=config.data.window_shuffle)
   eval_batches = list(data.make_eval_batches(
       eval_source, tokenizer, seq_len=config.train.seq_len,
       batch_size=config.train.batch_size, num_batches=config.train.eval_batches,
