@@ -24,15 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tidar_jax.config import ModelConfig
+from tidar_jax.decode.loop import step_tokens
 from tidar_jax.model import Transformer
 
-# Cache slots past the prompt and the new tokens: the largest block size benchmarked, so every
-# block size (and AR) of one (batch, kv) group runs on the same cache shape.
+# Cache slots past the prompt and the new tokens: what a step of the largest block size benchmarked
+# writes (k + k²), so every block size (and AR) of one (batch, kv) group runs on the same cache shape.
 LOOKAHEAD_PAD = 16
 
 
 def cache_slots(prompt_len: int, new_tokens: int, blocks) -> int:
-  return prompt_len + new_tokens + max([LOOKAHEAD_PAD, *blocks])
+  return prompt_len + new_tokens + max(step_tokens(k) for k in [LOOKAHEAD_PAD, *blocks])
 
 
 # H100 SXM dense bf16 tensor-core peak from NVIDIA's datasheet (989.4 TFLOP/s without sparsity).

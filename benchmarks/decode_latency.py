@@ -171,7 +171,8 @@ def run_grid(rec: common.Recorder, *, models: list[str], batches: list[int], kvs
             if cfg.attention == "dense":
               rec.add({**label, "error": err})
               continue
-            # The cuDNN prefill is the one GPU-only piece: retry (and go on) with the dense reference.
+            # cuDNN attention (prefill and step) is the one GPU-only piece: retry (and go on) with the
+            # dense reference.
             cfg = dataclasses.replace(cfg, attention="dense")
             fallback = f"attention=dense after: {err}"
             try:

@@ -9,7 +9,8 @@
 A `jax.profiler` trace of one decode call (and one train step) is read back in-process with
 `jax.profiler.ProfileData`: every device kernel's duration and its HLO instruction (`hlo_op`).
 With the XLA dump above (main() adds it when the backend is not yet up), each instruction is mapped
-to its jax `op_name` (e.g. `.../while/body/Transformer/.../layers/attn/q/dot_general`), and kernels
+to its jax `op_name` (e.g. `.../while/body/attn/qkv/dot_general`, the named scopes of
+`tidar_jax/decode/engine.py`), and kernels
 are grouped into model parts. For decode, only the kernels of the decode while-loop body count
 (not the prefill), divided by the number of steps: the per-step kernel time beside the measured
 wall time per step shows the share lost between kernels (launch gaps, the loop's host sync).
@@ -28,7 +29,7 @@ import time
 from typing import Any, Callable
 
 DUMP_DIR = os.path.join(tempfile.gettempdir(), "tidar_bench_xla_dump")
-DUMP_MODULES = "jit__generate_tidar|jit__generate_ar|jit_train_step|jit_decode_loop"
+DUMP_MODULES = "jit__generate_tidar|jit__generate_ar|jit_train_step"
 
 
 def enable_hlo_dump(dump_dir: str = DUMP_DIR) -> bool:
@@ -143,15 +144,15 @@ def hlo_op_names(module: str, program_id: Any, dump_dir: str | None) -> dict[str
   return op_of
 
 
+# The loop body's ops carry the named scopes of tidar_jax/decode/engine.py (the prefill's, outside
+# the loop, those of the model).
 _DECODE_PARTS = [
     ("RMSNorms", r"norm/"),
-    ("attention: q/k/v/o projections", r"/attn/(q|k|v|o)/"),
-    ("attention: scores/softmax/PV over cache+new", r"/attn/"),
+    ("attention: q/k/v/o projections", r"/attn/(qkv|o)/"),
+    ("attention over the cache (scores, softmax, PV)", r"/attn/"),
     ("MLP: gate/up/down", r"/mlp/"),
-    ("layer scan: per-layer dynamic-slice copies of the stacked weights/cache, stacking new K/V",
-     r"Transformer/while/body/(jit\(dynamic|dynamic|closed_call/?$)"),
     ("LM head (logits)", r"logits|lm_head|/einsum|embed"),
-    ("cache write (dynamic_update_slice)", r"dynamic_update_slice|scatter"),
+    ("cache write (dynamic_update_slice)", r"cache_write|dynamic_update_slice|scatter"),
     ("verify / sample / emit", r"argmax|verify|sample|cumprod|cumsum|take_along_axis|reduce_max|top_k|sort"),
 ]
 

@@ -11,12 +11,7 @@ import json
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from benchmarks import common, decode_latency, decode_levers, generate_throughput, profile_step, train_levers, train_step
-from tidar_jax import masks
-from tidar_jax.model import Transformer
+from benchmarks import common, decode_latency, generate_throughput, profile_step, train_levers, train_step
 
 
 @pytest.fixture(scope="module")
@@ -70,40 +65,9 @@ def test_profile_step(out):
   assert train["step"]["kernel_us_total"] > 0 and train["step"]["by_part_us"]
 
 
-def test_decode_levers(out):
-  result = run(decode_levers, out, "decode_levers")
-  recs = {r["block_size"]: r for r in result["records"]}
-  assert set(recs) == {0, 4} and all(np.isfinite(r["ms_per_step"]) for r in recs.values())
-
-
 def test_train_levers(out):
   result = run(train_levers, out, "train_levers")
   assert all("ms" in r for r in result["records"]) and len(result["records"]) >= 5
-
-
-# qkv bias + tied head with the head-major cache; qk-norm + untied head with the [B, S, H, D] cache
-@pytest.mark.parametrize("name,layout", [("1p5b", "bhsd"), ("8b", "bshd")])
-def test_decode_levers_prototype_matches_the_model(name, layout):
-  """The prototype step (fused per-layer weights, write-then-attend cache) computes the model's logits."""
-  cfg = common.model_config(name, dtype="float32", param_dtype="float32", remat="none", attention="dense",
-                            num_layers=2, vocab_size=64, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                            mlp_dim=96)
-  params = jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x + 0.1, common.random_params(cfg, on_host=True))
-  w = decode_levers.prepare(params, cfg)
-  k = 4
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 63, (2, k + k * k)), jnp.int32)
-  positions = jnp.broadcast_to(jnp.asarray(masks.decode_step_offsets(k))[None] + 5, tokens.shape)
-  mask = jnp.asarray(masks.decode_step_mask(k))
-  ref, _ = jax.jit(Transformer(cfg).apply)(params, tokens, positions, mask[None])
-  caches = decode_levers.init_caches(cfg, 2, tokens.shape[1] + 3, layout)
-
-  @jax.jit
-  def step(w, caches):
-    h, _ = decode_levers.forward(w, cfg, caches, tokens, positions, mask, 0, layout=layout, impl="einsum")
-    return decode_levers.logits(w, cfg, h)
-
-  got = step(w, caches)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
 
 
 def test_flop_and_byte_counts():

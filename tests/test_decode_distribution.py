@@ -52,7 +52,7 @@ def decode(params, sampling: SamplingParams, faults: list[str]):
   keys = jax.random.split(jax.random.key(11), rows)
   out = generate_tidar(params, CFG, np.broadcast_to(PROMPT, (rows, n)), np.full(rows, n), max_new_tokens=NEW,
                        sampling=sampling, key=keys, eos_id=None, mask_id=MASK_ID, block_size=K,
-                       max_len=n + NEW + K, _faults=faults if any(faults) else None)
+                       max_len=n + NEW + K + K * K, _faults=faults if any(faults) else None)
   hist = np.asarray(out.stats.accepted_hist)  # [rows, K]
   steps = hist.sum(1)
   assert np.all(np.asarray(out.lengths) == NEW) and set(np.unique(steps)) <= {1, 2}

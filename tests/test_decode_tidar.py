@@ -18,6 +18,7 @@ import pytest
 from test_decode_ar import (CFG, GREEDY, M_AR, MASK_ID, PROMPT_LENGTHS, full_forward, random_params,
                             random_prompts)
 from tidar_jax import masks
+from tidar_jax.decode import cache as cache_lib
 from tidar_jax.decode import loop
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.sampling import SamplingParams
@@ -82,7 +83,8 @@ def oracle_table(ar_out, prompts, lengths) -> np.ndarray:
 
 def rows(out, index):
   """The given rows of a decode output (tokens, lengths, stats, cache)."""
-  cache = out.cache._replace(k=out.cache.k[:, index], v=out.cache.v[:, index], lengths=out.cache.lengths[index])
+  cache = out.cache._replace(k=tuple(x[index] for x in out.cache.k), v=tuple(x[index] for x in out.cache.v),
+                             lengths=out.cache.lengths[index])
   return out._replace(tokens=out.tokens[index], lengths=out.lengths[index],
                       stats=jax.tree.map(lambda x: x[index], out.stats), cache=cache)
 
@@ -182,9 +184,10 @@ def test_cache_holds_exactly_the_committed_tokens(params, prompts, sampled, gree
   committed = lengths + np.asarray(out.lengths) - 1  # the newest token is not yet in the cache
   np.testing.assert_array_equal(out.cache.lengths, committed)
   kv = fresh_kv(params, prompts, lengths, out)
+  cache = cache_lib.stacked(out.cache)  # [layers, batch, max_len, kv_heads, head_dim]
   for row, n in enumerate(committed):
-    np.testing.assert_allclose(out.cache.k[:, row, :n], kv.k[:, row, :n], atol=1e-5)
-    np.testing.assert_allclose(out.cache.v[:, row, :n], kv.v[:, row, :n], atol=1e-5)
+    np.testing.assert_allclose(cache.k[:, row, :n], kv.k[:, row, :n], atol=1e-5)
+    np.testing.assert_allclose(cache.v[:, row, :n], kv.v[:, row, :n], atol=1e-5)
 
 
 def greedy_mixed_reference(params, prompts, lengths, beta: float, k: int) -> np.ndarray:
@@ -296,8 +299,8 @@ def test_config_dict_supplies_block_size(params, prompts, ar):
      r"block_size=4 does not match the checkpoint's tidar.block_size=8.*pass block_size=8"),
     (dict(block_size=None), r"block_size is required"),
     (dict(prompt_lengths=np.array([3, 9, 0, 14])), r"prompt\(s\) \[2\] are empty"),
-    # 14 + 15 + 8 = 37 slots: the block size counts against max_len.
-    (dict(block_size=8, max_len=36), r"max_len=36 is too small.*raise max_len to >= 37"),
+    # 14 + 15 + (8 + 64) = 101 slots: the k + k² tokens a step writes count against max_len.
+    (dict(block_size=8, max_len=100), r"max_len=100 is too small.*raise max_len to >= 101"),
     (dict(verify_beta=1.5), r"verify_beta=1.5: must lie in \[0, 1\]"),
     (dict(mask_id=-1), r"mask_id=-1 lies outside the vocabulary"),
     (dict(forced_drafts=np.zeros((2, 40), np.int32)), r"forced_drafts must be \[batch=4, positions\]"),

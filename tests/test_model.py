@@ -86,10 +86,10 @@ def test_cached_incremental_equals_full_forward(params):
   apply = jax.jit(model.apply)
   full, _ = apply(params, tokens, pos, jnp.asarray(masks.causal_mask(total)))
   cache = cache_lib.init_cache(CFG, B, max_len=16)
-  logits, kv = apply(params, tokens[:, :n], pos[:, :n], jnp.asarray(masks.causal_mask(n)), cache)
+  logits, kv = apply(params, tokens[:, :n], pos[:, :n], jnp.asarray(masks.causal_mask(n)), cache_lib.stacked(cache))
   np.testing.assert_allclose(logits, full[:, :n], atol=1e-5)
   cache = cache_lib.with_lengths(cache_lib.write(cache, kv, n), jnp.full((B,), n))
-  step = jax.jit(lambda c, t, p: model.apply(params, t, p, jnp.ones((1, 1, 1), bool), c))
+  step = jax.jit(lambda c, t, p: model.apply(params, t, p, jnp.ones((1, 1, 1), bool), cache_lib.stacked(c)))
   for i in range(n, total):
     logits, kv = step(cache, tokens[:, i:i + 1], pos[:, i:i + 1])
     np.testing.assert_allclose(logits[:, 0], full[:, i], atol=1e-5)
@@ -108,7 +108,7 @@ def test_cache_with_ragged_lengths_ignores_stale_slots(params):
   lengths = jnp.array([4, 7])
   cache = cache_lib.with_lengths(cache, lengths)
   nxt = jnp.stack([tokens[0, 4], tokens[1, 7]])[:, None]
-  logits, _ = apply(params, nxt, lengths[:, None], jnp.ones((1, 1, 1), bool), cache)
+  logits, _ = apply(params, nxt, lengths[:, None], jnp.ones((1, 1, 1), bool), cache_lib.stacked(cache))
   np.testing.assert_allclose(logits[0, 0], full[0, 4], atol=1e-5)
   np.testing.assert_allclose(logits[1, 0], full[1, 7], atol=1e-5)
 

@@ -11,12 +11,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import cache as cache_lib
-from tidar_jax.decode import loop
-from tidar_jax.decode.prefill import lm_head, prefill
+from tidar_jax.decode import engine, loop
+from tidar_jax.decode.prefill import prefill
 from tidar_jax.decode.sampling import SamplingParams, sample_logits
-from tidar_jax.model import Transformer
+
+_STEP_MASK = np.ones((1, 1), bool)  # the one new token sees itself (and the committed cache)
 
 
 class _State(NamedTuple):
@@ -34,17 +37,16 @@ def _draw(keys_B: jax.Array, logits_BV: jax.Array, sampling: SamplingParams) -> 
   return jax.vmap(functools.partial(sample_logits, params=sampling))(keys_B, logits_BV)
 
 
-def _step(params: Any, cfg: ModelConfig, keys: jax.Array, eos_id: jax.Array, s: _State, *,
+def _step(w: engine.DecodeWeights, cfg: ModelConfig, keys: jax.Array, eos_id: jax.Array, s: _State, *,
           max_new_tokens: int, sampling: SamplingParams) -> _State:
   p = s.cache.lengths  # [batch]
-  logits, kv = Transformer(cfg).apply(params, s.t0[:, None], p[:, None], jnp.ones((1, 1, 1), bool),
-                                      s.cache)  # [batch, 1, vocab]
-  nxt = _draw(loop.keys_at(keys, s.step + 1)[:, 0], logits[:, 0], sampling)  # [batch]
+  hidden, written = engine.forward(w, cfg, s.cache, s.t0[:, None], p[:, None], _STEP_MASK)  # t0's K/V at slot p
+  nxt = _draw(loop.keys_at(keys, s.step + 1)[:, 0], engine.logits(w, hidden[:, 0]), sampling)  # [batch]
   active = ~s.done
   out, emitted, hit_eos = loop.emit(s.out, s.generated, nxt[:, None], active.astype(jnp.int32), eos_id,
                                     max_new_tokens)
   generated = s.generated + emitted
-  cache = cache_lib.with_lengths(cache_lib.write(s.cache, kv, 1), p + emitted)
+  cache = cache_lib.with_lengths(written, p + emitted)  # a finished row does not commit slot p
   new = _State(cache, nxt, out, generated, s.done | hit_eos | (generated >= max_new_tokens),
                s.forward_passes + active, s.step + 1)
   return new._replace(t0=jnp.where(active, nxt, s.t0))
@@ -55,14 +57,15 @@ def _generate_ar(params, prompts, lengths, keys, eos_id, *, cfg: ModelConfig, ma
                  max_len: int, sampling: SamplingParams) -> loop.DecodeOutput:
   B = prompts.shape[0]
   keys = loop.key_table(keys, max_new_tokens, 1)  # [batch, steps, 1]; step 0 = prefill
+  w = engine.prepare_weights(params, cfg)  # once, outside the loop
   cache, last_h, _ = prefill(params, cfg, prompts, lengths, max_len=max_len, block_size=0, mask_id=0)
-  t0 = _draw(keys[:, 0, 0], lm_head(params, cfg, last_h), sampling)
+  t0 = _draw(keys[:, 0, 0], engine.logits(w, last_h), sampling)
   out = jnp.full((B, max_new_tokens + 1), loop.PAD_TOKEN, jnp.int32)
   out, generated, hit_eos = loop.emit(out, jnp.zeros((B,), jnp.int32), t0[:, None], jnp.ones((B,), jnp.int32),
                                       eos_id, max_new_tokens)
   state = _State(cache, t0, out, generated, hit_eos | (generated >= max_new_tokens),
                  jnp.ones((B,), jnp.int32), jnp.int32(0))
-  step = functools.partial(_step, params, cfg, keys, eos_id, max_new_tokens=max_new_tokens, sampling=sampling)
+  step = functools.partial(_step, w, cfg, keys, eos_id, max_new_tokens=max_new_tokens, sampling=sampling)
   # Every active step emits one token, so max_new_tokens - 1 steps finish every row.
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.step < max_new_tokens - 1), step, state)
   stats = loop.DecodeStats(state.forward_passes, (state.forward_passes - 1)[:, None])
@@ -81,6 +84,7 @@ def generate_ar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
   """
   cfg, _ = loop.resolve_config(config)
   req = loop.check_request(cfg, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
-                           key=key, max_len=max_len, lookahead=1, token_ids={"eos_id": eos_id})
+                           key=key, max_len=max_len, lookahead=loop.step_tokens(0),
+                           token_ids={"eos_id": eos_id})
   return _generate_ar(params, req.prompts, req.lengths, req.keys, loop.eos_array(eos_id), cfg=cfg,
                       max_new_tokens=int(max_new_tokens), max_len=req.max_len, sampling=sampling)

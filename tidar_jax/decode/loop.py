@@ -52,6 +52,12 @@ def bucket_length(longest: int, limit: int) -> int:
   return min(max(MIN_BUCKET, 1 << max(longest - 1, 0).bit_length()), limit)
 
 
+def step_tokens(block_size: int) -> int:
+  """Tokens one decode step feeds, and writes into the cache past the row's length: T = k + k²
+  for TiDAR (the verification tokens and the k mask blocks), 1 for AR (block_size 0)."""
+  return 1 if block_size == 0 else block_size + block_size * block_size
+
+
 def resolve_config(config: Any) -> tuple[ModelConfig, Any]:
   """(static model config, the checkpoint's `tidar` section or None) from a ModelConfig or a full
   ConfigDict (as `tidar_jax.checkpoint.load_for_inference` returns)."""
@@ -67,8 +73,9 @@ def check_request(cfg: ModelConfig, prompts: Any, prompt_lengths: Any, *, max_ne
                   token_ids: dict[str, int | None]) -> Request:
   """Validates a decode request before anything is compiled; raises ValueError naming the argument.
 
-  `lookahead` is how many slots past the last generated token a step may write (TiDAR: k, AR: 1),
-  so a row needs prompt_length + max_new_tokens + lookahead <= max_len. `token_ids` are the
+  `lookahead` is how many slots past the last generated token a step may write, `step_tokens(k)`
+  (TiDAR: all k + k² step tokens, whose slots past the accepted ones are overwritten next step;
+  AR: 1), so a row needs prompt_length + max_new_tokens + lookahead <= max_len. `token_ids` are the
   special ids (eos_id, mask_id) to range-check against the vocabulary.
   """
   prompts = np.asarray(prompts)
@@ -108,7 +115,8 @@ def check_request(cfg: ModelConfig, prompts: Any, prompt_lengths: Any, *, max_ne
     max_len = bucket_length(longest, 1 << 62) + int(max_new_tokens) + lookahead
   elif needed > max_len:
     raise ValueError(f"max_len={max_len} is too small: the longest prompt ({longest} tokens) + "
-                     f"max_new_tokens ({max_new_tokens}) + {lookahead} lookahead slots need {needed}; "
+                     f"max_new_tokens ({max_new_tokens}) + {lookahead} slots that one decode step writes "
+                     f"(TiDAR: k + k², AR: 1) need {needed}; "
                      f"raise max_len to >= {needed}, or shorten the prompt / max_new_tokens")
   bucket = bucket_length(longest, max_len - int(max_new_tokens) - lookahead)
   width = min(prompts.shape[1], bucket)

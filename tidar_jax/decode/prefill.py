@@ -4,6 +4,9 @@ Right-padded prompts [batch, N] (N = the compiled bucket, row b has n_b real tok
 followed (TiDAR) by one block of k mask tokens at positions n_b .. n_b+k-1 that sees exactly its
 row's prompt and itself: the static `prefill_mask(N, k)` ANDed with per-row key validity. Only the
 prompt's K/V enter the cache (mask tokens are never cached); the cache length becomes n_b.
+
+The prefill runs the model's own uncached forward (one pass over the prompt, where the layer-stacked
+weights cost nothing extra); the decode steps run `engine.forward` over the per-layer cache.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def prefill(params: Any, cfg: ModelConfig, prompts_BN: jax.Array, lengths_B: jax
   """Returns (cache with lengths n_b, hidden of the last prompt token c_{n_b-1} [batch, d_model],
   hidden of the mask block [batch, block_size, d_model]); block_size 0 (AR) gives an empty block.
 
-  The hidden states are final-normed: the caller runs the LM head only on the rows it needs.
+  The hidden states are final-normed: the caller runs the LM head (`engine.logits`) only on the
+  rows it needs.
   """
   B, N = prompts_BN.shape
   k = block_size
@@ -41,7 +45,3 @@ def prefill(params: Any, cfg: ModelConfig, prompts_BN: jax.Array, lengths_B: jax
   last = jnp.take_along_axis(hidden, (lengths_B - 1)[:, None, None], axis=1)[:, 0]  # [B, d_model]
   return cache, last, hidden[:, N:]
 
-
-def lm_head(params: Any, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-  """[..., d_model] final-normed hidden -> [..., vocab] fp32 logits."""
-  return Transformer(cfg).apply(params, hidden, method=Transformer.logits)

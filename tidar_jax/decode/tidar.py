@@ -3,9 +3,13 @@
 
 Each step feeds T = k + k² tokens: `[t_0, d_1 .. d_{k-1}]` at positions p .. p+k-1 (causal, over
 the cache) and k mask blocks, block a at positions p+a+1 .. p+a+k seeing the cache, t_0 .. d_a and
-itself (the static `decode_step_mask(k)`). The LM head runs on the k verification rows (plus slot
-0 of every block when verify_beta < 1) and, after acceptance, on the chosen block's offsets
-1 .. k-1 only: never on all T rows (at k = 16 and a 152k vocab that buffer is ~165 MB per row).
+itself (the static `decode_step_mask(k)`). `engine.forward` writes all T tokens' K/V at slots
+p .. p+T-1 and attends over the cache; committing a + 1 tokens is setting the row's length to
+p+a+1 (the verification K/V were computed causally with the right prefix; the slots past it,
+rejected drafts and mask blocks, are overwritten next step). The LM head runs on the k
+verification rows (plus slot 0 of every block when verify_beta < 1) and, after acceptance, on the
+chosen block's offsets 1 .. k-1 only: never on all T rows (at k = 16 and a 152k vocab that buffer
+is ~165 MB per row).
 """
 
 from __future__ import annotations
@@ -21,10 +25,9 @@ import numpy as np
 from tidar_jax import masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import cache as cache_lib
-from tidar_jax.decode import loop, sampling
-from tidar_jax.decode.prefill import lm_head, prefill
+from tidar_jax.decode import engine, loop, sampling
+from tidar_jax.decode.prefill import prefill
 from tidar_jax.decode.sampling import SamplingParams
-from tidar_jax.model import Transformer
 
 # Test-only broken variants of the step, chosen per row (negative controls for the distribution
 # tests); index 0 is the correct step.
@@ -105,18 +108,18 @@ def _verify(st: _Static, keys: jax.Array, target_logits: jax.Array, q: jax.Array
   return accepted, jnp.where(from_p, jax.vmap(sampling.sample)(keys[:, 1], logp_a), nxt)
 
 
-def _step(params: Any, st: _Static, key_table: jax.Array, forced: jax.Array | None, faults: jax.Array | None,
-          eos_id: jax.Array, mask_id: jax.Array, s: _State) -> _State:
+def _step(w: engine.DecodeWeights, st: _Static, key_table: jax.Array, forced: jax.Array | None,
+          faults: jax.Array | None, eos_id: jax.Array, mask_id: jax.Array, s: _State) -> _State:
   k, cfg = st.block_size, st.cfg
   B = s.t0.shape[0]
   p = s.cache.lengths  # [batch]
   tokens = jnp.concatenate([s.t0[:, None], s.drafts, jnp.full((B, k * k), mask_id, jnp.int32)], axis=1)  # [B, T]
   positions = p[:, None] + jnp.asarray(masks.decode_step_offsets(k))[None, :]  # [B, T]
-  step_mask = jnp.asarray(masks.decode_step_mask(k))[None]  # [1, T, T]; cache: slot < p via lengths
-  hidden, kv = Transformer(cfg).apply(params, tokens, positions, step_mask, s.cache, return_hidden=True)
+  # All T tokens' K/V land at slots p .. p+T-1; the cache part of the mask is slot < p per row.
+  hidden, written = engine.forward(w, cfg, s.cache, tokens, positions, masks.decode_step_mask(k))
   blocks = hidden[:, k:].reshape(B, k, k, cfg.d_model)  # [batch, block a, offset, d_model]
-  diffusion0 = lm_head(params, cfg, blocks[:, :, 0]) if st.verify_beta < 1 else None  # [batch, k, vocab]
-  target = _target_logits(lm_head(params, cfg, hidden[:, :k]), diffusion0, st.verify_beta)  # [batch, k, vocab]
+  diffusion0 = engine.logits(w, blocks[:, :, 0]) if st.verify_beta < 1 else None  # [batch, k, vocab]
+  target = _target_logits(engine.logits(w, hidden[:, :k]), diffusion0, st.verify_beta)  # [batch, k, vocab]
 
   keys = loop.keys_at(key_table, s.step + 1)  # [batch, _KEY_USES]
   accepted, nxt = _verify(st, keys, target, s.q, s.drafts, faults)
@@ -130,15 +133,16 @@ def _step(params: Any, st: _Static, key_table: jax.Array, forced: jax.Array | No
   out, emitted, hit_eos = loop.emit(s.out, s.generated, cand, count, eos_id, st.max_new_tokens)
   generated = s.generated + emitted
   p_new = p + emitted  # = p + a + 1 unless the row ended inside this step
-  # All k verification K/V are exact for their prefix; slots past p_new are ignored and overwritten.
-  cache = cache_lib.with_lengths(cache_lib.write(s.cache, kv, k), p_new)
+  # The verification K/V at p .. p_new-1 are exact for their prefix; slots past p_new are ignored
+  # and overwritten next step.
+  cache = cache_lib.with_lengths(written, p_new)
 
   block_index = accepted  # [batch]
   if faults is not None:  # wrong_block: draft from the block of another outcome
     block_index = jnp.where(faults == FAULTS.index("wrong_block"), (accepted + 1) % k, accepted)
   chosen = jnp.take_along_axis(blocks, block_index[:, None, None, None], axis=1)[:, 0]  # [batch, k, d_model]
   # Block a's offset 0 predicts t_0' (already chosen); offsets 1 .. k-1 draft positions p_new+1 ..
-  drafts, q = _sample_rows(keys[:, 2], lm_head(params, cfg, chosen[:, 1:]), st.sampling)
+  drafts, q = _sample_rows(keys[:, 2], engine.logits(w, chosen[:, 1:]), st.sampling)
   drafts, q = _force_drafts(st, forced, p_new, drafts, q)
   new = _State(cache, nxt, drafts, q, out, generated, s.done | hit_eos | (generated >= st.max_new_tokens),
                s.forward_passes + active, s.accepted_hist + (active[:, None] & (j == accepted[:, None])),
@@ -153,12 +157,13 @@ def _generate_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask
                     ) -> loop.DecodeOutput:
   B, k, cfg = prompts.shape[0], st.block_size, st.cfg
   keys = loop.key_table(keys, st.max_new_tokens, _KEY_USES)  # [batch, steps, uses]; step 0 = prefill
+  w = engine.prepare_weights(params, cfg)  # once, outside the loop
   cache, last_h, block_h = prefill(params, cfg, prompts, lengths, max_len=st.max_len, block_size=k,
                                    mask_id=mask_id)
-  diffusion0 = lm_head(params, cfg, block_h[:, 0]) if st.verify_beta < 1 else None  # predicts position n
-  target = _target_logits(lm_head(params, cfg, last_h), diffusion0, st.verify_beta)  # [batch, vocab]
+  diffusion0 = engine.logits(w, block_h[:, 0]) if st.verify_beta < 1 else None  # predicts position n
+  target = _target_logits(engine.logits(w, last_h), diffusion0, st.verify_beta)  # [batch, vocab]
   # t_0 (position n) and the drafts (block offsets 1 .. k-1: positions n+1 .. n+k-1) in one draw.
-  logits = jnp.concatenate([target[:, None], lm_head(params, cfg, block_h[:, 1:])], axis=1)  # [batch, k, vocab]
+  logits = jnp.concatenate([target[:, None], engine.logits(w, block_h[:, 1:])], axis=1)  # [batch, k, vocab]
   tokens, logprobs = _sample_rows(keys[:, 0, 2], logits, st.sampling)
   t0 = tokens[:, 0]
   drafts, q = _force_drafts(st, forced, lengths, tokens[:, 1:], logprobs[:, 1:])
@@ -168,7 +173,7 @@ def _generate_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask
                                       eos_id, st.max_new_tokens)
   state = _State(cache, t0, drafts, q, out, generated, hit_eos | (generated >= st.max_new_tokens),
                  jnp.ones((B,), jnp.int32), jnp.zeros((B, k), jnp.int32), jnp.int32(0))
-  step = functools.partial(_step, params, st, keys, forced, faults, eos_id, mask_id)
+  step = functools.partial(_step, w, st, keys, forced, faults, eos_id, mask_id)
   # Every active step emits at least one token, so max_new_tokens - 1 steps finish every row.
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.step < st.max_new_tokens - 1), step, state)
   stats = loop.DecodeStats(state.forward_passes, state.accepted_hist)
@@ -185,7 +190,7 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
   and a different block_size is an error) or a bare ModelConfig (then block_size is required).
   key: one PRNG key, or [batch] keys (row i then equals the batch-of-1 run with key i).
   mask_id: the tokenizer's mask token. max_len: cache slots (default: prompt bucket +
-  max_new_tokens + block_size). forced_drafts: optional [batch, positions] int32; the draft for
+  max_new_tokens + k + k², the tokens one step writes). forced_drafts: optional [batch, positions] int32; the draft for
   position x becomes forced_drafts[row, x] with a one-hot q where that entry is >= 0 (-1, or past
   the table's width: the model's own draft). Tests force an oracle continuation, benchmarks force
   acceptance. `_faults`: test only, one FAULTS name per row (negative controls).
@@ -210,7 +215,7 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
   if not 0.0 <= verify_beta <= 1.0:
     raise ValueError(f"verify_beta={verify_beta!r}: must lie in [0, 1] (1 = exact AR verification)")
   req = loop.check_request(cfg, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
-                           key=key, max_len=max_len, lookahead=block_size,
+                           key=key, max_len=max_len, lookahead=loop.step_tokens(block_size),
                            token_ids={"eos_id": eos_id, "mask_id": mask_id})
   if forced_drafts is not None:
     forced_drafts = np.asarray(forced_drafts)

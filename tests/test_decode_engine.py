@@ -1,0 +1,119 @@
+"""The decode engine (fused per-layer weights, write-then-attend per-layer cache) computes what the
+model computes: `engine.forward` over a cache == `Transformer.apply`'s uncached forward over the
+whole sequence, in fp32, for the Qwen2.5 (QKV bias, tied head) and Qwen3 (qk-norm, untied head)
+layouts with GQA, ragged per-row cache lengths, stale slots, and the AR and TiDAR step masks.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tidar_jax import masks
+from tidar_jax.config import ModelConfig
+from tidar_jax.decode import cache as cache_lib
+from tidar_jax.decode import engine
+from tidar_jax.model import Transformer, init_params
+
+SHAPE = dict(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96)
+CONFIGS = {
+    "qwen2.5": ModelConfig(**SHAPE, qkv_bias=True, tie_embeddings=True),
+    "qwen3": ModelConfig(**SHAPE, qk_norm=True, tie_embeddings=False),
+}
+K = 3
+STEP_MASKS = {  # name -> the static [T, T] mask among the step's new tokens
+    "ar": np.ones((1, 1), bool),
+    "causal4": masks.causal_mask(4),
+    "tidar": masks.decode_step_mask(K),
+}
+LENGTHS = np.array([5, 9])  # committed cache slots per row (ragged)
+MAX_LEN = 32
+
+
+def random_params(cfg: ModelConfig, seed: int = 0):
+  """Peaked random weights; norm gains and biases away from 1 and 0, so a misplaced one shows."""
+  shapes = nn.unbox(jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if "scale" in jax.tree_util.keystr(path):
+      return jnp.asarray(1.0 + 0.2 * rng.standard_normal(leaf.shape), leaf.dtype)
+    return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def step_offsets(name: str) -> np.ndarray:
+  """[T] position offsets of the step's tokens from the row's length p."""
+  return masks.decode_step_offsets(K) if name == "tidar" else np.arange(len(STEP_MASKS[name]), dtype=np.int32)
+
+
+def reference(params, cfg: ModelConfig, prefix: np.ndarray, new: np.ndarray, step_mask: np.ndarray,
+              offsets: np.ndarray):
+  """Uncached forward over [row's prefix (n_b tokens), the step's T tokens, padding] per row, with
+  the full mask the cached step implies: the prefix causal, each new token seeing the whole prefix
+  and the new tokens step_mask allows. Returns (final-normed hidden [B, W, d], K/V [L, B, W, h, d])
+  and the per-row column of new token 0 (= n_b)."""
+  B, T = new.shape
+  W = prefix.shape[1] + T
+  tokens = np.zeros((B, W), np.int32)
+  positions = np.zeros((B, W), np.int32)
+  mask = np.zeros((B, W, W), bool)
+  for b, n in enumerate(LENGTHS):
+    tokens[b, :n], tokens[b, n:n + T] = prefix[b, :n], new[b]
+    positions[b, :n], positions[b, n:n + T] = np.arange(n), n + offsets
+    mask[b, :n, :n] = masks.causal_mask(n)
+    mask[b, n:n + T, :n] = True
+    mask[b, n:n + T, n:n + T] = step_mask
+    mask[b, n + T:, n + T:] = np.eye(W - n - T, dtype=bool)  # padding sees itself: no empty rows
+  hidden, kv = jax.jit(lambda p: Transformer(cfg).apply(p, tokens, positions, mask, return_hidden=True))(params)
+  return hidden, kv
+
+
+@pytest.mark.parametrize("step", list(STEP_MASKS))
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_over_the_cache_equals_the_uncached_model(name, step):
+  cfg = CONFIGS[name]
+  params = random_params(cfg)
+  step_mask, offsets = STEP_MASKS[step], step_offsets(step)
+  B, T = len(LENGTHS), len(step_mask)
+  rng = np.random.default_rng(1)
+  prefix = rng.integers(0, cfg.vocab_size, (B, LENGTHS.max()))
+  new = rng.integers(0, cfg.vocab_size, (B, T))
+  ref_h, ref_kv = reference(params, cfg, prefix, new, step_mask, offsets)
+
+  # The cache: the prefix's exact K/V at slots < n_b, stale garbage in every slot past it.
+  shape = (cfg.num_layers, B, MAX_LEN, cfg.num_kv_heads, cfg.head_dim)
+  stale_k, stale_v = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+  for b, n in enumerate(LENGTHS):
+    stale_k[:, b, :n], stale_v[:, b, :n] = ref_kv.k[:, b, :n], ref_kv.v[:, b, :n]
+  cache = cache_lib.KVCache(tuple(stale_k), tuple(stale_v), jnp.asarray(LENGTHS, jnp.int32))
+  positions = LENGTHS[:, None] + offsets[None, :]
+
+  @jax.jit
+  def step_fn(params, cache):
+    w = engine.prepare_weights(params, cfg)
+    hidden, written = engine.forward(w, cfg, cache, new, positions, step_mask)
+    return hidden, engine.logits(w, hidden), written
+
+  hidden, logits, written = step_fn(params, cache)
+  model = Transformer(cfg)
+  got = cache_lib.stacked(written)
+  np.testing.assert_array_equal(got.lengths, LENGTHS)  # the caller commits, not forward
+  for b, n in enumerate(LENGTHS):
+    ref_logits = model.apply(params, ref_h[b, n:n + T], method=Transformer.logits)
+    np.testing.assert_allclose(hidden[b], ref_h[b, n:n + T], atol=1e-5)
+    np.testing.assert_allclose(logits[b], ref_logits, atol=1e-5 * float(jnp.abs(ref_logits).max()))
+    # Committed slots untouched, the step's K/V at n .. n+T-1, later slots still stale.
+    np.testing.assert_allclose(got.k[:, b, :n + T], ref_kv.k[:, b, :n + T], atol=1e-5)
+    np.testing.assert_allclose(got.v[:, b, :n + T], ref_kv.v[:, b, :n + T], atol=1e-5)
+    np.testing.assert_array_equal(got.k[:, b, n + T:], stale_k[:, b, n + T:])
+
+
+def test_boxed_and_unboxed_params_prepare_the_same_weights():
+  cfg = CONFIGS["qwen3"]
+  boxed = init_params(cfg, jax.random.key(0))
+  got, want = engine.prepare_weights(boxed, cfg), engine.prepare_weights(nn.unbox(boxed), cfg)
+  assert len(got.layers) == cfg.num_layers and got.lm_head is not None and got.layers[0].bqkv is None
+  jax.tree.map(np.testing.assert_array_equal, got, want)

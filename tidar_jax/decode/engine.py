@@ -1,0 +1,194 @@
+"""The decode step's transformer: the model's weights and math, laid out for a decode loop.
+
+`Transformer` (model.py) keeps layer-stacked params for training. Inside a decode loop that layout
+copies every layer's weights out of the stacked arrays on every step, and attention over a stacked
+cache plus the new tokens becomes a split softmax of badly shaped kernels (BENCHMARKS.md, "Decode:
+where the time goes"). Here, with the same weights and math (tests/test_decode_engine.py):
+
+  * `prepare_weights` re-lays the params out once, before the loop: one array per layer (the layer
+    loop is unrolled and reads them in place), q/k/v fused into one matmul, gate/up into one;
+  * `forward` first writes the step's T new keys/values into each layer's own cache buffer at every
+    row's slots lengths[b] .. lengths[b] + T - 1 (in place), then runs ONE attention of the T
+    queries over all max_len slots with a per-row mask: the committed slots plus the step's static
+    [T, T] mask among its own tokens. `lengths` is left to the caller, who commits only what it
+    accepted (the rest is overwritten next step).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tidar_jax.config import ModelConfig
+from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
+from tidar_jax.model import rms_norm, rope
+
+# As attention.py: a large finite negative, so a fully masked row is uniform instead of NaN.
+_MASKED = -1e30
+
+
+class LayerWeights(NamedTuple):
+  attn_norm: jax.Array  # [d_model]
+  wqkv: jax.Array  # [d_model, (heads + 2 * kv_heads) * head_dim]: q, then k, then v columns
+  bqkv: jax.Array | None  # [(heads + 2 * kv_heads) * head_dim]; None without qkv_bias
+  q_norm: jax.Array | None  # [head_dim]; None without qk_norm
+  k_norm: jax.Array | None  # [head_dim]; None without qk_norm
+  wo: jax.Array  # [heads * head_dim, d_model]
+  mlp_norm: jax.Array  # [d_model]
+  wgu: jax.Array  # [d_model, 2 * mlp_dim]: gate, then up columns
+  wd: jax.Array  # [mlp_dim, d_model]
+
+
+class DecodeWeights(NamedTuple):
+  layers: tuple[LayerWeights, ...]
+  embed: jax.Array  # [vocab, d_model]
+  final_norm: jax.Array  # [d_model]
+  lm_head: jax.Array | None  # [d_model, vocab]; None: tied to `embed`
+
+
+def prepare_weights(params: Any, cfg: ModelConfig) -> DecodeWeights:
+  """`Transformer` params ({"params": ...}, boxed or not) -> DecodeWeights.
+
+  Call it once before the decode loop (inside the same jit is fine): it copies the layer weights
+  once, where the stacked layout costs a copy per step. Matrices (and the embedding, which the tied
+  head reads as a matrix) are cast to the compute dtype here, as the model casts them at every use;
+  norm gains stay as stored (rms_norm computes in fp32).
+  """
+  p = nn.unbox(params)["params"]
+  lay, attn, mlp = p["layers"], p["layers"]["attn"], p["layers"]["mlp"]
+  L, d, H, Hkv, D = cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  dt = cfg.compute_dtype
+  wqkv = jnp.concatenate([attn["q"]["kernel"].reshape(L, d, H * D), attn["k"]["kernel"].reshape(L, d, Hkv * D),
+                          attn["v"]["kernel"].reshape(L, d, Hkv * D)], axis=2).astype(dt)  # [L, d, (H+2Hkv)D]
+  bqkv = None
+  if cfg.qkv_bias:
+    bqkv = jnp.concatenate([attn["q"]["bias"].reshape(L, H * D), attn["k"]["bias"].reshape(L, Hkv * D),
+                            attn["v"]["bias"].reshape(L, Hkv * D)], axis=1).astype(dt)  # [L, (H+2Hkv)D]
+  wo = attn["o"]["kernel"].reshape(L, H * D, d).astype(dt)
+  wgu = jnp.concatenate([mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=2).astype(dt)  # [L, d, 2F]
+  wd = mlp["down"]["kernel"].astype(dt)  # [L, F, d]
+
+  def layer(i: int) -> LayerWeights:
+    return LayerWeights(
+        attn_norm=lay["attn_norm"]["scale"][i], wqkv=wqkv[i], bqkv=None if bqkv is None else bqkv[i],
+        q_norm=attn["q_norm"]["scale"][i] if cfg.qk_norm else None,
+        k_norm=attn["k_norm"]["scale"][i] if cfg.qk_norm else None,
+        wo=wo[i], mlp_norm=lay["mlp_norm"]["scale"][i], wgu=wgu[i], wd=wd[i])
+
+  head = None if cfg.tie_embeddings else p["lm_head"]["kernel"].astype(dt)
+  return DecodeWeights(tuple(layer(i) for i in range(L)), p["embed"]["embedding"].astype(dt),
+                       p["final_norm"]["scale"], head)
+
+
+def step_attention_mask(cache: KVCache, step_mask: np.ndarray) -> jax.Array:
+  """[batch, T, max_len] bool: new token t may read the row's committed slots (< lengths[b]) and
+  the slot lengths[b] + j of new token j where step_mask[t, j]."""
+  T = step_mask.shape[0]
+
+  def own_slots(offset: jax.Array) -> jax.Array:  # [T, max_len]
+    return jax.lax.dynamic_update_slice(jnp.zeros((T, cache.max_len), bool), jnp.asarray(step_mask), (0, offset))
+
+  return valid_slots(cache)[:, None, :] | jax.vmap(own_slots)(cache.lengths)
+
+
+def attention_kernel(setting: str, dtype: Any) -> str:
+  """cfg.attention -> "dense" or "cudnn": as attention.py, "auto" is cuDNN on a GPU in 16-bit
+  dtypes; off the GPU it is always the dense einsum (cuDNN has no CPU kernel)."""
+  on_gpu = jax.default_backend() == "gpu"
+  if setting == "cudnn" and on_gpu:
+    return "cudnn"
+  if setting == "auto" and on_gpu and dtype in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "dense"
+
+
+def _attend(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, mask: jax.Array, kernel: str) -> jax.Array:
+  """q [batch, T, heads, head_dim] over the cache [batch, max_len, kv_heads, head_dim] (GQA) with
+  mask [batch, T, max_len] -> [batch, T, heads, head_dim]."""
+  if kernel == "cudnn":
+    return jax.nn.dot_product_attention(q, k_buf, v_buf, mask=mask[:, None], implementation="cudnn")
+  B, T, H, D = q.shape
+  Hkv = k_buf.shape[2]
+  q_BTKGD = q.reshape(B, T, Hkv, H // Hkv, D)
+  s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_buf, preferred_element_type=jnp.float32) * D**-0.5
+  s_BKGTS = jnp.where(mask[:, None, None], s_BKGTS, _MASKED)
+  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_buf.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", p_BKGTS, v_buf).reshape(B, T, H, D)
+
+
+def _qkv(lw: LayerWeights, cfg: ModelConfig, h: jax.Array, positions: jax.Array
+         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Normed input [batch, T, d_model] -> q [batch, T, heads, head_dim], k, v [batch, T, kv_heads,
+  head_dim], with qk-norm and RoPE applied as in the model."""
+  B, T, _ = h.shape
+  H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  qkv = h @ lw.wqkv  # [batch, T, (H + 2 Hkv) D]: one matmul instead of three
+  if lw.bqkv is not None:
+    qkv = qkv + lw.bqkv[None, None, :]
+  q, k, v = jnp.split(qkv, [H * D, (H + Hkv) * D], axis=-1)
+  q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
+  if lw.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+    q = rms_norm(q, lw.q_norm, cfg.norm_eps, cfg.compute_dtype)
+    k = rms_norm(k, lw.k_norm, cfg.norm_eps, cfg.compute_dtype)
+  return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+
+
+def _layer(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array, k_buf: jax.Array,
+           v_buf: jax.Array, lengths: jax.Array, mask: jax.Array, kernel: str
+           ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One pre-norm block over x [batch, T, d_model]; returns (x, k_buf, v_buf) with the T new
+  keys/values written at slots lengths[b] .. + T - 1."""
+  B, T, _ = x.shape
+  dt = cfg.compute_dtype
+  with jax.named_scope("attn_norm"):
+    h = rms_norm(x, lw.attn_norm, cfg.norm_eps, dt)
+  with jax.named_scope("attn/qkv"):
+    q, k, v = _qkv(lw, cfg, h, positions)
+  with jax.named_scope("cache_write"):  # before attending: the new tokens are read from the cache
+    k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
+  with jax.named_scope("attn/core"):
+    out = _attend(q, k_buf, v_buf, mask, kernel)  # [batch, T, heads, head_dim]
+  with jax.named_scope("attn/o"):
+    x = x + out.reshape(B, T, -1) @ lw.wo
+  with jax.named_scope("mlp_norm"):
+    h = rms_norm(x, lw.mlp_norm, cfg.norm_eps, dt)
+  with jax.named_scope("mlp"):
+    gate, up = jnp.split(h @ lw.wgu, 2, axis=-1)  # [batch, T, mlp_dim] each: one matmul instead of two
+    x = x + (jax.nn.silu(gate) * up) @ lw.wd
+  return x, k_buf, v_buf
+
+
+def forward(w: DecodeWeights, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+            step_mask: np.ndarray) -> tuple[jax.Array, KVCache]:
+  """One decode step over T new tokens per row.
+
+  tokens, positions: [batch, T]. step_mask: [T, T] static numpy, which new tokens each new token
+  sees (AR: [[True]]; TiDAR: `masks.decode_step_mask(k)`). Every new token also sees its row's
+  committed slots. Returns (final-normed hidden [batch, T, d_model], the cache with every layer's
+  T new keys/values written at slots lengths[b] .. lengths[b] + T - 1 and `lengths` unchanged).
+  The caller guarantees lengths + T <= max_len (the host check of `loop.check_request`).
+  """
+  mask = step_attention_mask(cache, step_mask)  # [batch, T, max_len], shared by all layers
+  kernel = attention_kernel(cfg.attention, cfg.compute_dtype)
+  x = jnp.take(w.embed, tokens, axis=0)  # [batch, T, d_model]
+  new_k, new_v = [], []
+  for lw, k_buf, v_buf in zip(w.layers, cache.k, cache.v):  # unrolled: each layer reads its own arrays
+    x, k_buf, v_buf = _layer(lw, cfg, x, positions, k_buf, v_buf, cache.lengths, mask, kernel)
+    new_k.append(k_buf)
+    new_v.append(v_buf)
+  with jax.named_scope("final_norm"):
+    h = rms_norm(x, w.final_norm, cfg.norm_eps, cfg.compute_dtype)
+  return h, KVCache(tuple(new_k), tuple(new_v), cache.lengths)
+
+
+def logits(w: DecodeWeights, hidden: jax.Array) -> jax.Array:
+  """LM head: [..., d_model] final-normed hidden -> [..., vocab] fp32 logits (run it only on the
+  rows you need)."""
+  with jax.named_scope("logits"):
+    if w.lm_head is None:
+      return jnp.einsum("...d,vd->...v", hidden, w.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden, w.lm_head, preferred_element_type=jnp.float32)
