@@ -39,11 +39,13 @@ def get_config() -> ConfigDict:
   c.data = ConfigDict()
   c.data.dataset = "local_code"  # local_code (stdlib .py files) | text_files | any registered tfds dataset name
   c.data.source = ""  # text_files: a directory or glob of .txt/.md/.py/.jsonl files
+  c.data.local_code_roots = "stdlib"  # local_code: stdlib | stdlib,site-packages (installed packages' code too)
   c.data.feature_key = "text"  # the text feature of a tfds dataset
   c.data.data_dir = "~/.cache/tidar_jax"  # where prepared tfds data and the trained tokenizer are cached
   c.data.tokenizer = ""  # path to tokenizer.json or an HF tokenizer dir; empty = train a BPE on the train split
   c.data.validation_fraction = 0.02  # share of files (by stable hash of the path) held out for validation
   c.data.num_workers = 0  # grain worker processes (0 = in the main process)
+  c.data.window_shuffle = 64  # packed windows shuffled together, so a batch mixes many files (1 = off)
 
   c.train = ConfigDict()
   c.train.seq_len = 256  # clean tokens per training window (the TiDAR input is 2 * seq_len)

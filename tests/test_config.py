@@ -28,6 +28,8 @@ def test_tiny_config_is_valid():
     ("train", "grad_accum", 3, "train.batch_size=8 is not a multiple of train.grad_accum=3"),
     ("train", "learning_rate", 0.0, "train.learning_rate=0.0"),
     ("train", "warmup_steps", 10_000, "train.warmup_steps=10000"),
+    ("data", "window_shuffle", 0, "data.window_shuffle=0: must be a positive integer"),
+    ("data", "local_code_roots", "stdlib,numpy", "data.local_code_roots='stdlib,numpy': use a comma-separated"),
 ])
 def test_each_bad_field_is_named(section, field, value, message):
   c = tiny.get_config()

@@ -1,6 +1,7 @@
 """Corpus builders, tokenizer caching and the grain pipeline, on small corpora written under tmp_path."""
 
 import json
+import os
 import pathlib
 
 import grain
@@ -116,6 +117,16 @@ def test_local_code_is_the_stdlib(tmp_path):
   assert {"os.py", "json/__init__.py"} <= train_paths | val_paths
   assert all(p.endswith(".py") and "site-packages" not in p for p in train_paths | val_paths)
   assert 0.005 < len(validation) / (len(train) + len(validation)) < 0.05
+
+
+def test_local_code_roots_key_site_packages_files_by_root_not_machine_path(tmp_path):
+  stdlib, site = tmp_path / "lib", tmp_path / "venv" / "site-packages"
+  for path in (stdlib / "os.py", stdlib / "json" / "__init__.py", site / "pkg" / "mod.py", site / "pkg" / "data.txt"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("x = 1\n")
+  files = builders.local_code_files(os.pathsep.join([f"stdlib={stdlib}", f"site-packages={site}"]))
+  assert [key for key, _ in files] == ["json/__init__.py", "os.py", "site-packages/pkg/mod.py"]
+  assert builders.parse_local_code_roots("site-packages, stdlib") == ("stdlib", "site-packages")
 
 
 class TidarToyText(tfds.core.GeneratorBasedBuilder):
@@ -285,6 +296,32 @@ def test_restored_state_continues_identically(corpus, tok):
   for k in range(12):
     resumed.set_state(states[k])
     np.testing.assert_array_equal(take(resumed, 4), np.stack(batches[k:k + 4]), err_msg=f"restored after {k} batches")
+
+
+def test_window_shuffle_permutes_windows_within_groups_and_resumes_exactly(corpus, tok):
+  _, _, prepared = corpus
+  group = 6  # windows per shuffled group; batch 2 -> a group spans 3 batches
+
+  def iterator(shuffle: int):
+    return pipeline.make_train_iterator(prepared.train, tok, seq_len=SEQ_LEN, global_batch_size=2, seed=5,
+                                        window_shuffle=shuffle)
+
+  plain = take(iterator(1), 12).reshape(24, SEQ_LEN)
+  shuffled = take(iterator(group), 12).reshape(24, SEQ_LEN)
+  for g in range(0, len(plain), group):  # same windows, each group in its own order
+    got, want = shuffled[g:g + group], plain[g:g + group]
+    assert sorted(map(tuple, got)) == sorted(map(tuple, want)), f"group {g // group}"
+  assert not np.array_equal(shuffled, plain)
+  # Restore from every phase of a group, states through JSON as orbax stores them.
+  it = iterator(group)
+  states, batches = [], []
+  for _ in range(8):
+    states.append(json.loads(json.dumps(it.get_state())))
+    batches.append(next(it)["tokens"])
+  for k in range(5):
+    resumed = iterator(group)
+    resumed.set_state(states[k])
+    np.testing.assert_array_equal(take(resumed, 3), np.stack(batches[k:k + 3]), err_msg=f"restored after {k}")
 
 
 def test_orbax_checkpoint_of_the_iterator(corpus, tok, tmp_path):

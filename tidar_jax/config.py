@@ -15,6 +15,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("dense", "cudnn", "auto")
 OBJECTIVES = ("tidar", "ar")
+LOCAL_CODE_ROOTS = ("stdlib", "site-packages")  # data.local_code_roots: what the local_code corpus reads
+
+
+def parse_local_code_roots(value: Any) -> tuple[str, ...]:
+  """`data.local_code_roots` ("stdlib" or "stdlib,site-packages") -> root names in canonical order."""
+  names = [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else []
+  if not names or len(set(names)) != len(names) or any(n not in LOCAL_CODE_ROOTS for n in names):
+    raise ValueError(f"data.local_code_roots={value!r}: use a comma-separated list of distinct roots from "
+                     f"{list(LOCAL_CODE_ROOTS)}, e.g. 'stdlib' (the default) or 'stdlib,site-packages'")
+  return tuple(n for n in LOCAL_CODE_ROOTS if n in names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +127,15 @@ def config_errors(config: Any) -> list[str]:
     errors.append(f"train.learning_rate={tr.learning_rate!r}: must be > 0")
   if tr.warmup_steps < 0 or (isinstance(tr.steps, int) and tr.warmup_steps > tr.steps):
     errors.append(f"train.warmup_steps={tr.warmup_steps!r}: must lie in [0, train.steps]")
+  data = config.get("data") if hasattr(config, "get") else None
+  shuffle = data.get("window_shuffle", 1) if data is not None else 1
+  if not isinstance(shuffle, int) or shuffle < 1:
+    errors.append(f"data.window_shuffle={shuffle!r}: must be a positive integer (windows shuffled together; 1 = off)")
+  if data is not None and "local_code_roots" in data:
+    try:
+      parse_local_code_roots(data.local_code_roots)
+    except ValueError as e:
+      errors.append(str(e))
   return errors
 
 

@@ -1,7 +1,8 @@
 """The corpus as tensorflow-datasets builders, prepared once to array_record and read without TensorFlow.
 
 Three sources, chosen by `data.dataset`:
-  * `local_code`: every `.py` file of the running interpreter's standard library (no network);
+  * `local_code`: every `.py` file of the running interpreter's standard library, plus its
+    installed packages with `data.local_code_roots="stdlib,site-packages"` (no network);
   * `text_files`: the user's `.txt`/`.md`/`.py`/`.jsonl` files under `data.source` (a dir or a glob);
   * any registered tfds dataset, read through `tfds.data_source` (`data.feature_key` picks the text).
 
@@ -29,6 +30,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from tidar_jax import tokenizer as tokenizer_lib
+from tidar_jax.config import parse_local_code_roots
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 BUILTIN_DATASETS = ("local_code", "text_files")
@@ -67,7 +69,7 @@ class Corpus:
 class CorpusConfig(tfds.core.BuilderConfig):
   """What a local corpus is built from; the config `name` is a digest of these plus the file stats."""
 
-  source: str = ""  # stdlib root (local_code) or the resolved directory/glob (text_files)
+  source: str = ""  # local_code: "name=dir" roots joined by os.pathsep; text_files: the resolved directory/glob
   validation_fraction: float = 0.02
 
 
@@ -91,6 +93,62 @@ def stdlib_files(source: str) -> list[tuple[str, pathlib.Path]]:
     if not {"site-packages", "dist-packages"} & set(rel.parts) and path.is_file():
       files.append((rel.as_posix(), path))
   return sorted(files)
+
+
+def site_packages_dirs() -> list[str]:
+  """This interpreter's installed-package directories (purelib, platlib), deduplicated, existing."""
+  paths = sysconfig.get_paths()
+  dirs = []
+  for key in ("purelib", "platlib"):
+    d = os.path.realpath(paths[key])
+    if os.path.isdir(d) and d not in dirs:
+      dirs.append(d)
+  return dirs
+
+
+def site_packages_files(dirs: Sequence[str]) -> list[tuple[str, pathlib.Path]]:
+  """("site-packages/<path relative to its dir>", path) of every installed `.py` file, sorted.
+
+  The key starts with the root's name, never with the machine's absolute path, so a file's
+  split (a hash of the key) is the same wherever the packages are installed.
+  """
+  files: dict[str, pathlib.Path] = {}
+  for d in dirs:
+    root = pathlib.Path(d)
+    for path in root.rglob("*.py"):
+      if path.is_file():
+        files.setdefault("site-packages/" + path.relative_to(root).as_posix(), path)
+  return sorted(files.items())
+
+
+def local_code_roots(names: Sequence[str]) -> list[tuple[str, list[str]]]:
+  """(root name, directories) for each named root of this interpreter."""
+  roots = []
+  for name in names:
+    roots.append((name, [sysconfig.get_paths()["stdlib"]] if name == "stdlib" else site_packages_dirs()))
+  return roots
+
+
+def _encode_roots(roots: Sequence[tuple[str, Sequence[str]]]) -> str:
+  return os.pathsep.join(f"{name}={d}" for name, dirs in roots for d in dirs)
+
+
+def local_code_files(source: str) -> list[tuple[str, pathlib.Path]]:
+  """The files of `name=dir` roots joined by os.pathsep (CorpusConfig.source of local_code), sorted.
+
+  stdlib keys are relative to the stdlib (as they have always been: the default corpus, its split
+  and its cached tokenizer are unchanged); site-packages keys carry a "site-packages/" prefix.
+  A bare directory (no "name=") is a stdlib root.
+  """
+  stdlib, site = [], []
+  for entry in source.split(os.pathsep):
+    name, sep, d = entry.partition("=")
+    if not sep:
+      name, d = "stdlib", entry
+    (site if name == "site-packages" else stdlib).append(d)
+  files = [f for d in stdlib for f in stdlib_files(d)]
+  files += site_packages_files(site) if site else []
+  return sorted(dict(files).items())
 
 
 def _glob_base(pattern: str) -> pathlib.Path:
@@ -179,9 +237,10 @@ class _LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class LocalCode(_LocalCorpus):
-  """The running interpreter's standard library `.py` files: a no-network default corpus."""
+  """The running interpreter's standard library `.py` files (and optionally its installed packages'):
+  a no-network default corpus."""
 
-  list_files = staticmethod(stdlib_files)
+  list_files = staticmethod(local_code_files)
 
 
 class TextFiles(_LocalCorpus):
@@ -199,12 +258,28 @@ def _check_fraction(validation_fraction: float) -> None:
     raise ValueError(f"data.validation_fraction={validation_fraction!r}: must lie in (0, 1), e.g. 0.02")
 
 
-def local_code_builder(data_dir: str, validation_fraction: float) -> LocalCode:
-  """The `local_code` builder for this interpreter (its version and stdlib path key the cache)."""
+def local_code_builder(data_dir: str, validation_fraction: float, roots: str = "stdlib") -> LocalCode:
+  """The `local_code` builder for this interpreter (its version, roots and their paths key the cache).
+
+  roots: `data.local_code_roots`. The stdlib alone is keyed by its path and the Python version (its
+  files do not change); with site-packages the size and mtime of every file join the key, so
+  installing or upgrading a package gives a fresh cache entry.
+  """
   _check_fraction(validation_fraction)
-  root = sysconfig.get_paths()["stdlib"]
-  name = f"py{sys.version_info.major}{sys.version_info.minor}-" + _digest(root, sys.version, validation_fraction)
-  config = CorpusConfig(name=name, source=root, validation_fraction=validation_fraction)
+  names = parse_local_code_roots(roots)
+  resolved = local_code_roots(names)
+  version = f"py{sys.version_info.major}{sys.version_info.minor}"
+  if names == ("stdlib",):
+    root = resolved[0][1][0]
+    name = f"{version}-" + _digest(root, sys.version, validation_fraction)  # unchanged: existing caches stay valid
+    source = root
+  else:
+    source = _encode_roots(resolved)
+    stats = [(rel, p.stat().st_size, p.stat().st_mtime_ns) for rel, p in local_code_files(source)
+             if rel.startswith("site-packages/")]
+    name = f"{version}-{'-'.join(n.replace('-', '') for n in names)}-" + _digest(
+        resolved, sys.version, validation_fraction, stats)
+  config = CorpusConfig(name=name, source=source, validation_fraction=validation_fraction)
   return LocalCode(config=config, data_dir=data_dir, file_format="array_record")
 
 
@@ -266,7 +341,8 @@ def prepare(data_cfg: Any) -> Corpus:
   """Prepares (once) and opens the corpus that `config.data` names."""
   data_dir = os.path.expanduser(data_cfg.data_dir)
   if data_cfg.dataset == "local_code":
-    return _prepared(local_code_builder(data_dir, data_cfg.validation_fraction))
+    return _prepared(local_code_builder(data_dir, data_cfg.validation_fraction,
+                                        data_cfg.get("local_code_roots", "stdlib")))
   if data_cfg.dataset == "text_files":
     return _prepared(text_files_builder(data_dir, data_cfg.source, data_cfg.validation_fraction))
   return _registered_tfds(data_cfg.dataset, data_dir, data_cfg.feature_key, data_cfg.validation_fraction)

@@ -92,9 +92,14 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 def make_train_iterator(source: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *, seq_len: int,
                         global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
-                        num_workers: int = 0) -> grain.DatasetIterator:
+                        num_workers: int = 0, window_shuffle: int = 1) -> grain.DatasetIterator:
   """Endless iterator of `{"tokens": int32[local_batch, seq_len]}`; checkpoint it with `get_state()` or
   `grain.checkpoint.CheckpointSave`.
+
+  `window_shuffle` > 1 shuffles packed windows within consecutive groups of that many (a fresh
+  seeded permutation per group): consecutive windows come from the same few documents, so without
+  it a batch holds a handful of files and its gradient is noisy. The group restarts from its first
+  window on restore (re-tokenized), so resume stays exact.
 
   `process_index`/`process_count` default to this process alone; the trainer passes
   `jax.process_index()`/`jax.process_count()`. With `num_workers > 0` each worker packs its own slice
@@ -105,6 +110,8 @@ def make_train_iterator(source: Sequence[Mapping[str, str]], tokenizer: Tokenize
   documents = grain.MapDataset.source(source).shuffle(seed=seed).repeat()  # epoch e: permutation seeded seed+e
   documents = documents[process_index::process_count]  # [documents of this process, endless]
   windows = _packed(documents, tokenizer, seq_len).map(_tokens_only)
+  if window_shuffle > 1:
+    windows = grain.experimental.WindowShuffleIterDataset(windows, window_size=window_shuffle, seed=seed)
   batches = windows.batch(batch, drop_remainder=True)  # tokens: [local_batch, seq_len]
   if num_workers > 0:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
