@@ -57,9 +57,11 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
   return ModelConfig(**fields)
 
 
-def inference_config(name: str, *, dtype: str = "bfloat16", scan_layers: bool | None = None) -> ModelConfig:
-  """Serving shape: weights and compute in `dtype`, no remat."""
-  return model_config(name, dtype=dtype, param_dtype=dtype, remat="none", scan_layers=scan_layers)
+def inference_config(name: str, *, dtype: str = "bfloat16", scan_layers: bool | None = None,
+                     attention: str | None = None) -> ModelConfig:
+  """Serving shape: weights and compute in `dtype`, no remat (attention: override model.attention)."""
+  return model_config(name, dtype=dtype, param_dtype=dtype, remat="none", scan_layers=scan_layers,
+                      attention=attention)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, on_host: bool = False) -> Any:

@@ -141,20 +141,21 @@ LAST_AR_TOKENS: dict[tuple, np.ndarray] = {}
 def run_grid(rec: common.Recorder, *, models: list[str], batches: list[int], kvs: list[int], blocks: list[int],
              max_new_tokens: int, reps: int, scan_layers: bool | None, dtype: str, deadline: common.Deadline,
              bw_GBps: float, matmul_TFLOPs: float | None, verify_beta: float | None = None,
-             on_host: bool = False, on_config=None) -> None:
+             on_host: bool = False, on_config=None, attention: str | None = None) -> None:
   """Measures every (model, batch, kv, block) in priority order: AR first in each group (its tokens
   force the TiDAR drafts; TiDAR ratios are to it)."""
   for name in models:
-    cfg = common.inference_config(name, dtype=dtype, scan_layers=scan_layers)
+    cfg = common.inference_config(name, dtype=dtype, scan_layers=scan_layers, attention=attention)
     params = common.get_params(cfg, on_host=on_host)
     for batch in batches:
       for kv in kvs:
         max_len = common.cache_slots(kv, max_new_tokens, blocks)
-        group = (name, batch, kv, cfg.scan_layers)
+        group = (name, batch, kv, cfg.scan_layers, cfg.attention)
         ar_ms, ar_tokens = LAST_AR.get(group, (None, None))
         order = ([0] if 0 in blocks else []) + [k for k in blocks if k != 0]
         for k in order:
-          label = dict(model=name, batch=batch, kv=kv, block_size=k, scan_layers=cfg.scan_layers)
+          label = dict(model=name, batch=batch, kv=kv, block_size=k, scan_layers=cfg.scan_layers,
+                       attention=cfg.attention)
           if deadline.spent():
             rec.add({**label, "skipped": "time budget"})
             continue
@@ -211,17 +212,22 @@ def _step_name(r: dict[str, Any]) -> str:
   return f"k={r['block_size']}" + (f" (β={beta:g})" if beta is not None else "")
 
 
+def _layers_name(r: dict[str, Any]) -> str:
+  name = "scan" if r.get("scan_layers", True) else "unrolled"
+  return name + (f", {r['attention']}" if r.get("attention") not in (None, "auto") else "")
+
+
 def render(result: dict[str, Any]) -> str:
   meta = result["meta"]
   rows = []
   for r in result["records"]:
     if "ms_per_step" not in r:
       rows.append([r["model"], r["batch"], r["kv"], _step_name(r),
-                   "scan" if r.get("scan_layers", True) else "unrolled", r.get("skipped") or r.get("error", "")[:60],
+                   _layers_name(r), r.get("skipped") or r.get("error", "")[:60],
                    None, None, None, None, None, None])
       continue
     rows.append([r["model"], r["batch"], r["kv"], _step_name(r),
-                 "scan" if r.get("scan_layers", True) else "unrolled", r["tokens_fed_per_step"],
+                 _layers_name(r), r["tokens_fed_per_step"],
                  round(r["ms_per_step"], 3), round(r["roofline_ms"], 3),
                  f"{r['pct_of_roofline'] or float('nan'):.0f}%", round(r.get("compute_floor_ms", float("nan")), 3),
                  f"{r['ratio_to_ar']:.2f}" if "ratio_to_ar" in r else "", f"{r['tokens_per_step']:.2f}"])
@@ -250,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--unroll", action="store_true", help="scan_layers=False (fully unrolled layers)")
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--attention", default=None, help="override model.attention (dense|cudnn|auto)")
   p.add_argument("--verify-beta", type=float, default=None)
   p.add_argument("--budget-s", type=float, default=0, help="soft time budget; later configs are skipped")
   p.add_argument("--no-ceilings", action="store_true", help="skip the bandwidth/matmul measurements")
@@ -285,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              blocks=parse_ints(args.blocks), max_new_tokens=args.new_tokens, reps=args.reps,
              scan_layers=False if args.unroll else None, dtype=args.dtype,
              deadline=common.Deadline(args.budget_s), bw_GBps=bw, matmul_TFLOPs=mm,
-             verify_beta=args.verify_beta, on_host=args.smoke)
+             verify_beta=args.verify_beta, on_host=args.smoke, attention=args.attention)
     result = rec.result
   text = render(result)
   print(text)
