@@ -68,6 +68,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_RE = re.compile(r"^(ar|tidar)(\d*)$")
 RESULT_FILE = "result.json"
 RESULTS_MD = "RESULTS.md"
+NOTES_MD = "NOTES.md"  # optional, hand-written: rendered into RESULTS.md
 
 # --smoke (the CI check of this script): a model and corpus small enough to train, evaluate and decode
 # on 2 CPU cores in about a minute, most of it compilation.
@@ -884,6 +885,10 @@ def render(out_dir: str, with_plots: bool = True) -> str:
                f"batch 1 | {verdict(max(sp) >= 3.0)} |")
     if t:
       lines += ["## Issue 8 targets", "", "| target | measured | |", "|---|---|---|", *t, ""]
+  notes = os.path.join(out_dir, NOTES_MD)
+  if os.path.exists(notes):  # the person who ran it explains the numbers; kept across re-renders
+    with open(notes) as f:
+      lines += ["## Reading the numbers", "", f.read().strip(), ""]
 
   # Acceptance histograms.
   hist_lines = []
