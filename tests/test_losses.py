@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from tidar_jax import losses
+from tidar_jax import attention, losses, masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.model import Transformer, init_params
 
@@ -59,33 +59,38 @@ def test_ar_objective_is_plain_next_token_loss():
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
-def test_tidar_loss_gradients_finite_and_nonzero():
-  params = init_params(CFG, jax.random.key(0))
-  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 39)
-
-  def f(p):
-    return losses.compute_loss(CFG, p, tokens, None, mask_id=39, objective="tidar",
-                               block_size=4, alpha=1.0)
-
-  (loss, m), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
-  leaves = jax.tree.leaves(grads)
-  assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in leaves)
-  assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
-  # near-uniform init: both halves start close to log(V)
-  assert abs(float(m["ar_loss"]) - np.log(40)) < 0.5 and abs(float(m["diffusion_loss"]) - np.log(40)) < 0.5
-
-
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, num_kv_heads=4, qk_norm=True, qkv_bias=True)],
-                         ids=["gqa", "mha_qknorm_bias"])
-def test_structured_attention_equals_dense_training_mask(cfg, block_size):
-  """The block-by-block training attention gives the dense-mask loss and gradients: an off-by-one in
-  the prefix or the own-block extent would change the mask half's outputs."""
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_structured_attention_equals_dense_training_mask(kv_heads, block_size):
+  """Block-by-block training attention == attention under the dense [2L, 2L] training mask, values
+  and gradients: an off-by-one in the prefix or the own-block extent changes the mask half."""
+  B, L, H, D = 2, 16, 4, 8
+  q, k, v = (jax.random.normal(jax.random.key(i), (B, 2 * L, h, D)) for i, h in enumerate((H, kv_heads, kv_heads)))
+  mask = jnp.broadcast_to(jnp.asarray(masks.training_mask(L, block_size)), (B, 2 * L, 2 * L))
+
+  def structured(q, k, v):
+    return attention.tidar_training_attention(q, k, v, block_size, "dense")
+
+  def dense(q, k, v):
+    return attention.dot_product_attention(q, k, v, mask)
+
+  cotangent = jax.random.normal(jax.random.key(9), (B, 2 * L, H, D))
+  out_s, vjp_s = jax.vjp(jax.jit(structured), q, k, v)
+  out_d, vjp_d = jax.vjp(jax.jit(dense), q, k, v)
+  np.testing.assert_allclose(out_s, out_d, atol=1e-6)
+  for a, b in zip(vjp_s(cotangent), vjp_d(cotangent)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_structured_model_loss_and_gradients_equal_the_dense_mask():
+  """The whole TiDAR loss through the model (qk-norm, QKV bias) with structured attention == with the
+  dense training mask; gradients finite and nonzero."""
+  cfg = dataclasses.replace(CFG, num_kv_heads=4, qk_norm=True, qkv_bias=True)
   params = init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 39)
 
   def f(p, structured):
-    return losses.compute_loss(cfg, p, tokens, None, mask_id=39, objective="tidar", block_size=block_size,
+    return losses.compute_loss(cfg, p, tokens, None, mask_id=39, objective="tidar", block_size=4,
                                alpha=1.0, structured_attention=structured)
 
   grad = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)
@@ -95,6 +100,11 @@ def test_structured_attention_equals_dense_training_mask(cfg, block_size):
   np.testing.assert_allclose(m_s["diffusion_loss"], m_d["diffusion_loss"], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_d)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  leaves = jax.tree.leaves(g_s)
+  assert np.isfinite(float(loss_s)) and all(np.isfinite(np.asarray(g)).all() for g in leaves)
+  assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+  # near-uniform init: both halves start close to log(V)
+  assert abs(float(m_s["ar_loss"]) - np.log(40)) < 0.5 and abs(float(m_s["diffusion_loss"]) - np.log(40)) < 0.5
 
 
 def test_structured_model_rejects_a_mask():
