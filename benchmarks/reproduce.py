@@ -714,6 +714,14 @@ def plot(results: list[dict[str, Any]], summaries: list[dict[str, Any]], out_dir
   import matplotlib.pyplot as plt
 
   written = []
+
+  def save(fig, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
   # Loss curves: training AR loss (and TiDAR's diffusion loss) vs clean tokens; validation AR NLL.
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for r in results:
@@ -739,11 +747,7 @@ def plot(results: list[dict[str, Any]], summaries: list[dict[str, Any]], out_dir
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = os.path.join(out_dir, "loss_curves.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  written.append(path)
+  written.append(save(fig, "loss_curves.png"))
 
   tidar = [s for s in summaries if s["objective"] == "tidar"]
   fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -759,11 +763,7 @@ def plot(results: list[dict[str, Any]], summaries: list[dict[str, Any]], out_dir
   ax.set(xlabel="block size k", ylabel="tokens per forward (T/NFE)", title="T/NFE vs block size (held-out prompts)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = os.path.join(out_dir, "tnfe_vs_block.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  written.append(path)
+  written.append(save(fig, "tnfe_vs_block.png"))
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   labels, groups = [], []
@@ -784,11 +784,7 @@ def plot(results: list[dict[str, Any]], summaries: list[dict[str, Any]], out_dir
   ax.set(ylabel="generated tokens/s (greedy)", title="decoding throughput, same model")
   ax.grid(alpha=0.3, axis="y")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = os.path.join(out_dir, "tokens_per_s.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  written.append(path)
+  written.append(save(fig, "tokens_per_s.png"))
   return written
 
 

@@ -13,7 +13,13 @@ from tidar_jax import masks
 
 # A large finite negative instead of -inf: a fully masked query row (padding) gives a uniform
 # softmax instead of NaNs that would poison gradients through `where`.
-_MASKED = -1e30
+MASKED = -1e30
+
+
+def auto_implementation(dtype) -> str:
+  """`attention="auto"`: cuDNN on a GPU in 16-bit dtypes (its flash kernels), else the dense einsum."""
+  on_gpu = jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if on_gpu else "dense"
 
 
 def dot_product_attention(
@@ -28,8 +34,7 @@ def dot_product_attention(
     tidar_block: int = 0,  # > 0: q/k/v are the TiDAR training sequence; `mask` is unused (None)
 ) -> jax.Array:  # [batch, q_len, heads, head_dim]
   if implementation == "auto":
-    on_gpu = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    implementation = "cudnn" if on_gpu else "dense"
+    implementation = auto_implementation(q.dtype)
   if tidar_block:
     return tidar_training_attention(q, k, v, tidar_block, implementation)
   if implementation == "cudnn" and cache_k is None:
@@ -45,11 +50,11 @@ def _dense_attention(q, k, v, mask, cache_k, cache_v, cache_lengths):
   q_BQKGD = q.reshape(B, Q, Hkv, H // Hkv, D)
   scale = D**-0.5
   s_BKGQS = jnp.einsum("bqkgd,bskd->bkgqs", q_BQKGD, k, preferred_element_type=jnp.float32) * scale
-  s_BKGQS = jnp.where(mask[:, None, None, :, :], s_BKGQS, _MASKED)
+  s_BKGQS = jnp.where(mask[:, None, None, :, :], s_BKGQS, MASKED)
   S = cache_k.shape[1]
   c_BKGQC = jnp.einsum("bqkgd,bckd->bkgqc", q_BQKGD, cache_k, preferred_element_type=jnp.float32) * scale
   valid_BC = jnp.arange(S)[None, :] < cache_lengths[:, None]  # [batch, max_len]
-  c_BKGQC = jnp.where(valid_BC[:, None, None, None, :], c_BKGQC, _MASKED)
+  c_BKGQC = jnp.where(valid_BC[:, None, None, None, :], c_BKGQC, MASKED)
   p_all = jax.nn.softmax(jnp.concatenate([c_BKGQC, s_BKGQS], axis=-1), axis=-1)
   p_cache, p_new = p_all[..., :S], p_all[..., S:]
   out = (jnp.einsum("bkgqc,bckd->bqkgd", p_cache.astype(cache_v.dtype), cache_v)
@@ -71,7 +76,7 @@ def tidar_training_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_siz
 
   The clean half attends causally to the clean half (a causal kernel, no mask array). A mask token
   of block b attends to the clean prefix before its block plus its own block, jointly softmaxed:
-  [L, L + k] scores instead of [L, 2L]. Equal to the dense masked attention (tests/test_attention.py).
+  [L, L + k] scores instead of [L, 2L]. Equal to the dense masked attention (tests/test_losses.py).
   """
   B, Q, H, D = q.shape
   L = Q // 2
@@ -89,9 +94,9 @@ def tidar_training_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_siz
   vm = v[:, L:].reshape(B, nb, kb, Hkv, D)
   scale = D**-0.5
   s_pre = jnp.einsum("bnqhgd,bshd->bhgnqs", qm, k[:, :L], preferred_element_type=jnp.float32) * scale
-  s_pre = jnp.where(jnp.asarray(prefix)[None, None, None, :, None, :], s_pre, _MASKED)  # [B, Hkv, G, nb, k, L]
+  s_pre = jnp.where(jnp.asarray(prefix)[None, None, None, :, None, :], s_pre, MASKED)  # [B, Hkv, G, nb, k, L]
   s_own = jnp.einsum("bnqhgd,bnshd->bhgnqs", qm, km, preferred_element_type=jnp.float32) * scale
-  s_own = jnp.where(jnp.asarray(own)[None, None, None, None], s_own, _MASKED)  # [B, Hkv, G, nb, k, k]
+  s_own = jnp.where(jnp.asarray(own)[None, None, None, None], s_own, MASKED)  # [B, Hkv, G, nb, k, k]
   p = jax.nn.softmax(jnp.concatenate([s_pre, s_own], axis=-1), axis=-1)
   out = (jnp.einsum("bhgnqs,bshd->bnqhgd", p[..., :L].astype(v.dtype), v[:, :L])
          + jnp.einsum("bhgnqs,bnshd->bnqhgd", p[..., L:].astype(v.dtype), vm))

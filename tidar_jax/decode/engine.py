@@ -23,12 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tidar_jax.attention import MASKED, auto_implementation
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
 from tidar_jax.model import rms_norm, rope
-
-# As attention.py: a large finite negative, so a fully masked row is uniform instead of NaN.
-_MASKED = -1e30
 
 
 class LayerWeights(NamedTuple):
@@ -98,12 +96,9 @@ def step_attention_mask(cache: KVCache, step_mask: np.ndarray) -> jax.Array:
 def attention_kernel(setting: str, dtype: Any) -> str:
   """cfg.attention -> "dense" or "cudnn": as attention.py, "auto" is cuDNN on a GPU in 16-bit
   dtypes; off the GPU it is always the dense einsum (cuDNN has no CPU kernel)."""
-  on_gpu = jax.default_backend() == "gpu"
-  if setting == "cudnn" and on_gpu:
-    return "cudnn"
-  if setting == "auto" and on_gpu and dtype in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
-  return "dense"
+  if setting == "auto":
+    return auto_implementation(dtype)
+  return "cudnn" if setting == "cudnn" and jax.default_backend() == "gpu" else "dense"
 
 
 def _attend(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, mask: jax.Array, kernel: str) -> jax.Array:
@@ -115,7 +110,7 @@ def _attend(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, mask: jax.Array, k
   Hkv = k_buf.shape[2]
   q_BTKGD = q.reshape(B, T, Hkv, H // Hkv, D)
   s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_buf, preferred_element_type=jnp.float32) * D**-0.5
-  s_BKGTS = jnp.where(mask[:, None, None], s_BKGTS, _MASKED)
+  s_BKGTS = jnp.where(mask[:, None, None], s_BKGTS, MASKED)
   p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_buf.dtype)
   return jnp.einsum("bkgts,bskd->btkgd", p_BKGTS, v_buf).reshape(B, T, H, D)
 
