@@ -82,3 +82,12 @@ def test_flop_and_byte_counts():
   # Decode flops grow with the tokens fed: a k=16 step feeds 272 tokens.
   c = common.model_config("1p5b")
   assert common.decode_step_flops(c, 1, 16, 100) > 200 * common.decode_step_flops(c, 1, 0, 100)
+
+
+def test_step_attention(out):
+  from benchmarks import step_attention
+  result = run(step_attention, out, "step_attention")
+  recs = [r for r in result["records"] if "us_per_layer" in r]
+  assert {r["block_size"] for r in recs} == {0, 2} and all(r["us_per_layer"] > 0 for r in recs)
+  split = [r for r in recs if r["variant"].startswith("split-KV")]
+  assert split and all(r["max_abs_err_layer0_vs_dense"] < 0.05 for r in split)  # bf16 rounding only

@@ -1,7 +1,8 @@
 """The decode engine (fused per-layer weights, write-then-attend per-layer cache) computes what the
 model computes: `engine.forward` over a cache == `Transformer.apply`'s uncached forward over the
 whole sequence, in fp32, for the Qwen2.5 (QKV bias, tied head) and Qwen3 (qk-norm, untied head)
-layouts with GQA, ragged per-row cache lengths, stale slots, and the AR and TiDAR step masks.
+layouts with GQA, ragged per-row cache lengths, stale slots, and the AR and TiDAR step masks, with
+the dense step attention and the split-KV Pallas kernel (interpreted here; what "auto" picks on GPU).
 """
 
 import flax.linen as nn
@@ -71,9 +72,10 @@ def reference(params, cfg: ModelConfig, prefix: np.ndarray, new: np.ndarray, ste
   return hidden, kv
 
 
+@pytest.mark.parametrize("attention", ["dense", "split_kv"])
 @pytest.mark.parametrize("step", list(STEP_MASKS))
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_forward_over_the_cache_equals_the_uncached_model(name, step):
+def test_forward_over_the_cache_equals_the_uncached_model(name, step, attention):
   cfg = CONFIGS[name]
   params = random_params(cfg)
   step_mask, offsets = STEP_MASKS[step], step_offsets(step)
@@ -94,7 +96,7 @@ def test_forward_over_the_cache_equals_the_uncached_model(name, step):
   @jax.jit
   def step_fn(params, cache):
     w = engine.prepare_weights(params, cfg)
-    hidden, written = engine.forward(w, cfg, cache, new, positions, step_mask)
+    hidden, written = engine.forward(w, cfg, cache, new, positions, step_mask, attention)
     return hidden, engine.logits(w, hidden), written
 
   hidden, logits, written = step_fn(params, cache)

@@ -9,9 +9,11 @@ where the time goes"). Here, with the same weights and math (tests/test_decode_e
     loop is unrolled and reads them in place), q/k/v fused into one matmul, gate/up into one;
   * `forward` first writes the step's T new keys/values into each layer's own cache buffer at every
     row's slots lengths[b] .. lengths[b] + T - 1 (in place), then runs ONE attention of the T
-    queries over all max_len slots with a per-row mask: the committed slots plus the step's static
-    [T, T] mask among its own tokens. `lengths` is left to the caller, who commits only what it
-    accepted (the rest is overwritten next step).
+    queries over the cache: each sees the row's committed slots plus the step tokens its static
+    [T, T] step mask allows. On a GPU that is the split-KV Pallas kernel
+    (`split_kv_attention.py`), which splits the keys across programs; cuDNN and the dense einsum
+    read a per-row [T, max_len] mask instead. `lengths` is left to the caller, who commits only
+    what it accepted (the rest is overwritten next step).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 from tidar_jax.attention import MASKED, auto_implementation
 from tidar_jax.config import ModelConfig
+from tidar_jax.decode import split_kv_attention
 from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
 from tidar_jax.model import rms_norm, rope
 
@@ -93,17 +96,37 @@ def step_attention_mask(cache: KVCache, step_mask: np.ndarray) -> jax.Array:
   return valid_slots(cache)[:, None, :] | jax.vmap(own_slots)(cache.lengths)
 
 
-def attention_kernel(setting: str, dtype: Any) -> str:
-  """cfg.attention -> "dense" or "cudnn": as attention.py, "auto" is cuDNN on a GPU in 16-bit
-  dtypes; off the GPU it is always the dense einsum (cuDNN has no CPU kernel)."""
+KERNELS = ("dense", "cudnn", "split_kv")
+
+
+# "auto" takes the split-KV kernel for steps of 2..SPLIT_KV_MAX_ROWS tokens over the whole batch.
+# Measured per layer at 1.5B on an H100 (BENCHMARKS.md `step_attention`): it beats cuDNN where
+# cuDNN's (batch x heads x query tiles) grid leaves SMs idle -- batch 1 TiDAR k=4/8/16, batch 8
+# k=4 -- and loses at a 1-token AR step and at batch 8 x k >= 8, where cuDNN's grid is full.
+SPLIT_KV_MAX_ROWS = 288
+
+
+def attention_kernel(setting: str, dtype: Any, step_mask: np.ndarray, max_len: int, batch: int) -> str:
+  """cfg.attention -> the step attention: "auto" is, on a GPU in 16-bit dtypes, the split-KV kernel
+  where it applies (the step mask has an interval form, max_len % 16 == 0) and pays (1 < T and
+  batch x T <= SPLIT_KV_MAX_ROWS), cuDNN otherwise; off the GPU it is always the dense einsum
+  (cuDNN has no CPU kernel; Triton neither)."""
   if setting == "auto":
+    T = step_mask.shape[0]
+    if (auto_implementation(dtype) == "cudnn" and 1 < T and batch * T <= SPLIT_KV_MAX_ROWS
+        and split_kv_attention.supported(step_mask, max_len)):
+      return "split_kv"
     return auto_implementation(dtype)
   return "cudnn" if setting == "cudnn" and jax.default_backend() == "gpu" else "dense"
 
 
-def _attend(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, mask: jax.Array, kernel: str) -> jax.Array:
-  """q [batch, T, heads, head_dim] over the cache [batch, max_len, kv_heads, head_dim] (GQA) with
-  mask [batch, T, max_len] -> [batch, T, heads, head_dim]."""
+def _attend(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, lengths: jax.Array, step_mask: np.ndarray,
+            mask: jax.Array | None, kernel: str) -> jax.Array:
+  """q [batch, T, heads, head_dim] over the cache [batch, max_len, kv_heads, head_dim] (GQA) ->
+  [batch, T, heads, head_dim]. mask [batch, T, max_len] (`step_attention_mask`) for cuDNN and
+  dense; the split-KV kernel derives it from lengths and step_mask itself (mask None)."""
+  if kernel == "split_kv":
+    return split_kv_attention.step_attention(q, k_buf, v_buf, lengths, step_mask)
   if kernel == "cudnn":
     return jax.nn.dot_product_attention(q, k_buf, v_buf, mask=mask[:, None], implementation="cudnn")
   B, T, H, D = q.shape
@@ -115,13 +138,29 @@ def _attend(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, mask: jax.Array, k
   return jnp.einsum("bkgts,bskd->btkgd", p_BKGTS, v_buf).reshape(B, T, H, D)
 
 
+# A matmul of fewer rows than this is padded to this many. At batch 1 XLA lowers a 1-row matmul to
+# a GEMV fusion that streams the weights at ~270 GB/s (q/k/v/o) to ~1.6 TB/s (MLP) on an H100; at
+# 16 rows it autotunes a GEMM kernel that streams them at ~440 GB/s to ~1.7 TB/s (BENCHMARKS.md,
+# "AR step matmuls"). The padded rows cost no extra weight reads.
+MIN_MATMUL_ROWS = 16
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., d_in] @ w [d_in, d_out], padding the rows (all leading axes) up to MIN_MATMUL_ROWS."""
+  lead, rows = x.shape[:-1], int(np.prod(x.shape[:-1]))
+  if rows >= MIN_MATMUL_ROWS:
+    return x @ w
+  x2 = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, MIN_MATMUL_ROWS - rows), (0, 0)))
+  return (x2 @ w)[:rows].reshape(*lead, w.shape[-1])
+
+
 def _qkv(lw: LayerWeights, cfg: ModelConfig, h: jax.Array, positions: jax.Array
          ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Normed input [batch, T, d_model] -> q [batch, T, heads, head_dim], k, v [batch, T, kv_heads,
   head_dim], with qk-norm and RoPE applied as in the model."""
   B, T, _ = h.shape
   H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  qkv = h @ lw.wqkv  # [batch, T, (H + 2 Hkv) D]: one matmul instead of three
+  qkv = _matmul(h, lw.wqkv)  # [batch, T, (H + 2 Hkv) D]: one matmul instead of three
   if lw.bqkv is not None:
     qkv = qkv + lw.bqkv[None, None, :]
   q, k, v = jnp.split(qkv, [H * D, (H + Hkv) * D], axis=-1)
@@ -133,7 +172,7 @@ def _qkv(lw: LayerWeights, cfg: ModelConfig, h: jax.Array, positions: jax.Array
 
 
 def _layer(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array, k_buf: jax.Array,
-           v_buf: jax.Array, lengths: jax.Array, mask: jax.Array, kernel: str
+           v_buf: jax.Array, lengths: jax.Array, step_mask: np.ndarray, mask: jax.Array | None, kernel: str
            ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One pre-norm block over x [batch, T, d_model]; returns (x, k_buf, v_buf) with the T new
   keys/values written at slots lengths[b] .. + T - 1."""
@@ -146,19 +185,19 @@ def _layer(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Arra
   with jax.named_scope("cache_write"):  # before attending: the new tokens are read from the cache
     k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
   with jax.named_scope("attn/core"):
-    out = _attend(q, k_buf, v_buf, mask, kernel)  # [batch, T, heads, head_dim]
+    out = _attend(q, k_buf, v_buf, lengths, step_mask, mask, kernel)  # [batch, T, heads, head_dim]
   with jax.named_scope("attn/o"):
-    x = x + out.reshape(B, T, -1) @ lw.wo
+    x = x + _matmul(out.reshape(B, T, -1), lw.wo)
   with jax.named_scope("mlp_norm"):
     h = rms_norm(x, lw.mlp_norm, cfg.norm_eps, dt)
   with jax.named_scope("mlp"):
-    gate, up = jnp.split(h @ lw.wgu, 2, axis=-1)  # [batch, T, mlp_dim] each: one matmul instead of two
-    x = x + (jax.nn.silu(gate) * up) @ lw.wd
+    gate, up = jnp.split(_matmul(h, lw.wgu), 2, axis=-1)  # [batch, T, mlp_dim] each: one matmul instead of two
+    x = x + _matmul(jax.nn.silu(gate) * up, lw.wd)
   return x, k_buf, v_buf
 
 
 def forward(w: DecodeWeights, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-            step_mask: np.ndarray) -> tuple[jax.Array, KVCache]:
+            step_mask: np.ndarray, attention: str | None = None) -> tuple[jax.Array, KVCache]:
   """One decode step over T new tokens per row.
 
   tokens, positions: [batch, T]. step_mask: [T, T] static numpy, which new tokens each new token
@@ -166,13 +205,18 @@ def forward(w: DecodeWeights, cfg: ModelConfig, cache: KVCache, tokens: jax.Arra
   committed slots. Returns (final-normed hidden [batch, T, d_model], the cache with every layer's
   T new keys/values written at slots lengths[b] .. lengths[b] + T - 1 and `lengths` unchanged).
   The caller guarantees lengths + T <= max_len (the host check of `loop.check_request`).
+  `attention`: one of KERNELS, overriding cfg.attention's choice (tests run the split-KV kernel
+  interpreted on CPU this way).
   """
-  mask = step_attention_mask(cache, step_mask)  # [batch, T, max_len], shared by all layers
-  kernel = attention_kernel(cfg.attention, cfg.compute_dtype)
+  kernel = attention or attention_kernel(cfg.attention, cfg.compute_dtype, step_mask, cache.max_len,
+                                         tokens.shape[0])
+  if kernel not in KERNELS:
+    raise ValueError(f"attention={kernel!r}: use one of {list(KERNELS)}")
+  mask = None if kernel == "split_kv" else step_attention_mask(cache, step_mask)  # [batch, T, max_len]
   x = jnp.take(w.embed, tokens, axis=0)  # [batch, T, d_model]
   new_k, new_v = [], []
   for lw, k_buf, v_buf in zip(w.layers, cache.k, cache.v):  # unrolled: each layer reads its own arrays
-    x, k_buf, v_buf = _layer(lw, cfg, x, positions, k_buf, v_buf, cache.lengths, mask, kernel)
+    x, k_buf, v_buf = _layer(lw, cfg, x, positions, k_buf, v_buf, cache.lengths, step_mask, mask, kernel)
     new_k.append(k_buf)
     new_v.append(v_buf)
   with jax.named_scope("final_norm"):

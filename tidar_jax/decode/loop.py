@@ -22,6 +22,10 @@ from tidar_jax.decode.sampling import SamplingParams
 
 PAD_TOKEN = -1  # fills `tokens` past each row's length (never a real id)
 MIN_BUCKET = 16  # shortest compiled prompt width
+# The cache is allocated with max_len rounded up to a multiple of this many slots, so the split-KV
+# step attention's 128-slot key blocks tile it (`decode/split_kv_attention.py`: at 16-slot blocks
+# it is several times slower); slots past max_len are never written or read.
+CACHE_ALIGN = 128
 
 
 class DecodeStats(NamedTuple):
@@ -43,7 +47,7 @@ class Request:
   prompts: np.ndarray  # [batch, bucket] int32, right-padded with 0
   lengths: np.ndarray  # [batch] int32
   keys: jax.Array  # [batch] typed PRNG keys, one per row
-  max_len: int  # cache slots
+  max_len: int  # cache slots: the requested max_len rounded up to a multiple of CACHE_ALIGN
 
 
 def bucket_length(longest: int, limit: int) -> int:
@@ -122,7 +126,8 @@ def check_request(cfg: ModelConfig, prompts: Any, prompt_lengths: Any, *, max_ne
   width = min(prompts.shape[1], bucket)
   padded = np.zeros((batch, bucket), np.int32)
   padded[:, :width] = np.where(real, prompts, 0)[:, :width]
-  return Request(padded, lengths.astype(np.int32), row_keys(key, batch), int(max_len))
+  slots = -(-int(max_len) // CACHE_ALIGN) * CACHE_ALIGN  # never read past max_len: same tokens
+  return Request(padded, lengths.astype(np.int32), row_keys(key, batch), slots)
 
 
 def row_keys(key: Any, batch: int) -> jax.Array:

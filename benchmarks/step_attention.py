@@ -1,0 +1,179 @@
+"""The decode step's attention alone: T step queries over a per-layer KV cache, every layer of a
+model (distinct buffers, so the cache streams from HBM as in a real step, not from L2), chained
+through the output. Compares cuDNN with the step's boolean mask, XLA's dense einsum, and the
+split-KV Pallas kernel (`tidar_jax/decode/split_kv_attention.py`) at its default tiling and a
+sweep of row tiles / key splits / warps; each kernel's output is checked against the dense one.
+
+    python -m benchmarks.step_attention --model 1p5b --batch 1,8 --kv 2048,8192 --blocks 0,4,8,16 --out att.json
+    python -m benchmarks.step_attention --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from tidar_jax import masks
+from tidar_jax.decode import engine, loop, split_kv_attention
+from tidar_jax.decode.cache import KVCache
+
+
+def step_mask(block: int) -> np.ndarray:
+  return np.ones((1, 1), bool) if block == 0 else masks.decode_step_mask(block)
+
+
+def make_case(cfg, batch: int, kv: int, block: int, layers: int, seed: int = 0):
+  """Random bf16 q and `layers` caches of `kv` committed slots (+ the step's own), max_len aligned
+  as the decode loop's default."""
+  T = loop.step_tokens(block)
+  max_len = -(-(kv + T) // loop.CACHE_ALIGN) * loop.CACHE_ALIGN
+  key = jax.random.key(seed)
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  ks = [jax.random.normal(jax.random.fold_in(key, 2 * i), shape, jnp.bfloat16) for i in range(layers)]
+  vs = [jax.random.normal(jax.random.fold_in(key, 2 * i + 1), shape, jnp.bfloat16) for i in range(layers)]
+  q = jax.random.normal(jax.random.fold_in(key, 2 * layers), (batch, T, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+  lengths = jnp.full((batch,), kv, jnp.int32)
+  return q, tuple(ks), tuple(vs), lengths
+
+
+def chained(kernel: str, mask_np: np.ndarray, **kw):
+  """jit: every layer's attention in turn, layer i's output is layer i+1's queries."""
+
+  @jax.jit
+  def f(q, ks, vs, lengths):
+    mask = None
+    if kernel != "split_kv":  # built once per step and shared by the layers, as in the engine
+      mask = engine.step_attention_mask(KVCache(ks, vs, lengths), mask_np)
+    outs = []
+    for k_buf, v_buf in zip(ks, vs):
+      if kernel == "split_kv":
+        o = split_kv_attention.step_attention(q, k_buf, v_buf, lengths, mask_np, **kw)
+      else:
+        o = engine._attend(q, k_buf, v_buf, lengths, mask_np, mask, kernel)
+      outs.append(o)
+      q = o
+    return jnp.stack(outs)  # [layers, batch, T, heads, head_dim]
+
+  return f
+
+
+def variants(on_gpu: bool, T: int, group: int, sweep: bool) -> list[tuple[str, str, dict[str, Any]]]:
+  out = [("dense (XLA einsum)", "dense", {})]
+  if on_gpu:
+    out.insert(0, ("cuDNN, boolean mask (before)", "cudnn", {}))
+  out.append(("split-KV Pallas, default tiling", "split_kv", {}))
+  if sweep and on_gpu:
+    rows = T * group
+    out.append(("split-KV default tiling, 8 warps", "split_kv", dict(num_warps=8)))
+    for tile in ((16, 32) if rows <= 32 else (32, 64, 128)):
+      for splits in (2, 4, 8, 16):
+        out.append((f"split-KV tile {tile} splits {splits}", "split_kv", dict(row_tile=tile, splits=splits)))
+  return out
+
+
+def run(rec: common.Recorder, cfg, model: str, batches, kvs, blocks, layers: int, reps: int, sweep_batch1: bool,
+        deadline: common.Deadline) -> None:
+  on_gpu = jax.default_backend() == "gpu"
+  group = cfg.num_heads // cfg.num_kv_heads
+  for batch in batches:
+    for kv in kvs:
+      for block in blocks:
+        m = step_mask(block)
+        args = make_case(cfg, batch, kv, block, layers)
+        ref = None
+        for name, kernel, kw in variants(on_gpu, m.shape[0], group, sweep_batch1 and batch == 1):
+          label = {"model": model, "batch": batch, "kv": kv, "block_size": block, "tokens": m.shape[0],
+                   "layers": layers, "variant": name, **kw}
+          if kernel == "split_kv":
+            label["tile"], label["splits"] = split_kv_attention.tiling(
+                batch, m.shape[0], cfg.num_heads, cfg.num_kv_heads, args[1][0].shape[1],
+                kw.get("row_tile", 0), kw.get("splits", 0))
+          if deadline.spent():
+            rec.add({**label, "skipped": "time budget"})
+            continue
+          try:
+            f = chained(kernel, m, **kw)
+            out = jax.block_until_ready(f(*args))
+            times = common.time_calls(lambda: f(*args), reps, warmup=1)
+          except Exception as e:  # noqa: BLE001  (a tiling Triton refuses is recorded, not fatal)
+            rec.add({**label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"[step_attention] {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+          if kernel == "dense":
+            ref = out
+          err = None if ref is None else float(jnp.max(jnp.abs(out[:1].astype(jnp.float32) - ref[:1].astype(jnp.float32))))
+          us = statistics.median(times) / layers * 1e6
+          rec.add({**label, "us_per_layer": us, "max_abs_err_layer0_vs_dense": err})
+          print(f"[step_attention] B={batch} kv={kv} k={block} {name}: {us:.1f} us/layer err {err}", flush=True)
+        del args
+
+
+def render(result: dict[str, Any]) -> str:
+  meta = result["meta"]
+  best: dict[tuple, float] = {}
+  for r in result["records"]:
+    if "us_per_layer" in r and r["variant"].startswith("split-KV"):
+      key = (r["batch"], r["kv"], r["block_size"])
+      best[key] = min(best.get(key, float("inf")), r["us_per_layer"])
+  rows = []
+  for r in result["records"]:
+    key = (r["batch"], r["kv"], r["block_size"])
+    val = round(r["us_per_layer"], 1) if "us_per_layer" in r else (r.get("error") or r.get("skipped", ""))[:60]
+    if "us_per_layer" in r and r["variant"].startswith("split-KV") and "default" not in r["variant"] \
+        and r["us_per_layer"] > best[key] * 1.3:
+      continue  # the sweep's slow corners: kept in the JSON, left out of the table
+    err = r.get("max_abs_err_layer0_vs_dense")
+    name = r["variant"] + (f" ({r['tile']} rows, {r['splits']} splits)" if "default" in r["variant"] else "")
+    rows.append([r["batch"], r["kv"], "AR" if r["block_size"] == 0 else f"k={r['block_size']}", r["tokens"],
+                 name, val, "" if err is None else f"{err:.3g}"])
+  return (f"### step_attention ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. {meta.get('shape', '')}; "
+          f"µs per layer = median over {meta.get('reps', '?')} calls of all layers chained ÷ layers; "
+          f"split-KV sweep rows slower than 1.3 × the best are in the JSON only.\n\n"
+          + common.md_table(["batch", "KV", "step", "queries", "kernel", "µs / layer", "max |Δ| vs dense (bf16)"], rows)
+          + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", default="1p5b")
+  p.add_argument("--batch", default="1")
+  p.add_argument("--kv", default="2048")
+  p.add_argument("--blocks", default="0,8,16")
+  p.add_argument("--layers", type=int, default=0, help="0: the model's")
+  p.add_argument("--reps", type=int, default=10)
+  p.add_argument("--sweep", action="store_true", help="sweep split-KV tilings at batch 1")
+  p.add_argument("--budget-s", type=float, default=0)
+  p.add_argument("--out", default=None)
+  p.add_argument("--markdown", default=None)
+  p.add_argument("--render", default=None)
+  p.add_argument("--smoke", action="store_true")
+  args = p.parse_args(argv)
+  if args.render:
+    result = common.load_json(args.render)
+  else:
+    model = "tiny" if args.smoke else args.model
+    cfg = common.model_config(model)
+    layers = args.layers or cfg.num_layers
+    batches, kvs, blocks = ([int(x) for x in s.split(",")] for s in (args.batch, args.kv, args.blocks))
+    if args.smoke:
+      layers, batches, kvs, blocks, args.reps = 2, [1], [40], [0, 2], 1
+    shape = (f"{model} shape: {cfg.num_heads}/{cfg.num_kv_heads} heads x {cfg.head_dim}, {layers} layers, "
+             f"cache slots = KV + step tokens rounded up to {loop.CACHE_ALIGN}")
+    rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps, "shape": shape})
+    run(rec, cfg, model, batches, kvs, blocks, layers, args.reps, args.sweep, common.Deadline(args.budget_s))
+    result = rec.result
+  text = render(result)
+  print(text)
+  if args.markdown:
+    common.append_markdown(args.markdown, text)
+  return result
+
+
+if __name__ == "__main__":
+  main()

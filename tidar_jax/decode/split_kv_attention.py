@@ -1,0 +1,213 @@
+"""Split-KV ("flash-decoding") attention of one decode step's T queries over the KV cache (Pallas).
+
+cuDNN's flash kernel parallelises over (batch, heads, query tiles) only: a TiDAR step at batch 1
+(T = k + k² queries) over a 2k-slot cache runs 36 CTAs on 132 SMs and is 40% of the step
+(BENCHMARKS.md). Here the grid also splits the keys, and the query heads sharing a KV head are
+packed into the rows of one tile (GQA), so each program reads its KV slice once for all of them:
+
+  grid (batch x kv_heads, row tiles, key splits); each program runs an online softmax over its
+  share of the row's live key blocks and writes an unnormalised partial (o, m, l); `_combine`
+  merges the splits with their log-sum-exps (one XLA fusion).
+
+The visibility of a key to a query is not a mask array: every step mask we use is an "interval
+form" (`interval_form`): new token t sees the row's committed slots (< length), the step tokens
+u < prefix[t] and lo[t] <= u < hi[t]. That is AR ([[True]]) and TiDAR's `masks.decode_step_mask`
+(verification: causal prefix; draft block a: prefix a + 1 plus its own block), computed from
+three int vectors in-kernel instead of reading a [T, max_len] mask per layer.
+
+Requirements (checked by `supported`): the cache's slot count is a multiple of the key block (the
+decode loop's default `max_len` is a multiple of `loop.CACHE_ALIGN`) and lengths + T <= max_len (the
+host check of `loop.check_request`). Runs compiled on a GPU (Triton) and interpreted elsewhere
+(tests compare it with the dense attention on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+_MASKED = -1e30  # finite: a row with nothing visible in a split gives l = 0, not NaN
+
+
+class Intervals(NamedTuple):
+  """Which step tokens each step token sees, as half-open intervals of step-token indices."""
+
+  prefix: np.ndarray  # [T] int32: sees u < prefix[t]
+  lo: np.ndarray  # [T] int32: and lo[t] <= u < hi[t]
+  hi: np.ndarray  # [T] int32
+
+
+def interval_form(step_mask: np.ndarray) -> Intervals | None:
+  """[T, T] bool step mask -> its interval form, or None when it has none (then use another kernel).
+
+  Each row must be one prefix [0, p) plus at most one more contiguous run [lo, hi)."""
+  m = np.asarray(step_mask, bool)
+  T = m.shape[0]
+  prefix, lo, hi = np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, np.int32)
+  for t in range(T):
+    row = m[t]
+    p = int(np.argmin(row)) if not row.all() else T
+    rest = np.flatnonzero(row[p:]) + p
+    if rest.size:
+      lo[t], hi[t] = rest[0], rest[-1] + 1
+    prefix[t] = p
+    rebuilt = (np.arange(T) < prefix[t]) | ((np.arange(T) >= lo[t]) & (np.arange(T) < hi[t]))
+    if not np.array_equal(rebuilt, row):
+      return None
+  return Intervals(prefix, lo, hi)
+
+
+def key_block(max_len: int) -> int | None:
+  """Largest key block (power of two in 16..128) that tiles `max_len` slots, or None."""
+  for block in (128, 64, 32, 16):
+    if max_len % block == 0:
+      return block
+  return None
+
+
+def supported(step_mask: np.ndarray, max_len: int) -> bool:
+  return key_block(max_len) is not None and interval_form(step_mask) is not None
+
+
+def _row_tile(rows: int) -> int:
+  """Query rows per program: Triton's dot wants >= 16; 64 keeps a TiDAR step's tiles full."""
+  for tile in (16, 32):
+    if rows <= tile:
+      return tile
+  return 64
+
+
+def _splits(programs: int, max_len: int, block_k: int) -> int:
+  """Key splits: about 1.5 waves of programs on an H100's 132 SMs (measured best at 1.5B: 4 splits
+  for a k=16 step's 52 row tiles, 8-16 for k=8 and k=4; BENCHMARKS.md `step_attention`), at most
+  one per key block of the cache."""
+  return int(max(1, min(-(-200 // programs), max_len // block_k)))
+
+
+def tiling(batch: int, tokens: int, heads: int, kv_heads: int, max_len: int, row_tile: int = 0,
+           splits: int = 0) -> tuple[int, int]:
+  """(query rows per program, key splits) for a step; 0 = the default for that one."""
+  rows = tokens * (heads // kv_heads)
+  tile = row_tile or _row_tile(rows)
+  n_tiles = -(-rows // tile)
+  return tile, splits or _splits(batch * kv_heads * n_tiles, max_len, key_block(max_len))
+
+
+def _kernel(len_ref, pre_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+            block_k: int, splits: int, new_tokens: int, scale: float):
+  # len_ref [1]; pre/lo/hi [rows]; q [rows, head_dim]; k/v [max_len, head_dim] (this row, KV head)
+  length = len_ref[0]
+  live_blocks = pl.cdiv(length + new_tokens, block_k)  # keys past length + T are never visible
+  per_split = pl.cdiv(live_blocks, splits)
+  first = pl.program_id(2) * per_split
+  last = jnp.minimum(first + per_split, live_blocks)
+  q = q_ref[...]
+  pre = (length + pre_ref[...])[:, None]  # [rows, 1] absolute slot bounds
+  lo = (length + lo_ref[...])[:, None]
+  hi = (length + hi_ref[...])[:, None]
+  rows, head_dim = q.shape
+
+  def body(block, carry):
+    o, m, l = carry  # [rows, head_dim], [rows], [rows] fp32
+    start = block * block_k
+    k = k_ref[pl.ds(start, block_k), :]
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    slot = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+    visible = (slot < pre) | ((slot >= lo) & (slot < hi))
+    s = jnp.where(visible, s, _MASKED)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+    rescale = jnp.exp(m - m_new)
+    v = v_ref[pl.ds(start, block_k), :]
+    o = o * rescale[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o, m_new, l * rescale + p.sum(axis=1)
+
+  init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASKED, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  o, m, l = jax.lax.fori_loop(first, last, body, init)
+  o_ref[...] = o
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def _combine(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+  """Partials over the split axis (2) -> the softmax-weighted output. o [..., splits, rows, D]."""
+  top = m.max(axis=2, keepdims=True)
+  w = jnp.exp(m - top)  # [..., splits, rows]; 0 for splits that saw nothing of a row
+  num = (o * w[..., None]).sum(axis=2)
+  den = (l * w).sum(axis=2)
+  return num / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=("intervals_key", "row_tile", "splits", "num_warps", "interpret"))
+def _attention(q, k_buf, v_buf, lengths, intervals_key, row_tile, splits, num_warps, interpret):
+  B, T, H, D = q.shape
+  _, S, Hkv, _ = k_buf.shape
+  G = H // Hkv
+  iv = Intervals(*(np.asarray(a, np.int32) for a in intervals_key))
+  R = T * G  # rows per KV head: row t * G + g is token t, query head g of the group
+  tile, n_splits = tiling(B, T, H, Hkv, S, row_tile, splits)
+  R_pad = -(-R // tile) * tile
+  n_tiles = R_pad // tile
+  block_k = key_block(S)
+
+  def per_row(a: np.ndarray) -> jax.Array:  # [T] -> [R_pad]; padded rows see the committed slots only
+    return jnp.asarray(np.pad(np.repeat(a, G), (0, R_pad - R)).astype(np.int32))
+
+  q_rows = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, R, D)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, R_pad - R), (0, 0)))  # [batch, kv_heads, R_pad, D]
+
+  def bh(i):
+    return i // Hkv, i % Hkv
+
+  row_spec = pl.BlockSpec((tile,), lambda i, r, j: (r,))
+  kv_spec = pl.BlockSpec((None, S, None, D), lambda i, r, j: (bh(i)[0], 0, bh(i)[1], 0))
+  part = (B, Hkv, n_splits, R_pad)
+  kernel = functools.partial(_kernel, block_k=block_k, splits=n_splits, new_tokens=T, scale=D**-0.5)
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+  o, m, l = pl.pallas_call(
+      kernel,
+      grid=(B * Hkv, n_tiles, n_splits),
+      in_specs=[pl.BlockSpec((1,), lambda i, r, j: (bh(i)[0],)), row_spec, row_spec, row_spec,
+                pl.BlockSpec((None, None, tile, D), lambda i, r, j: (*bh(i), r, 0)), kv_spec, kv_spec],
+      out_specs=[pl.BlockSpec((None, None, None, tile, D), lambda i, r, j: (*bh(i), j, r, 0)),
+                 pl.BlockSpec((None, None, None, tile), lambda i, r, j: (*bh(i), j, r)),
+                 pl.BlockSpec((None, None, None, tile), lambda i, r, j: (*bh(i), j, r))],
+      out_shape=[jax.ShapeDtypeStruct((*part, D), jnp.float32), jax.ShapeDtypeStruct(part, jnp.float32),
+                 jax.ShapeDtypeStruct(part, jnp.float32)],
+      compiler_params=compiler_params,
+      interpret=interpret,
+      name="split_kv_step_attention",
+  )(lengths.astype(jnp.int32), per_row(iv.prefix), per_row(iv.lo), per_row(iv.hi), q_rows, k_buf, v_buf)
+  out = _combine(o, m, l)[:, :, :R]  # [batch, kv_heads, R, D]
+  return out.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, H, D).astype(q.dtype)
+
+
+def step_attention(
+    q: jax.Array,  # [batch, T, heads, head_dim]
+    k_buf: jax.Array,  # [batch, max_len, kv_heads, head_dim]: the step's own keys already written
+    v_buf: jax.Array,  # [batch, max_len, kv_heads, head_dim]
+    lengths: jax.Array,  # [batch] int32 committed slots; step token u is at slot lengths[b] + u
+    step_mask: np.ndarray,  # [T, T] static: which step tokens each step token sees
+    *,
+    row_tile: int = 0,  # 0: by T x group size
+    splits: int = 0,  # 0: by the grid size and max_len
+    num_warps: int = 4,
+    interpret: bool | None = None,  # None: compiled on GPU, interpreted elsewhere
+) -> jax.Array:  # [batch, T, heads, head_dim]
+  iv = interval_form(step_mask)
+  if iv is None or key_block(k_buf.shape[1]) is None:
+    raise ValueError(f"split-KV attention needs a step mask in interval form and max_len % 16 == 0 "
+                     f"(got max_len={k_buf.shape[1]}); use attention='cudnn' or 'dense'")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  key = tuple(tuple(int(x) for x in a) for a in iv)
+  return _attention(q, k_buf, v_buf, lengths, key, row_tile, splits, num_warps, interpret)
