@@ -119,3 +119,16 @@ def test_boxed_and_unboxed_params_prepare_the_same_weights():
   got, want = engine.prepare_weights(boxed, cfg), engine.prepare_weights(nn.unbox(boxed), cfg)
   assert len(got.layers) == cfg.num_layers and got.lm_head is not None and got.layers[0].bqkv is None
   jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("batch", [1, 3])  # batch 1 takes the in-place slice update, more rows a scatter
+def test_write_rows_writes_each_row_at_its_offset(batch):
+  rng = np.random.default_rng(batch)
+  buf = rng.standard_normal((batch, 12, 2, 4)).astype(np.float32)
+  new = rng.standard_normal((batch, 3, 2, 4)).astype(np.float32)
+  offsets = np.array([5, 0, 9][:batch], np.int32)
+  got = np.asarray(cache_lib.write_rows(jnp.asarray(buf), jnp.asarray(new), jnp.asarray(offsets)))
+  want = buf.copy()
+  for b, o in enumerate(offsets):
+    want[b, o:o + 3] = new[b]
+  np.testing.assert_array_equal(got, want)

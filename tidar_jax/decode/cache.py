@@ -55,6 +55,9 @@ def write_rows(buffer: jax.Array, new: jax.Array, offsets: jax.Array) -> jax.Arr
   `dynamic_update_slice` would otherwise clamp the offset and silently overwrite valid slots.
   """
 
+  if buffer.shape[0] == 1:  # one row: an in-place slice update (vmapped, it becomes a scatter)
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, offsets[0], 0, 0))
+
   def write_row(dst, src, offset):  # dst [max_len, h, d], src [n, h, d]
     return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), (offset, 0, 0))
 
