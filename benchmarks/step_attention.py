@@ -70,10 +70,17 @@ def variants(on_gpu: bool, T: int, group: int, sweep: bool) -> list[tuple[str, s
   out.append(("split-KV Pallas, default tiling", "split_kv", {}))
   if sweep and on_gpu:
     rows = T * group
-    out.append(("split-KV default tiling, 8 warps", "split_kv", dict(num_warps=8)))
-    for tile in ((16, 32) if rows <= 32 else (32, 64, 128)):
-      for splits in (2, 4, 8, 16):
-        out.append((f"split-KV tile {tile} splits {splits}", "split_kv", dict(row_tile=tile, splits=splits)))
+    if rows <= 32:
+      for tile in (16, 32):
+        for splits in (2, 4, 8, 16):
+          out.append((f"split-KV tile {tile} splits {splits}", "split_kv", dict(row_tile=tile, splits=splits)))
+    else:
+      for tile in (64, 128):
+        for warps in (4, 8):
+          for bk in (64, 128):
+            for stages in (2, 3):
+              out.append((f"split-KV tile {tile} warps {warps} block_k {bk} stages {stages}", "split_kv",
+                          dict(row_tile=tile, num_warps=warps, block_k=bk, num_stages=stages)))
   return out
 
 

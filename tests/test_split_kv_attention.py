@@ -20,7 +20,7 @@ def test_interval_form_rebuilds_the_step_masks_and_refuses_others():
     np.testing.assert_array_equal(rebuilt, mask)
   two_runs = np.array([[1, 0, 1, 0, 1]] * 5, bool)  # a prefix plus two more runs: no interval form
   assert skv.interval_form(two_runs) is None
-  assert skv.key_block(2304) == 128 and skv.key_block(48) == 16 and skv.key_block(50) is None
+  assert skv.key_block(2304) == 64 and skv.key_block(48) == 16 and skv.key_block(50) is None
   with pytest.raises(ValueError, match="max_len % 16"):
     q = jnp.zeros((1, 1, 2, 8))
     skv.step_attention(q, jnp.zeros((1, 50, 2, 8)), jnp.zeros((1, 50, 2, 8)), jnp.ones(1, jnp.int32),

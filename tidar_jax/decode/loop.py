@@ -23,7 +23,7 @@ from tidar_jax.decode.sampling import SamplingParams
 PAD_TOKEN = -1  # fills `tokens` past each row's length (never a real id)
 MIN_BUCKET = 16  # shortest compiled prompt width
 # The cache is allocated with max_len rounded up to a multiple of this many slots, so the split-KV
-# step attention's 128-slot key blocks tile it (`decode/split_kv_attention.py`: at 16-slot blocks
+# step attention's 64-slot key blocks tile it (`decode/split_kv_attention.py`: at 16-slot blocks
 # it is several times slower); slots past max_len are never written or read.
 CACHE_ALIGN = 128
 

@@ -63,8 +63,9 @@ def interval_form(step_mask: np.ndarray) -> Intervals | None:
 
 
 def key_block(max_len: int) -> int | None:
-  """Largest key block (power of two in 16..128) that tiles `max_len` slots, or None."""
-  for block in (128, 64, 32, 16):
+  """Largest key block (power of two in 16..64) that tiles `max_len` slots, or None. 64 measured
+  best at 1.5B (k=16: 46 µs per layer vs 56 µs at 128; k=8: 27 vs 29; BENCHMARKS.md)."""
+  for block in (64, 32, 16):
     if max_len % block == 0:
       return block
   return None
@@ -144,8 +145,9 @@ def _combine(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
   return num / jnp.where(den > 0, den, 1.0)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("intervals_key", "row_tile", "splits", "num_warps", "interpret"))
-def _attention(q, k_buf, v_buf, lengths, intervals_key, row_tile, splits, num_warps, interpret):
+@functools.partial(jax.jit, static_argnames=("intervals_key", "row_tile", "splits", "block_k", "num_warps",
+                                             "num_stages", "interpret"))
+def _attention(q, k_buf, v_buf, lengths, intervals_key, row_tile, splits, block_k, num_warps, num_stages, interpret):
   B, T, H, D = q.shape
   _, S, Hkv, _ = k_buf.shape
   G = H // Hkv
@@ -154,7 +156,7 @@ def _attention(q, k_buf, v_buf, lengths, intervals_key, row_tile, splits, num_wa
   tile, n_splits = tiling(B, T, H, Hkv, S, row_tile, splits)
   R_pad = -(-R // tile) * tile
   n_tiles = R_pad // tile
-  block_k = key_block(S)
+  block_k = block_k or key_block(S)
 
   def per_row(a: np.ndarray) -> jax.Array:  # [T] -> [R_pad]; padded rows see the committed slots only
     return jnp.asarray(np.pad(np.repeat(a, G), (0, R_pad - R)).astype(np.int32))
@@ -172,7 +174,7 @@ def _attention(q, k_buf, v_buf, lengths, intervals_key, row_tile, splits, num_wa
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
-    compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+    compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   o, m, l = pl.pallas_call(
       kernel,
       grid=(B * Hkv, n_tiles, n_splits),
@@ -200,14 +202,18 @@ def step_attention(
     *,
     row_tile: int = 0,  # 0: by T x group size
     splits: int = 0,  # 0: by the grid size and max_len
+    block_k: int = 0,  # keys per inner iteration; 0: `key_block(max_len)`
     num_warps: int = 4,
+    num_stages: int = 3,  # Triton's software pipelining depth of the key loop
     interpret: bool | None = None,  # None: compiled on GPU, interpreted elsewhere
 ) -> jax.Array:  # [batch, T, heads, head_dim]
   iv = interval_form(step_mask)
+  if block_k and k_buf.shape[1] % block_k:
+    raise ValueError(f"block_k={block_k} must divide max_len={k_buf.shape[1]}")
   if iv is None or key_block(k_buf.shape[1]) is None:
     raise ValueError(f"split-KV attention needs a step mask in interval form and max_len % 16 == 0 "
                      f"(got max_len={k_buf.shape[1]}); use attention='cudnn' or 'dense'")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   key = tuple(tuple(int(x) for x in a) for a in iv)
-  return _attention(q, k_buf, v_buf, lengths, key, row_tile, splits, num_warps, interpret)
+  return _attention(q, k_buf, v_buf, lengths, key, row_tile, splits, block_k, num_warps, num_stages, interpret)
