@@ -138,20 +138,22 @@ def _attend(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, lengths: jax.Array
   return jnp.einsum("bkgts,bskd->btkgd", p_BKGTS, v_buf).reshape(B, T, H, D)
 
 
-# A matmul of fewer rows than this is padded to this many. At batch 1 XLA lowers a 1-row matmul to
-# a GEMV fusion that streams the weights at ~270 GB/s (q/k/v/o) to ~1.6 TB/s (MLP) on an H100; at
-# 16 rows it autotunes a GEMM kernel that streams them at ~440 GB/s to ~1.7 TB/s (BENCHMARKS.md,
-# "AR step matmuls"). The padded rows cost no extra weight reads.
-MIN_MATMUL_ROWS = 16
+# A 1-row matmul (batch 1, AR step) with a weight of fewer than this many elements is padded to 16
+# rows. XLA lowers a 1-row matmul to a GEMV fusion that streams a small weight (the 1.5B q/k/v/o:
+# 2-3M elements) at ~270 GB/s on an H100; padded, it autotunes a GEMM kernel that streams it at
+# ~440 GB/s. Measured per AR step (BENCHMARKS.md): 1.5B batch 1 2.26 -> 1.95 ms; but padding every
+# matmul slowed the 8B batch-1 step (6.08 -> 6.28 ms: its large weights already stream at ~90%) and
+# the batch-8 steps (1.5B 2.08 -> 2.20 ms), so only small weights at one row are padded.
+PAD_ROWS, PAD_MAX_WEIGHT = 16, 1 << 24
 
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [..., d_in] @ w [d_in, d_out], padding the rows (all leading axes) up to MIN_MATMUL_ROWS."""
-  lead, rows = x.shape[:-1], int(np.prod(x.shape[:-1]))
-  if rows >= MIN_MATMUL_ROWS:
+  """x [..., d_in] @ w [d_in, d_out]; one row against a small weight is padded to PAD_ROWS rows."""
+  rows = int(np.prod(x.shape[:-1]))
+  if rows != 1 or w.size >= PAD_MAX_WEIGHT:
     return x @ w
-  x2 = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, MIN_MATMUL_ROWS - rows), (0, 0)))
-  return (x2 @ w)[:rows].reshape(*lead, w.shape[-1])
+  x2 = jnp.pad(x.reshape(1, x.shape[-1]), ((0, PAD_ROWS - 1), (0, 0)))
+  return (x2 @ w)[:1].reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _qkv(lw: LayerWeights, cfg: ModelConfig, h: jax.Array, positions: jax.Array
