@@ -91,3 +91,12 @@ def test_step_attention(out):
   assert {r["block_size"] for r in recs} == {0, 2} and all(r["us_per_layer"] > 0 for r in recs)
   split = [r for r in recs if r["variant"].startswith("split-KV")]
   assert split and all(r["max_abs_err_layer0_vs_dense"] < 0.05 for r in split)  # bf16 rounding only
+
+
+def test_step_matmuls(out):
+  from benchmarks import step_matmuls
+  result = run(step_matmuls, out, "step_matmuls")
+  recs = [r for r in result["records"] if "us_per_matrix" in r]
+  assert {r["matrix"] for r in recs} == {"q/k/v", "o", "gate/up", "down"}
+  assert any(r["variant"].startswith("Pallas") for r in recs)
+  assert all(r["max_abs_err_vs_xla"] < 0.1 for r in recs)  # bf16 rounding of sums over <= 384 terms

@@ -1,0 +1,156 @@
+"""The AR step's weight matmuls alone, one row against each of the model's layer matrices (q/k/v
+fused, o, gate/up fused, down), every layer's own copy chained so the weights stream from HBM:
+XLA at one row (a GEMV fusion), XLA with the row padded to 16 (a GEMM kernel: what the decode
+engine does for small weights), and a Pallas (Triton) split-K GEMV sweep kept as evidence (it was
+not adopted: no better than the padding overall, BENCHMARKS.md).
+
+    python -m benchmarks.step_matmuls --model 1p5b --out matmuls.json [--pallas]
+    python -m benchmarks.step_matmuls --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from benchmarks import common
+
+
+def pallas_gemv(x: jax.Array, w: jax.Array, *, block_n: int, block_k: int, splits: int, num_stages: int = 3,
+                interpret: bool = False) -> jax.Array:
+  """x [1, K] @ w [K, N]: grid (N / block_n, K splits), each program a [16, block_n] tile (x padded
+  to the 16 rows Triton's dot needs) over its K range; the splits are summed in XLA."""
+  K, N = w.shape
+  per_split = K // splits
+  assert K % splits == 0 and per_split % block_k == 0 and N % block_n == 0, (K, N, block_n, block_k, splits)
+  xp = jnp.pad(x, ((0, 16 - x.shape[0]), (0, 0)))  # [16, K]
+
+  def kernel(x_ref, w_ref, o_ref):  # x [16, K], w [K, block_n], o [16, block_n]
+    first = pl.program_id(1) * per_split
+
+    def body(i, acc):
+      s = first + i * block_k
+      return acc + jnp.dot(x_ref[:, pl.ds(s, block_k)], w_ref[pl.ds(s, block_k), :],
+                           preferred_element_type=jnp.float32)
+
+    o_ref[...] = jax.lax.fori_loop(0, per_split // block_k, body, jnp.zeros((16, block_n), jnp.float32))
+
+  params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    params = plgpu.CompilerParams(num_warps=4, num_stages=num_stages)
+  out = pl.pallas_call(kernel, grid=(N // block_n, splits),
+                       in_specs=[pl.BlockSpec((16, K), lambda n, j: (0, 0)),
+                                 pl.BlockSpec((K, block_n), lambda n, j: (0, n))],
+                       out_specs=pl.BlockSpec((None, 16, block_n), lambda n, j: (j, 0, n)),
+                       out_shape=jax.ShapeDtypeStruct((splits, 16, N), jnp.float32),
+                       compiler_params=params, interpret=interpret)(xp, w)
+  return out.sum(axis=0)[:x.shape[0]].astype(x.dtype)
+
+
+def shapes(cfg) -> dict[str, tuple[int, int]]:
+  d, H, Hkv, D, F = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  return {"q/k/v": (d, (H + 2 * Hkv) * D), "o": (H * D, d), "gate/up": (d, 2 * F), "down": (F, d)}
+
+
+def variants(K: int, N: int, pallas: bool, interpret: bool) -> dict[str, Callable]:
+  out = {"XLA, 1 row": lambda x, w: x @ w,
+         "XLA, padded to 16 rows": lambda x, w: (jnp.pad(x, ((0, 15), (0, 0))) @ w)[:1]}
+  if pallas:
+    for bn in (256, 128, 64) if interpret else (64, 128, 256):  # interpreted: fewest programs first
+      for bk in (128, 256):
+        if K % bk or N % bn:
+          continue
+        for target in (132, 528):  # programs: one wave / four waves of an H100's SMs
+          splits = max(1, min(K // bk, target // (N // bn)))
+          while (K // bk) % splits:
+            splits -= 1
+          out[f"Pallas GEMV block_n {bn} block_k {bk} splits {splits}"] = functools.partial(
+              pallas_gemv, block_n=bn, block_k=bk, splits=splits, interpret=interpret)
+          if interpret:  # off the GPU the kernel is interpreted: one variant checks it, timing is moot
+            return out
+  return out
+
+
+def run(rec: common.Recorder, cfg, layers: int, reps: int, pallas: bool, deadline: common.Deadline) -> None:
+  interpret = jax.default_backend() != "gpu"
+  for name, (K, N) in shapes(cfg).items():
+    ws = [jax.random.normal(jax.random.key(i), (K, N), jnp.bfloat16) for i in range(layers)]
+    x = jax.random.normal(jax.random.key(layers), (1, K), jnp.bfloat16)
+    want = x @ ws[0]
+    for vname, fn in variants(K, N, pallas, interpret).items():
+      label = {"matrix": name, "K": K, "N": N, "layers": layers, "variant": vname}
+      if deadline.spent():
+        rec.add({**label, "skipped": "time budget"})
+        continue
+
+      @jax.jit
+      def chain(x, ws, fn=fn):  # layer i's output (cut or padded to K) feeds layer i + 1
+        for w in ws:
+          y = fn(x, w)
+          x = y[:, :K] if N >= K else jnp.pad(y, ((0, 0), (0, K - N)))
+        return x
+
+      try:
+        err = float(jnp.max(jnp.abs(fn(x, ws[0]).astype(jnp.float32) - want.astype(jnp.float32))))
+        t = statistics.median(common.time_calls(lambda: chain(x, ws), reps, warmup=2))
+      except Exception as e:  # noqa: BLE001  (a tiling Triton refuses is recorded, not fatal)
+        rec.add({**label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        continue
+      rec.add({**label, "us_per_matrix": t / layers * 1e6, "GBps": layers * K * N * 2 / t / 1e9,
+               "max_abs_err_vs_xla": err})
+      print(f"[step_matmuls] {name} {vname}: {t / layers * 1e6:.1f} us, {layers * K * N * 2 / t / 1e9:.0f} GB/s",
+            flush=True)
+    del ws
+
+
+def render(result: dict[str, Any]) -> str:
+  meta = result["meta"]
+  rows = []
+  for r in result["records"]:
+    val = [round(r["us_per_matrix"], 1), round(r["GBps"])] if "us_per_matrix" in r else \
+        [(r.get("error") or r.get("skipped", ""))[:60], ""]
+    rows.append([r["matrix"], f"{r['K']} x {r['N']}", r["variant"], *val])
+  return (f"### step_matmuls ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. {meta.get('shape', '')}; "
+          f"median of {meta.get('reps', '?')} calls of all layers chained.\n\n"
+          + common.md_table(["matrix", "K x N", "variant", "µs per matrix", "GB/s of weights"], rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--model", default="1p5b")
+  p.add_argument("--layers", type=int, default=0, help="0: the model's")
+  p.add_argument("--reps", type=int, default=20)
+  p.add_argument("--pallas", action="store_true", help="also sweep the Pallas split-K GEMV")
+  p.add_argument("--budget-s", type=float, default=0)
+  p.add_argument("--out", default=None)
+  p.add_argument("--markdown", default=None)
+  p.add_argument("--render", default=None)
+  p.add_argument("--smoke", action="store_true")
+  args = p.parse_args(argv)
+  if args.render:
+    result = common.load_json(args.render)
+  else:
+    model = "tiny" if args.smoke else args.model
+    cfg = common.model_config(model)
+    layers = 2 if args.smoke else (args.layers or cfg.num_layers)
+    reps = 1 if args.smoke else args.reps
+    shape = f"{model}: one row x each layer matrix (bf16), {layers} layers' copies"
+    rec = common.Recorder(args.out, {**common.device_info(), "reps": reps, "shape": shape})
+    run(rec, cfg, layers, reps, args.pallas or args.smoke, common.Deadline(args.budget_s))
+    result = rec.result
+  text = render(result)
+  print(text)
+  if args.markdown:
+    common.append_markdown(args.markdown, text)
+  return result
+
+
+if __name__ == "__main__":
+  main()
