@@ -8,6 +8,7 @@ Every benchmark is `python -m benchmarks.<name> [--smoke] [--out result.json] [-
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import importlib
@@ -331,3 +332,24 @@ class Deadline:
 
   def spent(self) -> bool:
     return self.left() <= 0
+
+
+def cli(doc: str, add_args: Callable[[argparse.ArgumentParser], None],
+        measure: Callable[[argparse.Namespace], dict[str, Any]], render: Callable[[dict[str, Any]], str],
+        argv: Sequence[str] | None) -> dict[str, Any]:
+  """Every benchmark's command line: its own flags (`add_args`) plus --out JSON, --markdown FILE
+  (append the rendered section), --render JSON (render a saved result instead of measuring) and
+  --smoke (one tiny CPU iteration, for the test suite). Prints the section; returns the result."""
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  add_args(p)
+  p.add_argument("--out", default=None, help="write the result JSON here (rewritten as it grows)")
+  p.add_argument("--markdown", default=None, help="append the rendered section to this markdown file")
+  p.add_argument("--render", default=None, help="render an existing result JSON instead of measuring")
+  p.add_argument("--smoke", action="store_true", help="tiny shape, one short iteration (CPU CI)")
+  args = p.parse_args(argv)
+  result = load_json(args.render) if args.render else measure(args)
+  text = render(result)
+  print(text)
+  if args.markdown:
+    append_markdown(args.markdown, text)
+  return result

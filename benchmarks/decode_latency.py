@@ -246,8 +246,7 @@ def parse_ints(s: str) -> list[int]:
   return [int(x) for x in s.split(",") if x.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--models", default="1p5b", help="comma list of configs/ names: tiny, 1p5b, 8b")
   p.add_argument("--batch", default="1", help="comma list of batch sizes")
   p.add_argument("--kv", default="2048", help="comma list of prompt (KV) lengths")
@@ -260,11 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--verify-beta", type=float, default=None)
   p.add_argument("--budget-s", type=float, default=0, help="soft time budget; later configs are skipped")
   p.add_argument("--no-ceilings", action="store_true", help="skip the bandwidth/matmul measurements")
-  p.add_argument("--out", default=None)
-  p.add_argument("--markdown", default=None, help="append a section to this markdown file")
-  p.add_argument("--render", default=None, help="render an existing result JSON instead of measuring")
-  p.add_argument("--smoke", action="store_true", help="tiny shape, one short iteration (CPU CI)")
-  return p
 
 
 def ceilings(smoke: bool, skip: bool) -> dict[str, Any]:
@@ -275,30 +269,25 @@ def ceilings(smoke: bool, skip: bool) -> dict[str, Any]:
   return {"copy_bandwidth": common.copy_bandwidth(), "matmul": common.matmul_rate()}
 
 
+def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  if args.smoke:
+    args.models, args.batch, args.kv, args.blocks = "tiny", "1", "16", "0,4"
+    args.new_tokens, args.reps, args.dtype = 9, 1, "float32"  # f32 compiles faster on CPU
+  meta = {**common.device_info(), "reps": args.reps, "max_new_tokens": args.new_tokens}
+  meta.update(ceilings(args.smoke, args.no_ceilings))
+  rec = common.Recorder(args.out, meta)
+  bw = meta.get("copy_bandwidth", {}).get("GBps", float("nan"))
+  mm = meta.get("matmul", {}).get("TFLOPs")
+  run_grid(rec, models=args.models.split(","), batches=parse_ints(args.batch), kvs=parse_ints(args.kv),
+           blocks=parse_ints(args.blocks), max_new_tokens=args.new_tokens, reps=args.reps,
+           scan_layers=False if args.unroll else None, dtype=args.dtype,
+           deadline=common.Deadline(args.budget_s), bw_GBps=bw, matmul_TFLOPs=mm,
+           verify_beta=args.verify_beta, on_host=args.smoke, attention=args.attention)
+  return rec.result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  args = build_parser().parse_args(argv)
-  if args.render:
-    result = common.load_json(args.render)
-  else:
-    if args.smoke:
-      args.models, args.batch, args.kv, args.blocks = "tiny", "1", "16", "0,4"
-      args.new_tokens, args.reps, args.dtype = 9, 1, "float32"  # f32 compiles faster on CPU
-    meta = {**common.device_info(), "reps": args.reps, "max_new_tokens": args.new_tokens}
-    meta.update(ceilings(args.smoke, args.no_ceilings))
-    rec = common.Recorder(args.out, meta)
-    bw = meta.get("copy_bandwidth", {}).get("GBps", float("nan"))
-    mm = meta.get("matmul", {}).get("TFLOPs")
-    run_grid(rec, models=args.models.split(","), batches=parse_ints(args.batch), kvs=parse_ints(args.kv),
-             blocks=parse_ints(args.blocks), max_new_tokens=args.new_tokens, reps=args.reps,
-             scan_layers=False if args.unroll else None, dtype=args.dtype,
-             deadline=common.Deadline(args.budget_s), bw_GBps=bw, matmul_TFLOPs=mm,
-             verify_beta=args.verify_beta, on_host=args.smoke, attention=args.attention)
-    result = rec.result
-  text = render(result)
-  print(text)
-  if args.markdown:
-    common.append_markdown(args.markdown, text)
-  return result
+  return common.cli(__doc__, add_args, measure_from_args, render, argv)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,7 @@ def render(result: dict[str, Any]) -> str:
           f"{table}\n")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--models", default="1p5b")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--prompt-len", type=int, default=2048)
@@ -102,30 +101,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--budget-s", type=float, default=0)
-  p.add_argument("--out", default=None)
-  p.add_argument("--markdown", default=None)
-  p.add_argument("--render", default=None)
-  p.add_argument("--smoke", action="store_true")
-  args = p.parse_args(argv)
-  if args.render:
-    result = common.load_json(args.render)
-  else:
-    if args.smoke:
-      args.models, args.prompt_len, args.new_tokens, args.blocks, args.reps = "tiny", 16, 9, "0,4", 1
-      args.dtype = "float32"
-    meta = {**common.device_info(), "reps": args.reps}
-    rec = common.Recorder(args.out, meta)
-    t = time.perf_counter()
-    run(rec, models=args.models.split(","), batch=args.batch, prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens, blocks=parse_ints(args.blocks), reps=args.reps, dtype=args.dtype,
-        deadline=common.Deadline(args.budget_s), on_host=args.smoke, accept=args.accept)
-    print(f"[throughput] done in {time.perf_counter() - t:.1f}s", flush=True)
-    result = rec.result
-  text = render(result)
-  print(text)
-  if args.markdown:
-    common.append_markdown(args.markdown, text)
-  return result
+
+
+def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  if args.smoke:
+    args.models, args.prompt_len, args.new_tokens, args.blocks, args.reps = "tiny", 16, 9, "0,4", 1
+    args.dtype = "float32"
+  rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps})
+  t = time.perf_counter()
+  run(rec, models=args.models.split(","), batch=args.batch, prompt_len=args.prompt_len,
+      new_tokens=args.new_tokens, blocks=parse_ints(args.blocks), reps=args.reps, dtype=args.dtype,
+      deadline=common.Deadline(args.budget_s), on_host=args.smoke, accept=args.accept)
+  print(f"[throughput] done in {time.perf_counter() - t:.1f}s", flush=True)
+  return rec.result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  return common.cli(__doc__, add_args, measure_from_args, render, argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from benchmarks import common  # imports jax but starts no backend: enable_hlo_dump still works
+
 DUMP_DIR = os.path.join(tempfile.gettempdir(), "tidar_bench_xla_dump")
 DUMP_MODULES = "jit__generate_tidar|jit__generate_ar|jit_train_step"
 
@@ -247,7 +249,6 @@ def profile_decode(params, cfg, *, batch: int, prompt_len: int, new_tokens: int,
   from tidar_jax.decode.tidar import generate_tidar
 
   prompts, lengths = make_prompts(cfg, batch, prompt_len)
-  from benchmarks import common
   max_len = (measured or {}).get("max_len", common.cache_slots(prompt_len, new_tokens, [block_size]))
 
   def call():
@@ -331,7 +332,6 @@ RELABEL = {
 
 
 def render(result: dict[str, Any]) -> str:
-  from benchmarks import common
   meta = result["meta"]
   out = [f"### profile_step ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. Device kernels from a "
          f"`jax.profiler` trace, mapped to jax op names through the XLA HLO dump.\n"]
@@ -360,8 +360,7 @@ def render(result: dict[str, Any]) -> str:
   return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="1p5b")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--kv", type=int, default=2048)
@@ -371,53 +370,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--train-seq-len", type=int, default=2048)
   p.add_argument("--train-batch", type=int, default=2)
   p.add_argument("--train-objective", default="tidar")
-  p.add_argument("--out", default=None)
-  p.add_argument("--markdown", default=None)
-  p.add_argument("--render", default=None)
-  p.add_argument("--smoke", action="store_true")
-  args = p.parse_args(argv)
-  if args.render:
-    from benchmarks import common
-    result = common.load_json(args.render)
-  else:
-    if not args.smoke:  # CI: no dump files (the smoke run maps kernel names only)
-      enable_hlo_dump()
-    from benchmarks import common
-    if args.smoke:
-      args.model, args.kv, args.block, args.new_tokens = "tiny", 16, 4, 9
-      args.train_model, args.train_seq_len, args.train_batch = "tiny", 32, 2
-    rec = common.Recorder(args.out, {**common.device_info(), "model": args.model})
-    profiles = []
-    cfg = common.inference_config(args.model, dtype="float32" if args.smoke else "bfloat16")
-    params = common.get_params(cfg, on_host=args.smoke)
-    # The TiDAR step (drafts forced to the AR continuation, as in decode_latency), then the AR step.
-    from benchmarks.decode_latency import forced_table, measure_generate
-    max_len = common.cache_slots(args.kv, args.new_tokens, [args.block])
-    ar_measured, ar_tokens = measure_generate(params, cfg, batch=args.batch, prompt_len=args.kv,
-                                              max_new_tokens=args.new_tokens, block_size=0, max_len=max_len,
-                                              reps=1 if args.smoke else 3)
-    for block in ([args.block] if args.block else []) + ([] if args.smoke else [0]):
-      forced = forced_table(ar_tokens, args.kv, max_len) if block else None
-      measured = ar_measured if block == 0 else measure_generate(
-          params, cfg, batch=args.batch, prompt_len=args.kv, max_new_tokens=args.new_tokens, block_size=block,
-          max_len=max_len, forced=forced, reps=1 if args.smoke else 3)[0]
-      profiles.append(profile_decode(params, cfg, batch=args.batch, prompt_len=args.kv, new_tokens=args.new_tokens,
-                                     block_size=block, forced=forced, dump_dir=dump_dir_from_flags(),
-                                     measured=measured))
-      rec.set("profiles", profiles)
-    del params
-    common.drop_params()
-    if args.train_model:
-      profiles.append(profile_train(args.train_model, seq_len=args.train_seq_len, batch=args.train_batch,
-                                    objective=args.train_objective, dump_dir=dump_dir_from_flags()))
-      rec.set("profiles", profiles)
-    result = rec.result
-  text = render(result)
-  print(text)
-  if args.markdown:
-    from benchmarks import common
-    common.append_markdown(args.markdown, text)
-  return result
+
+
+def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  if not args.smoke:  # CI: no dump files (the smoke run maps kernel names only)
+    enable_hlo_dump()
+  if args.smoke:
+    args.model, args.kv, args.block, args.new_tokens = "tiny", 16, 4, 9
+    args.train_model, args.train_seq_len, args.train_batch = "tiny", 32, 2
+  rec = common.Recorder(args.out, {**common.device_info(), "model": args.model})
+  profiles = []
+  cfg = common.inference_config(args.model, dtype="float32" if args.smoke else "bfloat16")
+  params = common.get_params(cfg, on_host=args.smoke)
+  # The TiDAR step (drafts forced to the AR continuation, as in decode_latency), then the AR step.
+  from benchmarks.decode_latency import forced_table, measure_generate
+  max_len = common.cache_slots(args.kv, args.new_tokens, [args.block])
+  ar_measured, ar_tokens = measure_generate(params, cfg, batch=args.batch, prompt_len=args.kv,
+                                            max_new_tokens=args.new_tokens, block_size=0, max_len=max_len,
+                                            reps=1 if args.smoke else 3)
+  for block in ([args.block] if args.block else []) + ([] if args.smoke else [0]):
+    forced = forced_table(ar_tokens, args.kv, max_len) if block else None
+    measured = ar_measured if block == 0 else measure_generate(
+        params, cfg, batch=args.batch, prompt_len=args.kv, max_new_tokens=args.new_tokens, block_size=block,
+        max_len=max_len, forced=forced, reps=1 if args.smoke else 3)[0]
+    profiles.append(profile_decode(params, cfg, batch=args.batch, prompt_len=args.kv, new_tokens=args.new_tokens,
+                                   block_size=block, forced=forced, dump_dir=dump_dir_from_flags(),
+                                   measured=measured))
+    rec.set("profiles", profiles)
+  del params
+  common.drop_params()
+  if args.train_model:
+    profiles.append(profile_train(args.train_model, seq_len=args.train_seq_len, batch=args.train_batch,
+                                  objective=args.train_objective, dump_dir=dump_dir_from_flags()))
+    rec.set("profiles", profiles)
+  return rec.result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  return common.cli(__doc__, add_args, measure_from_args, render, argv)
 
 
 if __name__ == "__main__":

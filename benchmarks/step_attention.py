@@ -146,8 +146,7 @@ def render(result: dict[str, Any]) -> str:
           + "\n")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="1p5b")
   p.add_argument("--batch", default="1")
   p.add_argument("--kv", default="2048")
@@ -156,30 +155,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--reps", type=int, default=10)
   p.add_argument("--sweep", action="store_true", help="sweep split-KV tilings at batch 1")
   p.add_argument("--budget-s", type=float, default=0)
-  p.add_argument("--out", default=None)
-  p.add_argument("--markdown", default=None)
-  p.add_argument("--render", default=None)
-  p.add_argument("--smoke", action="store_true")
-  args = p.parse_args(argv)
-  if args.render:
-    result = common.load_json(args.render)
-  else:
-    model = "tiny" if args.smoke else args.model
-    cfg = common.model_config(model)
-    layers = args.layers or cfg.num_layers
-    batches, kvs, blocks = ([int(x) for x in s.split(",")] for s in (args.batch, args.kv, args.blocks))
-    if args.smoke:
-      layers, batches, kvs, blocks, args.reps = 2, [1], [40], [0, 2], 1
-    shape = (f"{model} shape: {cfg.num_heads}/{cfg.num_kv_heads} heads x {cfg.head_dim}, {layers} layers, "
-             f"cache slots = KV + step tokens rounded up to {loop.CACHE_ALIGN}")
-    rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps, "shape": shape})
-    run(rec, cfg, model, batches, kvs, blocks, layers, args.reps, args.sweep, common.Deadline(args.budget_s))
-    result = rec.result
-  text = render(result)
-  print(text)
-  if args.markdown:
-    common.append_markdown(args.markdown, text)
-  return result
+
+
+def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  model = "tiny" if args.smoke else args.model
+  cfg = common.model_config(model)
+  layers = args.layers or cfg.num_layers
+  batches, kvs, blocks = ([int(x) for x in s.split(",")] for s in (args.batch, args.kv, args.blocks))
+  if args.smoke:
+    layers, batches, kvs, blocks, args.reps = 2, [1], [40], [0, 2], 1
+  shape = (f"{model} shape: {cfg.num_heads}/{cfg.num_kv_heads} heads x {cfg.head_dim}, {layers} layers, "
+           f"cache slots = KV + step tokens rounded up to {loop.CACHE_ALIGN}")
+  rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps, "shape": shape})
+  run(rec, cfg, model, batches, kvs, blocks, layers, args.reps, args.sweep, common.Deadline(args.budget_s))
+  return rec.result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  return common.cli(__doc__, add_args, measure_from_args, render, argv)
 
 
 if __name__ == "__main__":

@@ -122,34 +122,27 @@ def render(result: dict[str, Any]) -> str:
           + common.md_table(["matrix", "K x N", "variant", "µs per matrix", "GB/s of weights"], rows) + "\n")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="1p5b")
   p.add_argument("--layers", type=int, default=0, help="0: the model's")
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--pallas", action="store_true", help="also sweep the Pallas split-K GEMV")
   p.add_argument("--budget-s", type=float, default=0)
-  p.add_argument("--out", default=None)
-  p.add_argument("--markdown", default=None)
-  p.add_argument("--render", default=None)
-  p.add_argument("--smoke", action="store_true")
-  args = p.parse_args(argv)
-  if args.render:
-    result = common.load_json(args.render)
-  else:
-    model = "tiny" if args.smoke else args.model
-    cfg = common.model_config(model)
-    layers = 2 if args.smoke else (args.layers or cfg.num_layers)
-    reps = 1 if args.smoke else args.reps
-    shape = f"{model}: one row x each layer matrix (bf16), {layers} layers' copies"
-    rec = common.Recorder(args.out, {**common.device_info(), "reps": reps, "shape": shape})
-    run(rec, cfg, layers, reps, args.pallas or args.smoke, common.Deadline(args.budget_s))
-    result = rec.result
-  text = render(result)
-  print(text)
-  if args.markdown:
-    common.append_markdown(args.markdown, text)
-  return result
+
+
+def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  model = "tiny" if args.smoke else args.model
+  cfg = common.model_config(model)
+  layers = 2 if args.smoke else (args.layers or cfg.num_layers)
+  reps = 1 if args.smoke else args.reps
+  shape = f"{model}: one row x each layer matrix (bf16), {layers} layers' copies"
+  rec = common.Recorder(args.out, {**common.device_info(), "reps": reps, "shape": shape})
+  run(rec, cfg, layers, reps, args.pallas or args.smoke, common.Deadline(args.budget_s))
+  return rec.result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  return common.cli(__doc__, add_args, measure_from_args, render, argv)
 
 
 if __name__ == "__main__":

@@ -162,40 +162,33 @@ def render(result: dict[str, Any]) -> str:
           f"median of {meta.get('reps', '?')}.\n\n" + common.md_table(["piece", "variant", "ms"], rows) + "\n")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="1p5b")
   p.add_argument("--seq-len", type=int, default=2048)
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--budget-s", type=float, default=0)
-  p.add_argument("--out", default=None)
-  p.add_argument("--markdown", default=None)
-  p.add_argument("--render", default=None)
   p.add_argument("--only", default="", help="comma list of piece groups to run: embed, lm_head, attention")
-  p.add_argument("--smoke", action="store_true")
-  args = p.parse_args(argv)
-  if args.render:
-    result = common.load_json(args.render)
-  else:
-    cfg = common.model_config(args.model)
-    block = common.load_config(args.model).tidar.block_size
-    if args.smoke:
-      cfg = common.model_config("tiny")
-      args.seq_len, args.batch, args.reps, block = 32, 1, 1, 8
-    shape = (f"{args.model if not args.smoke else 'tiny'} shape: batch {args.batch} x 2 x seq_len {args.seq_len} = "
-             f"{args.batch * 2 * args.seq_len} tokens, vocab {cfg.vocab_size}, d_model {cfg.d_model}, "
-             f"{cfg.num_heads}/{cfg.num_kv_heads} heads, block {block}")
-    rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps, "shape": shape})
-    run(rec, batch=args.batch, seq_len=args.seq_len, cfg=cfg, block=block, reps=args.reps,
-        deadline=common.Deadline(args.budget_s), on_cpu=jax.default_backend() == "cpu",
-        only=tuple(x for x in args.only.split(",") if x))
-    result = rec.result
-  text = render(result)
-  print(text)
-  if args.markdown:
-    common.append_markdown(args.markdown, text)
-  return result
+
+
+def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  cfg = common.model_config(args.model)
+  block = common.load_config(args.model).tidar.block_size
+  if args.smoke:
+    cfg = common.model_config("tiny")
+    args.seq_len, args.batch, args.reps, block = 32, 1, 1, 8
+  shape = (f"{args.model if not args.smoke else 'tiny'} shape: batch {args.batch} x 2 x seq_len {args.seq_len} = "
+           f"{args.batch * 2 * args.seq_len} tokens, vocab {cfg.vocab_size}, d_model {cfg.d_model}, "
+           f"{cfg.num_heads}/{cfg.num_kv_heads} heads, block {block}")
+  rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps, "shape": shape})
+  run(rec, batch=args.batch, seq_len=args.seq_len, cfg=cfg, block=block, reps=args.reps,
+      deadline=common.Deadline(args.budget_s), on_cpu=jax.default_backend() == "cpu",
+      only=tuple(x for x in args.only.split(",") if x))
+  return rec.result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  return common.cli(__doc__, add_args, measure_from_args, render, argv)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,7 @@ def render(result: dict[str, Any]) -> str:
           f"tokens per row.\n\n{table}\n")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--models", default="tiny,1p5b")
   p.add_argument("--seq-len", default="", help="comma list per model (default: tiny 256, others 2048)")
   p.add_argument("--batch", default="", help="comma list per model (default: tiny 8, others 2)")
@@ -142,36 +141,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--attention", default=None, help="override model.attention (dense|cudnn|auto)")
   p.add_argument("--budget-s", type=float, default=0)
   p.add_argument("--no-ceilings", action="store_true")
-  p.add_argument("--out", default=None)
-  p.add_argument("--markdown", default=None)
-  p.add_argument("--render", default=None)
-  p.add_argument("--smoke", action="store_true")
-  args = p.parse_args(argv)
-  if args.render:
-    result = common.load_json(args.render)
-  else:
-    if args.smoke:
-      # TiDAR only: the AR objective is the same code path, and CI time is short.
-      args.models, args.seq_len, args.batch, args.steps, args.objectives = "tiny", "32", "2", 1, "tidar"
-    models = args.models.split(",")
-    defaults = {"tiny": (256, 8)}
-    seqs = [int(x) for x in args.seq_len.split(",")] if args.seq_len else [defaults.get(m, (2048, 2))[0] for m in models]
-    batches = [int(x) for x in args.batch.split(",")] if args.batch else [defaults.get(m, (2048, 2))[1] for m in models]
-    seqs += seqs[-1:] * (len(models) - len(seqs))
-    batches += batches[-1:] * (len(models) - len(batches))
-    meta = {**common.device_info(), "steps": args.steps, "peak_tflops": common.H100_BF16_PEAK_TFLOPS}
-    if not args.no_ceilings and not args.smoke:
-      meta["matmul"] = common.matmul_rate()
-    rec = common.Recorder(args.out, meta)
-    run(rec, models=models, seqs=seqs, batches=batches, objectives=args.objectives.split(","), steps=args.steps,
-        overrides={"remat": args.remat, "attention": args.attention}, deadline=common.Deadline(args.budget_s),
-        keep_last=args.smoke)
-    result = rec.result
-  text = render(result)
-  print(text)
-  if args.markdown:
-    common.append_markdown(args.markdown, text)
-  return result
+
+
+def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  if args.smoke:
+    # TiDAR only: the AR objective is the same code path, and CI time is short.
+    args.models, args.seq_len, args.batch, args.steps, args.objectives = "tiny", "32", "2", 1, "tidar"
+  models = args.models.split(",")
+  defaults = {"tiny": (256, 8)}
+  seqs = [int(x) for x in args.seq_len.split(",")] if args.seq_len else [defaults.get(m, (2048, 2))[0] for m in models]
+  batches = [int(x) for x in args.batch.split(",")] if args.batch else [defaults.get(m, (2048, 2))[1] for m in models]
+  seqs += seqs[-1:] * (len(models) - len(seqs))
+  batches += batches[-1:] * (len(models) - len(batches))
+  meta = {**common.device_info(), "steps": args.steps, "peak_tflops": common.H100_BF16_PEAK_TFLOPS}
+  if not args.no_ceilings and not args.smoke:
+    meta["matmul"] = common.matmul_rate()
+  rec = common.Recorder(args.out, meta)
+  run(rec, models=models, seqs=seqs, batches=batches, objectives=args.objectives.split(","), steps=args.steps,
+      overrides={"remat": args.remat, "attention": args.attention}, deadline=common.Deadline(args.budget_s),
+      keep_last=args.smoke)
+  return rec.result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  return common.cli(__doc__, add_args, measure_from_args, render, argv)
 
 
 def run(rec: common.Recorder, *, models: list[str], seqs: list[int], batches: list[int], objectives: list[str],
