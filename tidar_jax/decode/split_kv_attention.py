@@ -1,7 +1,7 @@
 """Split-KV ("flash-decoding") attention of one decode step's T queries over the KV cache (Pallas).
 
 cuDNN's flash kernel parallelises over (batch, heads, query tiles) only: a TiDAR step at batch 1
-(T = k + k² queries) over a 2k-slot cache runs 36 CTAs on 132 SMs and is 40% of the step
+(T = k + k² queries) over a 2k-slot cache runs 36 CTAs on 132 SMs and was 40% of the step
 (BENCHMARKS.md). Here the grid also splits the keys, and the query heads sharing a KV head are
 packed into the rows of one tile (GQA), so each program reads its KV slice once for all of them:
 
@@ -16,7 +16,7 @@ u < prefix[t] and lo[t] <= u < hi[t]. That is AR ([[True]]) and TiDAR's `masks.d
 three int vectors in-kernel instead of reading a [T, max_len] mask per layer.
 
 Requirements (checked by `supported`): the cache's slot count is a multiple of the key block (the
-decode loop's default `max_len` is a multiple of `loop.CACHE_ALIGN`) and lengths + T <= max_len (the
+decode loop allocates max_len rounded up to `loop.CACHE_ALIGN`) and lengths + T <= max_len (the
 host check of `loop.check_request`). Runs compiled on a GPU (Triton) and interpreted elsewhere
 (tests compare it with the dense attention on CPU).
 """
