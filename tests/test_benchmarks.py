@@ -97,6 +97,6 @@ def test_step_matmuls(out):
   from benchmarks import step_matmuls
   result = run(step_matmuls, out, "step_matmuls")
   recs = [r for r in result["records"] if "us_per_matrix" in r]
-  assert {r["matrix"] for r in recs} == {"q/k/v", "o", "gate/up", "down"}
+  assert {r["matrix"] for r in recs} == {"q/k/v", "down"}  # the smoke run's two shapes
   assert any(r["variant"].startswith("Pallas") for r in recs)
   assert all(r["max_abs_err_vs_xla"] < 0.1 for r in recs)  # bf16 rounding of sums over <= 384 terms
