@@ -163,7 +163,7 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   layers = args.layers or cfg.num_layers
   batches, kvs, blocks = ([int(x) for x in s.split(",")] for s in (args.batch, args.kv, args.blocks))
   if args.smoke:
-    layers, batches, kvs, blocks, args.reps = 2, [1], [40], [0, 2], 1
+    layers, batches, kvs, blocks, args.reps = 2, [1], [40], [2], 1
   shape = (f"{model} shape: {cfg.num_heads}/{cfg.num_kv_heads} heads x {cfg.head_dim}, {layers} layers, "
            f"cache slots = KV + step tokens rounded up to {loop.CACHE_ALIGN}")
   rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps, "shape": shape})

@@ -28,7 +28,6 @@ def test_interval_form_rebuilds_the_step_masks_and_refuses_others():
 
 
 @pytest.mark.parametrize("k,heads,kv_heads,row_tile,splits", [
-    (0, 4, 2, 0, 0),  # AR step, GQA, default tiling
     (0, 2, 2, 0, 5),  # AR, MHA, more splits than live key blocks for the short row
     (3, 4, 2, 16, 3),  # TiDAR k=3: T=12, 24 rows per KV head -> 2 row tiles
     (4, 6, 2, 0, 2),  # TiDAR k=4: T=20, group 3 -> 60 rows, one 64-row tile with padding
