@@ -75,6 +75,7 @@ NOTES_MD = "NOTES.md"  # optional, hand-written: rendered into RESULTS.md
 SMOKE_CONFIG = {
     "data.dataset": "text_files", "data.source": os.path.join(ROOT, "tidar_jax"),
     "data.validation_fraction": 0.2,
+    "data.window_shuffle": 16,  # not tiny's 1024: filling that first window alone takes seconds per run
     "model.vocab_size": 384, "model.d_model": 32, "model.num_layers": 2, "model.num_heads": 2,
     "model.num_kv_heads": 1, "model.head_dim": 16, "model.mlp_dim": 64, "model.dtype": "float32",
     "model.param_dtype": "float32", "model.attention": "dense", "model.remat": "none",

@@ -5,7 +5,22 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """XLA's expensive backend (LLVM) optimisations off for one module's compilations, for modules
+  whose time is mostly CPU compilation of small programs that then run for milliseconds (the
+  trainer end to end). Like FAST_COMPILE in test_mesh_training.py, it changes code generation only,
+  not the program: results move by float rounding at most, and the modules using it compare runs
+  compiled the same way. Subprocesses get the same with JAX_DISABLE_MOST_OPTIMIZATIONS=1.
+  Use it as `pytestmark = pytest.mark.usefixtures("fast_compile")`."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)

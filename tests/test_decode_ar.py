@@ -23,6 +23,9 @@ MASK_ID = CFG.vocab_size - 1
 M_AR = 23  # AR runs here; test_decode_tidar.py decodes 15 tokens and uses 8 more as oracle drafts
 PROMPT_LENGTHS = np.array([3, 9, 1, 14])  # one prompt bucket (16), different lengths in one batch
 GREEDY = SamplingParams(temperature=0.0)
+# Compilation is most of this module's time, the decoders then run for milliseconds: compiled without
+# XLA's expensive backend optimisations (conftest.fast_compile), which change no program.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def random_params(cfg: ModelConfig, seed: int, std: float):

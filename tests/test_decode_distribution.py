@@ -1,7 +1,7 @@
 """TiDAR sampling emits exactly the AR law: end-to-end through the decoder, on a tiny-vocab model.
 
 A random 8-token model whose AR and diffusion distributions both depend on the context decodes
-2^17 rows (one batched call, one key per row) with k = 3 and max_new_tokens = 3. Two laws are
+2^17 rows (one compiled program, one key per row) with k = 3 and max_new_tokens = 3. Two laws are
 checked against exact values computed by enumeration with uncached forwards over every prefix:
 - the joint law of the first 3 generated tokens == the AR law with the same logits processing;
 - the acceptance outcome: a1 (accepted drafts in the first step) when a1 >= 1 (the row is then
@@ -38,6 +38,7 @@ OUTCOMES = ("a1=1", "a1=2", "a1=0,a2=0", "a1=0,a2=1", "a1=0,a2=2")
 PARAMS = dict(seed=3, std=0.3)
 CONTROLS = ("always_accept", "residual_from_p", "wrong_q", "wrong_block")
 CONTROL_SAMPLES = 2**15  # per broken decoder: failing with fewer samples than N_SAMPLES is the stronger result
+CHUNK = 2**14  # rows per decoder call (see `decode`)
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +48,27 @@ def params():
 
 def decode(params, sampling: SamplingParams, faults: list[str]):
   """(first 3 tokens [rows, 3], acceptance outcome index [rows]) of one batched TiDAR run, one row
-  per entry of `faults` ("" = the correct decoder)."""
+  per entry of `faults` ("" = the correct decoder), one key per row. The rows are decoded CHUNK at a
+  time by one compiled program (the fault-knob one for every chunk if any row is broken): one call
+  over all 2^17-2^18 rows peaks near 20 GB of host memory (cache slots are padded to 128), a chunk
+  under 2 GB, at the same rows per second."""
   rows, n = len(faults), len(PROMPT)
+  assert rows % CHUNK == 0, rows
   keys = jax.random.split(jax.random.key(11), rows)
-  out = generate_tidar(params, CFG, np.broadcast_to(PROMPT, (rows, n)), np.full(rows, n), max_new_tokens=NEW,
-                       sampling=sampling, key=keys, eos_id=None, mask_id=MASK_ID, block_size=K,
-                       max_len=n + NEW + K + K * K, _faults=faults if any(faults) else None)
-  hist = np.asarray(out.stats.accepted_hist)  # [rows, K]
+  knob = any(faults)
+  chunks = []
+  for a in range(0, rows, CHUNK):
+    out = generate_tidar(params, CFG, np.broadcast_to(PROMPT, (CHUNK, n)), np.full(CHUNK, n), max_new_tokens=NEW,
+                         sampling=sampling, key=keys[a:a + CHUNK], eos_id=None, mask_id=MASK_ID, block_size=K,
+                         max_len=n + NEW + K + K * K, _faults=faults[a:a + CHUNK] if knob else None)
+    chunks.append([np.asarray(x) for x in (out.tokens, out.lengths, out.stats.accepted_hist)])
+  tokens, lengths, hist = (np.concatenate(x) for x in zip(*chunks))  # hist [rows, K]
   steps = hist.sum(1)
-  assert np.all(np.asarray(out.lengths) == NEW) and set(np.unique(steps)) <= {1, 2}
+  assert np.all(lengths == NEW) and set(np.unique(steps)) <= {1, 2}
   assert np.all(hist[steps == 1, 0] == 0)  # a1 = 0 leaves 2 < 3 tokens: a second step always follows
   a2 = np.where(hist[:, 0] == 2, 0, np.argmax(hist[:, 1:], axis=1) + 1)
   outcome = np.where(steps == 1, np.argmax(hist, axis=1) - 1, 2 + a2)
-  return np.asarray(out.tokens), outcome
+  return tokens, outcome
 
 
 @jax.jit
@@ -121,7 +130,7 @@ def check(tokens, outcome, sampling) -> tuple[stats.CountCheck, stats.CountCheck
 
 @pytest.fixture(scope="module")
 def top_k_rows(params):
-  """One batched call: N_SAMPLES correct rows, then CONTROL_SAMPLES rows per broken decoder (rows are
+  """One batched run: N_SAMPLES correct rows, then CONTROL_SAMPLES rows per broken decoder (rows are
   independent: batch invariance is tested in test_decode_tidar.py). {fault: (tokens, outcomes)}."""
   groups = [("", N_SAMPLES)] + [(fault, CONTROL_SAMPLES) for fault in CONTROLS]
   tokens, outcome = decode(params, TOP_K, [fault for fault, rows in groups for _ in range(rows)])

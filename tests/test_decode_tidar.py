@@ -27,6 +27,9 @@ from tidar_jax.model import Transformer
 
 M = 15  # max_new_tokens of the TiDAR runs; the AR reference runs M_AR = M + 8 (oracle drafts past M)
 SAMPLED = SamplingParams(temperature=1.0, top_k=12)
+# Compilation is most of this module's time, the decoders then run for milliseconds: compiled without
+# XLA's expensive backend optimisations (conftest.fast_compile), which change no program.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,9 @@ from tidar_jax.tokenizer import train_bpe
 TEXTS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n", "x = [1, 2, 3]\n"]
 PROMPTS = ["def add(a, b):", "x", "for i in range(10):\n    print("]  # three lengths, batches of 2
 NEW = 10
+# Compilation is most of this module's time, the decoders then run for milliseconds: compiled without
+# XLA's expensive backend optimisations (conftest.fast_compile), which change no program.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,9 @@ MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)]
 # these tests check (results move by float rounding, ~1e-7); skipping it halves each CPU compile.
 # The tests pass with the default level too.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+# The same for the compilations these tests do not jit themselves (create_train_state's init,
+# checkpointing's slices): conftest.fast_compile.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def mesh_config(data=1, fsdp=1, tensor=1):

@@ -1,6 +1,7 @@
 """benchmarks/reproduce.py (issue 8): the --smoke reproduction trains AR-only and TiDAR with the
 project's trainer on CPU, evaluates likelihood and decoding, and renders RESULTS.md; plus its
-argument checks. Training runs once for the module."""
+argument checks. Training runs once for the module, compiled without XLA's expensive backend
+optimisations (conftest.fast_compile): nearly all of a smoke run is compilation."""
 
 import importlib.util
 import json
@@ -10,6 +11,8 @@ import os
 import pytest
 
 from benchmarks import reproduce
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """End-to-end training: exact resume (data order included), corrupt-checkpoint fallback, SIGTERM,
-gradient accumulation, bad workdir. A small text_files corpus keeps each run to seconds."""
+gradient accumulation, bad workdir. A small text_files corpus keeps each run to seconds.
+Most of each run is XLA compilation: the module compiles without XLA's expensive backend
+optimisations (conftest.fast_compile; every comparison here is between runs compiled the same way)."""
 
 import os
 import shutil
@@ -16,6 +18,13 @@ from configs import tiny
 from tidar_jax import checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Packed windows shuffled together. Not the tiny config's 1024, whose first window alone tokenizes
+# ~1000 windows (seconds per run) and covers the whole 32-window run: with 12, the step-2 resume point
+# (window 16) lies inside a shuffle group and steps 3-4 cross into the next one, which the exact-resume
+# test must then reproduce too.
+WINDOW_SHUFFLE = 12
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def small_config(data_dir: str, **train_overrides):
@@ -24,6 +33,7 @@ def small_config(data_dir: str, **train_overrides):
   c.data.source = os.path.join(ROOT, "tidar_jax")
   c.data.data_dir = data_dir
   c.data.validation_fraction = 0.2
+  c.data.window_shuffle = WINDOW_SHUFFLE
   c.model.vocab_size = 384
   c.model.d_model = 32
   c.model.num_layers = 2
@@ -97,12 +107,12 @@ def test_export_and_load_for_inference(uninterrupted, tmp_path):
 
 
 def test_grad_accumulation_matches_full_batch(uninterrupted, tmp_path):
-  base, _, _ = uninterrupted
-  one = train.train_and_evaluate(small_config(str(base / "data"), steps=2, checkpoint_every=100),
-                                 str(tmp_path / "a"))
-  two = train.train_and_evaluate(small_config(str(base / "data"), steps=2, checkpoint_every=100, grad_accum=2),
+  """The same 4 steps with 2 micro-batches per step end at the uninterrupted (full-batch) run's params."""
+  base, config, out = uninterrupted
+  two = train.train_and_evaluate(small_config(str(base / "data"), grad_accum=2, checkpoint_every=100),
                                  str(tmp_path / "b"))
-  for x, y in zip(jax.tree.leaves(_params(one["state"])), jax.tree.leaves(_params(two["state"]))):
+  assert (two["step"], config.train.grad_accum) == (out["step"], 1)
+  for x, y in zip(jax.tree.leaves(_params(out["state"])), jax.tree.leaves(_params(two["state"]))):
     np.testing.assert_allclose(x, y, atol=2e-5)
 
 
@@ -123,6 +133,7 @@ def test_sigterm_leaves_restorable_checkpoint(uninterrupted, tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "tidar_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
          "--config.data.dataset=text_files", f"--config.data.source={ROOT}/tidar_jax",
+         f"--config.data.window_shuffle={WINDOW_SHUFFLE}",
          f"--config.data.data_dir={base / 'data'}", "--config.data.validation_fraction=0.2",
          "--config.model.vocab_size=384", "--config.model.d_model=32", "--config.model.num_layers=2",
          "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
@@ -130,7 +141,8 @@ def test_sigterm_leaves_restorable_checkpoint(uninterrupted, tmp_path):
          "--config.train.batch_size=4", "--config.train.steps=100000", "--config.train.warmup_steps=1",
          "--config.train.log_every=1", "--config.train.eval_every=100000", "--config.train.eval_batches=1",
          "--config.train.checkpoint_every=100000"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  # One device; compiled like this module's in-process runs (conftest.fast_compile).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 240
