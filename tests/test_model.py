@@ -176,3 +176,36 @@ def test_tied_head_uses_embedding():
   h = jax.random.normal(jax.random.key(2), (3, cfg.d_model))
   logits = Transformer(cfg).apply(p, h, method=Transformer.logits)
   np.testing.assert_allclose(logits, h @ nn.unbox(p)["params"]["embed"]["embedding"].T, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab_major", [True, False], ids=["tied", "untied"])
+def test_lm_head_backward_runs_in_the_compute_dtype(vocab_major):
+  """The LM head's forward is the fp32-accumulated einsum; its backward casts the fp32 cotangent to
+  the compute dtype, so both backward matmuls take bf16 inputs (no fp32/TF32 GEMM over the vocab),
+  with gradients equal to fp32 autodiff up to that rounding (exactly equal in fp32)."""
+  from tidar_jax.model import lm_head_logits
+  spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+  shape = (96, 32) if vocab_major else (32, 96)
+  h32 = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  w32 = jax.random.normal(jax.random.key(1), shape) * 0.1
+  g = jax.random.normal(jax.random.key(2), (2, 5, 96))
+
+  def reference(h, w):  # plain autodiff of the same forward
+    return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
+
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+    h, w = h32.astype(dtype), w32.astype(dtype)
+    out, vjp = jax.vjp(lambda h, w: lm_head_logits(h, w, vocab_major), h, w)
+    want, vjp_ref = jax.vjp(lambda h, w: reference(h.astype(jnp.float32), w.astype(jnp.float32)), h, w)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, want, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6, atol=1e-5)
+    for got, ref in zip(vjp(g), vjp_ref(g)):
+      assert got.dtype == dtype
+      scale = float(jnp.max(jnp.abs(ref)))
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=tol * scale)
+
+  h, w = h32.astype(jnp.bfloat16), w32.astype(jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda h, w: lm_head_logits(h, w, vocab_major).sum(), argnums=(0, 1)))(h, w)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) >= 2  # the two backward matmuls (the forward's may sit inside the custom_vjp call)
+  assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), [e.invars for e in dots]

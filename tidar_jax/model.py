@@ -14,6 +14,7 @@ checkpoint layout serves both (`scan_layers=False` fully unrolls the same scan).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -57,6 +58,40 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Arra
   return (y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def lm_head_logits(hidden: jax.Array, table: jax.Array, vocab_major: bool) -> jax.Array:
+  """[..., d_model] @ the head table ([vocab, d_model] if vocab_major (tied) else [d_model, vocab])
+  -> [..., vocab] logits, accumulated and returned in fp32.
+
+  The backward casts the fp32 logits' cotangent to the compute dtype first. Left to autodiff, both
+  backward matmuls of the [tokens, vocab] cotangent would run in fp32 (TF32 GEMMs on a GPU: 24 of
+  244 ms of a 1p5b TiDAR train step on an H100, BENCHMARKS.md); in bf16 they run at the bf16 rate,
+  with fp32 accumulation, as every other matmul of the step does.
+  """
+  spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+  return jnp.einsum(spec, hidden, table, preferred_element_type=jnp.float32)
+
+
+def _lm_head_fwd(hidden, table, vocab_major):
+  return lm_head_logits(hidden, table, vocab_major), (hidden, table)
+
+
+def _lm_head_bwd(vocab_major, res, g):  # g [..., vocab] fp32
+  hidden, table = res
+  g = g.astype(hidden.dtype)
+  f32 = jnp.float32
+  if vocab_major:
+    d_hidden = jnp.einsum("...v,vd->...d", g, table, preferred_element_type=f32)
+    d_table = jnp.einsum("...v,...d->vd", g, hidden, preferred_element_type=f32)
+  else:
+    d_hidden = jnp.einsum("...v,dv->...d", g, table, preferred_element_type=f32)
+    d_table = jnp.einsum("...d,...v->dv", hidden, g, preferred_element_type=f32)
+  return d_hidden.astype(hidden.dtype), d_table.astype(table.dtype)
+
+
+lm_head_logits.defvjp(_lm_head_fwd, _lm_head_bwd)
+
+
 class RMSNorm(nn.Module):
   eps: float
   dtype: Any
@@ -91,9 +126,12 @@ class Proj(nn.Module):
     kernel = self.param("kernel", _init(nn.initializers.normal(0.02), self.kernel_axes),
                         in_shape + self.features, c.weight_dtype)
     n = self.contract
-    dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
-    y = jax.lax.dot_general(x.astype(c.compute_dtype), kernel.astype(c.compute_dtype), dims,
-                            preferred_element_type=jnp.float32 if self.fp32_out else None)
+    if self.fp32_out:  # the untied LM head
+      assert n == 1 and len(self.features) == 1, "fp32_out is the LM head's [d_model, vocab] matmul"
+      y = lm_head_logits(x.astype(c.compute_dtype), kernel.astype(c.compute_dtype), False)
+    else:
+      dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+      y = jax.lax.dot_general(x.astype(c.compute_dtype), kernel.astype(c.compute_dtype), dims)
     if self.bias_axes is not None:
       bias = self.param("bias", _init(nn.initializers.zeros, self.bias_axes), self.features, c.weight_dtype)
       y = y + bias.astype(c.compute_dtype).reshape((1,) * (y.ndim - len(self.features)) + self.features)
@@ -227,7 +265,7 @@ class Transformer(nn.Module):
     """LM head: [..., d_model] -> [..., vocab] fp32 (apply it only to the rows you need)."""
     if self.cfg.tie_embeddings:
       table = jnp.asarray(self.embed.embedding, self.cfg.compute_dtype)  # [vocab, d_model]
-      return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+      return lm_head_logits(hidden, table, True)
     return self.lm_head(hidden)
 
 
