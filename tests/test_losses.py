@@ -82,6 +82,38 @@ def test_structured_attention_equals_dense_training_mask(kv_heads, block_size):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [4, 8, 16])
+def test_mask_half_by_chunks_equals_dense_training_mask(chunk):
+  """The cuDNN layout of the mask half (query chunks as batch entries over the clean prefix up to the
+  chunk's end + its own mask tokens, padded key slots cut by key length), run through XLA's kernel
+  here: == the dense training mask's mask-half rows, values and gradients. chunk 16 = L: one call."""
+  B, L, H, Hkv, D, k = 2, 16, 4, 2, 8, 4
+  q, kk, v = (jax.random.normal(jax.random.key(i), (B, 2 * L, h, D)) for i, h in enumerate((H, Hkv, Hkv)))
+  mask = jnp.broadcast_to(jnp.asarray(masks.training_mask(L, k)), (B, 2 * L, 2 * L))
+
+  def chunked(q, kk, v):
+    return attention.mask_half_attention(q, kk, v, k, chunk, "xla")
+
+  def dense(q, kk, v):
+    return attention.dot_product_attention(q, kk, v, mask)[:, L:]
+
+  cotangent = jax.random.normal(jax.random.key(9), (B, L, H, D))
+  out_c, vjp_c = jax.vjp(jax.jit(chunked), q, kk, v)
+  out_d, vjp_d = jax.vjp(jax.jit(dense), q, kk, v)
+  np.testing.assert_allclose(out_c, out_d, atol=1e-6)
+  for a, b in zip(vjp_c(cotangent), vjp_d(cotangent)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_mask_half_chunk_choice():
+  assert masks.mask_half_chunk(2048, 16) == 256  # 8 chunks of whole blocks and whole 64-key tiles
+  assert masks.mask_half_chunk(16, 4) == 16  # nothing 64-aligned divides 16: one chunk
+  assert masks.mask_half_chunk(3072, 48) == 384  # tiles of lcm(48, 64) = 192 slots; 384 gives 8 chunks
+  assert masks.mask_half_chunk(4096, 48) == 4096  # 192 does not divide 4096: one chunk
+  with pytest.raises(ValueError, match="chunk=6"):
+    masks.mask_half_chunks(16, 4, 6)
+
+
 def test_structured_model_loss_and_gradients_equal_the_dense_mask():
   """The whole TiDAR loss through the model (qk-norm, QKV bias) with structured attention == with the
   dense training mask; gradients finite and nonzero."""
