@@ -113,16 +113,19 @@ def _kernel(len_ref, pre_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
   hi = (length + hi_ref[...])[:, None]
   rows, head_dim = q.shape
 
-  def body(block, carry):
+  def step(block, carry, masked: bool):
     o, m, l = carry  # [rows, head_dim], [rows], [rows] fp32
     start = block * block_k
     k = k_ref[pl.ds(start, block_k), :]
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-    slot = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-    visible = (slot < pre) | ((slot >= lo) & (slot < hi))
-    s = jnp.where(visible, s, _MASKED)
+    if masked:
+      slot = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+      visible = (slot < pre) | ((slot >= lo) & (slot < hi))
+      s = jnp.where(visible, s, _MASKED)
     m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+    p = jnp.exp(s - m_new[:, None])
+    if masked:
+      p = jnp.where(visible, p, 0.0)
     rescale = jnp.exp(m - m_new)
     v = v_ref[pl.ds(start, block_k), :]
     o = o * rescale[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -130,7 +133,11 @@ def _kernel(len_ref, pre_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
 
   init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASKED, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
-  o, m, l = jax.lax.fori_loop(first, last, body, init)
+  # Blocks wholly inside the committed slots are visible to every row: no mask arithmetic there
+  # (most of a step's blocks); only the blocks holding the step's own tokens are masked.
+  committed = jnp.clip(length // block_k, first, last)
+  carry = jax.lax.fori_loop(first, committed, functools.partial(step, masked=False), init)
+  o, m, l = jax.lax.fori_loop(committed, last, functools.partial(step, masked=True), carry)
   o_ref[...] = o
   m_ref[...] = m
   l_ref[...] = l
