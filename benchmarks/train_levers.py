@@ -6,10 +6,13 @@ at the 1p5b TiDAR shape (forward + backward under one jit), each against alterna
 
   * embedding gradient: the scatter-add that `jnp.take`'s transpose makes into the fp32 [V, d] table
     vs a one-hot matmul, and vs sorting the token ids first (sorted segment sum);
-  * LM head + cross-entropy: fp32 logits (as the model: the cotangent is fp32, so both backward
-    matmuls run as fp32/tf32 GEMMs) vs bf16 logits with the log-sum-exp in fp32;
-  * attention over the doubled sequence with the TiDAR mask: cuDNN with the boolean mask (as the
-    model), cuDNN causal (the AR-only mask, no bias tensor: a lower bound), and XLA's dense path.
+  * LM head + cross-entropy: fp32 logits left to autodiff (the fp32 cotangent makes both backward
+    matmuls fp32/TF32 GEMMs), the model's `lm_head_logits` (fp32 logits, backward in bf16), and
+    bf16 logits with the log-sum-exp in fp32;
+  * attention over the doubled sequence with the TiDAR mask: cuDNN with the dense boolean mask, cuDNN
+    causal (the AR-only mask, no bias tensor: a lower bound), the model's structured path (causal
+    clean half + the mask half in query chunks, `attention.mask_half_attention`) at several chunk
+    sizes incl. one [L, 2L] call, and XLA's dense path.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from tidar_jax import masks
+from tidar_jax import attention, masks
+from tidar_jax.model import lm_head_logits
 
 
 def _time(fn: Callable, args: tuple, reps: int) -> tuple[float, float]:
@@ -95,9 +99,16 @@ def lm_head_cases(n_tokens: int, vocab: int, d: int, seed: int = 0):
     logits = jnp.einsum("nd,vd->nv", h, table, preferred_element_type=logits_dtype).astype(jnp.float32)
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0])
 
+  def loss_model(h, table):  # the model's head: fp32 logits, backward in bf16 (model.lm_head_logits)
+    logits = lm_head_logits(h, table, True)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0])
+
   f32 = jax.jit(jax.grad(lambda h, t: loss(h, t, jnp.float32), argnums=(0, 1)))
   bf16 = jax.jit(jax.grad(lambda h, t: loss(h, t, jnp.bfloat16), argnums=(0, 1)))
-  return {"fp32 logits (as now)": (f32, (h, table)), "bf16 logits, fp32 log-sum-exp": (bf16, (h, table))}
+  model = jax.jit(jax.grad(loss_model, argnums=(0, 1)))
+  return {"fp32 logits, fp32 backward (before)": (f32, (h, table)),
+          "fp32 logits, backward in bf16 (as now: model.lm_head_logits)": (model, (h, table)),
+          "bf16 logits, fp32 log-sum-exp": (bf16, (h, table))}
 
 
 def attention_cases(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, block: int, seed: int = 0):
@@ -116,9 +127,24 @@ def attention_cases(batch: int, seq_len: int, heads: int, kv_heads: int, head_di
       return jnp.sum(out.astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
 
-  cases = {"cuDNN, TiDAR boolean mask (as now)": (make("cudnn", True, False), (q, k, v)),
+  def structured(chunk):  # the model's path: clean half causal + the mask half in query chunks
+    def f(q, k, v):
+      clean = jax.nn.dot_product_attention(q[:, :seq_len], k[:, :seq_len], v[:, :seq_len], is_causal=True,
+                                           implementation="cudnn")
+      out = jnp.concatenate([clean, attention.mask_half_attention(q, k, v, block, chunk, "cudnn")], axis=1)
+      return jnp.sum(out.astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+
+  default = masks.mask_half_chunk(seq_len, block)
+  cases = {"cuDNN, dense [2L, 2L] TiDAR boolean mask": (make("cudnn", True, False), (q, k, v)),
            "cuDNN, causal (AR mask, no bias: lower bound)": (make("cudnn", False, True), (q, k, v)),
-           "XLA dense, TiDAR boolean mask": (make("xla", True, False), (q, k, v))}
+           "cuDNN causal clean half + one [L, 2L] mask-half call (before)": (structured(seq_len), (q, k, v))}
+  for chunk in sorted({default, 2 * default, default // 2} - {seq_len}, reverse=True):
+    if chunk >= block and seq_len % chunk == 0 and chunk % block == 0:
+      tag = " (as now)" if chunk == default else ""
+      cases[f"cuDNN causal clean half + mask half in {seq_len // chunk} chunks of {chunk}{tag}"] = (
+          structured(chunk), (q, k, v))
+  cases["XLA dense, TiDAR boolean mask"] = (make("xla", True, False), (q, k, v))
   return cases
 
 
@@ -138,6 +164,9 @@ def run(rec: common.Recorder, *, batch: int, seq_len: int, cfg, block: int, reps
     if only and key not in only:
       continue
     cases = make()
+    # every case returns the same gradients: check each against the last case (XLA's or fp32's)
+    ref_fn, ref_args = list(cases.values())[-1 if key == "attention" else 0]
+    reference = jax.tree.leaves(ref_fn(*ref_args)) if not deadline.spent() else None
     for name, (fn, args) in cases.items():
       label = {"group": group, "case": name, "tokens": n}
       if deadline.spent():
@@ -149,17 +178,28 @@ def run(rec: common.Recorder, *, batch: int, seq_len: int, cfg, block: int, reps
         rec.add({**label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(f"[train_levers] {group} / {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
         continue
-      rec.add({**label, "ms": t * 1e3, "first_call_s": first})
+      err = None
+      if reference is not None:
+        got = jax.tree.leaves(fn(*args))
+        err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                  / max(float(jnp.max(jnp.abs(b.astype(jnp.float32)))), 1e-30) for a, b in zip(got, reference))
+      rec.add({**label, "ms": t * 1e3, "first_call_s": first, "max_rel_err_vs_reference": err})
       print(f"[train_levers] {group} / {name}: {t * 1e3:.2f} ms", flush=True)
     del cases
 
 
 def render(result: dict[str, Any]) -> str:
   meta = result["meta"]
-  rows = [[r["group"], r["case"], round(r["ms"], 2) if "ms" in r else (r.get("error") or r.get("skipped", ""))[:60]]
-          for r in result["records"]]
+  def err(r):
+    e = r.get("max_rel_err_vs_reference")
+    return "" if e is None else f"{e:.1e}"
+
+  rows = [[r["group"], r["case"], round(r["ms"], 2) if "ms" in r else (r.get("error") or r.get("skipped", ""))[:60],
+           err(r)] for r in result["records"]]
   return (f"### train_levers ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. {meta.get('shape', '')}; "
-          f"median of {meta.get('reps', '?')}.\n\n" + common.md_table(["piece", "variant", "ms"], rows) + "\n")
+          f"median of {meta.get('reps', '?')}; gradients checked against the group's reference (attention: XLA "
+          f"dense; LM head: fp32 autodiff), max |Δ| ÷ max |reference|.\n\n"
+          + common.md_table(["piece", "variant", "ms", "max rel. Δ"], rows) + "\n")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
