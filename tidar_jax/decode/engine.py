@@ -99,21 +99,22 @@ def step_attention_mask(cache: KVCache, step_mask: np.ndarray) -> jax.Array:
 KERNELS = ("dense", "cudnn", "split_kv")
 
 
-# "auto" takes the split-KV kernel for steps of 2..SPLIT_KV_MAX_ROWS tokens over the whole batch.
-# Measured per layer at 1.5B on an H100 (BENCHMARKS.md `step_attention`): it beats cuDNN where
-# cuDNN's (batch x heads x query tiles) grid leaves SMs idle -- batch 1 TiDAR k=4/8/16, batch 8
-# k=4 -- and loses at a 1-token AR step and at batch 8 x k >= 8, where cuDNN's grid is full.
+# "auto" takes the split-KV kernel for steps of up to SPLIT_KV_MAX_ROWS tokens over the whole batch.
+# Measured at 1.5B on an H100 (BENCHMARKS.md `step_attention`, `decode_latency`): it beats cuDNN
+# where cuDNN's (batch x heads x query tiles) grid leaves SMs idle -- batch 1 TiDAR k=4/8/16, batch 8
+# k=4, and the 1-token AR step (15.6 vs 23 us per layer; AR step at batch 1 1.95 -> 1.91 ms, batch 8
+# 2.08 -> 1.99 ms) -- and loses at batch 8 x k >= 8, where cuDNN's grid is full.
 SPLIT_KV_MAX_ROWS = 288
 
 
 def attention_kernel(setting: str, dtype: Any, step_mask: np.ndarray, max_len: int, batch: int) -> str:
   """cfg.attention -> the step attention: "auto" is, on a GPU in 16-bit dtypes, the split-KV kernel
-  where it applies (the step mask has an interval form, max_len % 16 == 0) and pays (1 < T and
-  batch x T <= SPLIT_KV_MAX_ROWS), cuDNN otherwise; off the GPU it is always the dense einsum
-  (cuDNN has no CPU kernel; Triton neither)."""
+  where it applies (the step mask has an interval form, max_len % 16 == 0) and pays (batch x T <=
+  SPLIT_KV_MAX_ROWS), cuDNN otherwise; off the GPU it is always the dense einsum (cuDNN has no CPU
+  kernel; Triton neither)."""
   if setting == "auto":
     T = step_mask.shape[0]
-    if (auto_implementation(dtype) == "cudnn" and 1 < T and batch * T <= SPLIT_KV_MAX_ROWS
+    if (auto_implementation(dtype) == "cudnn" and batch * T <= SPLIT_KV_MAX_ROWS
         and split_kv_attention.supported(step_mask, max_len)):
       return "split_kv"
     return auto_implementation(dtype)
