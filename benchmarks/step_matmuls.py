@@ -1,10 +1,12 @@
-"""The AR step's weight matmuls alone, one row against each of the model's layer matrices (q/k/v
-fused, o, gate/up fused, down), every layer's own copy chained so the weights stream from HBM:
-XLA at one row (a GEMV fusion), XLA with the row padded to 16 (a GEMM kernel: what the decode
-engine does for small weights), and a Pallas (Triton) split-K GEMV sweep kept as evidence (it was
-not adopted: no better than the padding overall, BENCHMARKS.md).
+"""A decode step's weight matmuls alone, `rows` rows against each of the model's layer matrices
+(q/k/v fused, o, gate/up fused, down), every layer's own copy chained so the weights stream from
+HBM. One row (the AR step): XLA as is (a GEMV fusion), XLA with the row padded to 16 (a GEMM
+kernel: what the decode engine does for small weights), and a Pallas (Triton) split-K GEMV sweep
+kept as evidence (not adopted: no better than the padding overall, BENCHMARKS.md). More rows (a
+TiDAR step, --rows 72,272): XLA as is, padded to a multiple of 128 rows, and the weight stored
+transposed.
 
-    python -m benchmarks.step_matmuls --model 1p5b --out matmuls.json [--pallas]
+    python -m benchmarks.step_matmuls --model 1p5b --out matmuls.json [--pallas] [--rows 1,72,272]
     python -m benchmarks.step_matmuls --smoke
 """
 
@@ -59,9 +61,19 @@ def shapes(cfg) -> dict[str, tuple[int, int]]:
   return {"q/k/v": (d, (H + 2 * Hkv) * D), "o": (H * D, d), "gate/up": (d, 2 * F), "down": (F, d)}
 
 
-def variants(K: int, N: int, pallas: bool, interpret: bool) -> dict[str, Callable]:
-  out = {"XLA, 1 row": lambda x, w: x @ w,
-         "XLA, padded to 16 rows": lambda x, w: (jnp.pad(x, ((0, 15), (0, 0))) @ w)[:1]}
+def _padded(rows: int, to: int) -> Callable:
+  return lambda x, w: (jnp.pad(x, ((0, to - rows), (0, 0))) @ w)[:rows]
+
+
+def variants(K: int, N: int, pallas: bool, interpret: bool, rows: int = 1) -> dict[str, Callable]:
+  if rows > 1:  # a TiDAR step's k + k² rows: XLA as is, padded to a multiple of 128, and W^T stored
+    out = {f"XLA, {rows} rows": lambda x, w: x @ w}
+    to = -(-rows // 128) * 128
+    if to != rows:
+      out[f"XLA, {rows} rows padded to {to}"] = _padded(rows, to)
+    out[f"XLA, {rows} rows, weight stored transposed [N, K]"] = "transposed"
+    return out
+  out = {"XLA, 1 row": lambda x, w: x @ w, "XLA, padded to 16 rows": _padded(1, 16)}
   if pallas:
     for bn in (256, 128, 64) if interpret else (64, 128, 256):  # interpreted: fewest programs first
       for bk in (128, 256):
@@ -78,19 +90,24 @@ def variants(K: int, N: int, pallas: bool, interpret: bool) -> dict[str, Callabl
   return out
 
 
-def run(rec: common.Recorder, cfg, layers: int, reps: int, pallas: bool, deadline: common.Deadline) -> None:
+def run(rec: common.Recorder, cfg, layers: int, reps: int, pallas: bool, deadline: common.Deadline,
+        rows: int = 1) -> None:
   interpret = jax.default_backend() != "gpu"
   for name, (K, N) in shapes(cfg).items():
     if interpret and name not in ("q/k/v", "down"):  # off the GPU: one wide and one split-K shape suffice
       continue
     ws = [jax.random.normal(jax.random.key(i), (K, N), jnp.bfloat16) for i in range(layers)]
-    x = jax.random.normal(jax.random.key(layers), (1, K), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(layers), (rows, K), jnp.bfloat16)
     want = x @ ws[0]
-    for vname, fn in variants(K, N, pallas, interpret).items():
-      label = {"matrix": name, "K": K, "N": N, "layers": layers, "variant": vname}
+    for vname, fn in variants(K, N, pallas, interpret, rows).items():
+      label = {"matrix": name, "K": K, "N": N, "rows": rows, "layers": layers, "variant": vname}
       if deadline.spent():
         rec.add({**label, "skipped": "time budget"})
         continue
+      weights = ws
+      if fn == "transposed":  # the same matrices stored [N, K]; x @ W as a contraction over K
+        weights = [w.T.copy() for w in ws]
+        fn = lambda x, wt: jnp.einsum("rk,nk->rn", x, wt)  # noqa: E731
 
       @jax.jit
       def chain(x, ws, fn=fn):  # layer i's output (cut or padded to K) feeds layer i + 1
@@ -100,8 +117,8 @@ def run(rec: common.Recorder, cfg, layers: int, reps: int, pallas: bool, deadlin
         return x
 
       try:
-        err = float(jnp.max(jnp.abs(fn(x, ws[0]).astype(jnp.float32) - want.astype(jnp.float32))))
-        t = statistics.median(common.time_calls(lambda: chain(x, ws), reps, warmup=2))
+        err = float(jnp.max(jnp.abs(fn(x, weights[0]).astype(jnp.float32) - want.astype(jnp.float32))))
+        t = statistics.median(common.time_calls(lambda: chain(x, weights), reps, warmup=2))
       except Exception as e:  # noqa: BLE001  (a tiling Triton refuses is recorded, not fatal)
         rec.add({**label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         continue
@@ -118,10 +135,10 @@ def render(result: dict[str, Any]) -> str:
   for r in result["records"]:
     val = [round(r["us_per_matrix"], 1), round(r["GBps"])] if "us_per_matrix" in r else \
         [(r.get("error") or r.get("skipped", ""))[:60], ""]
-    rows.append([r["matrix"], f"{r['K']} x {r['N']}", r["variant"], *val])
+    rows.append([r["matrix"], f"{r.get('rows', 1)} x {r['K']} x {r['N']}", r["variant"], *val])
   return (f"### step_matmuls ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. {meta.get('shape', '')}; "
           f"median of {meta.get('reps', '?')} calls of all layers chained.\n\n"
-          + common.md_table(["matrix", "K x N", "variant", "µs per matrix", "GB/s of weights"], rows) + "\n")
+          + common.md_table(["matrix", "rows x K x N", "variant", "µs per matrix", "GB/s of weights"], rows) + "\n")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -129,6 +146,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--layers", type=int, default=0, help="0: the model's")
   p.add_argument("--reps", type=int, default=20)
   p.add_argument("--pallas", action="store_true", help="also sweep the Pallas split-K GEMV")
+  p.add_argument("--rows", default="1", help="comma list of input rows (a TiDAR step: k + k², e.g. 72, 272)")
   p.add_argument("--budget-s", type=float, default=0)
 
 
@@ -137,9 +155,11 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   cfg = common.model_config(model)
   layers = 2 if args.smoke else (args.layers or cfg.num_layers)
   reps = 1 if args.smoke else args.reps
-  shape = f"{model}: one row x each layer matrix (bf16), {layers} layers' copies"
+  shape = f"{model}: rows x each layer matrix (bf16), {layers} layers' copies"
   rec = common.Recorder(args.out, {**common.device_info(), "reps": reps, "shape": shape})
-  run(rec, cfg, layers, reps, args.pallas or args.smoke, common.Deadline(args.budget_s))
+  deadline = common.Deadline(args.budget_s)
+  for rows in [int(r) for r in args.rows.split(",")] + ([20] if args.smoke else []):
+    run(rec, cfg, layers, reps, (args.pallas or args.smoke) and rows == 1, deadline, rows)
   return rec.result
 
 
