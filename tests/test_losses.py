@@ -12,6 +12,8 @@ from tidar_jax import attention, losses, masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.model import Transformer, init_params
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound module (conftest.py)
+
 
 def _log_softmax(x):
   x = np.asarray(x, np.float64)
@@ -82,7 +84,7 @@ def test_structured_attention_equals_dense_training_mask(kv_heads, block_size):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [4, 8, 16])
+@pytest.mark.parametrize("chunk", [4, 16])
 def test_mask_half_by_chunks_equals_dense_training_mask(chunk):
   """The cuDNN layout of the mask half (query chunks as batch entries over the clean prefix up to the
   chunk's end + its own mask tokens, padded key slots cut by key length), run through XLA's kernel

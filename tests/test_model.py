@@ -14,6 +14,8 @@ from tidar_jax.config import ModelConfig
 from tidar_jax.decode import cache as cache_lib
 from tidar_jax.model import Transformer, init_params, rope
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound module (conftest.py)
+
 CFG = ModelConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                   mlp_dim=48, qkv_bias=True, qk_norm=True, tie_embeddings=False)
 L, K, MASK_ID = 16, 4, 49
