@@ -1,4 +1,4 @@
-"""Evidence for the train-step levers: the three pieces the train-step profile points at, timed alone
+"""Evidence for the train-step levers: the pieces the train-step profile points at, timed alone
 at the 1p5b TiDAR shape (forward + backward under one jit), each against alternatives.
 
     python -m benchmarks.train_levers --out runs/bench/train_levers.json --markdown BENCHMARKS.md
@@ -12,7 +12,8 @@ at the 1p5b TiDAR shape (forward + backward under one jit), each against alterna
   * attention over the doubled sequence with the TiDAR mask: cuDNN with the dense boolean mask, cuDNN
     causal (the AR-only mask, no bias tensor: a lower bound), the model's structured path (causal
     clean half + the mask half in query chunks, `attention.mask_half_attention`) at several chunk
-    sizes incl. one [L, 2L] call, and XLA's dense path.
+    sizes incl. one [L, 2L] call, and XLA's dense path;
+  * the parameter update: the trainer's optax chain + add vs one fused expression per parameter.
 """
 
 from __future__ import annotations
@@ -148,23 +149,67 @@ def attention_cases(batch: int, seq_len: int, heads: int, kv_heads: int, head_di
   return cases
 
 
+def optimizer_cases(cfg, train_cfg):
+  """The parameter update alone (clipping + AdamW + the add), as the trainer runs it, vs the same
+  math as one expression per parameter (p, g, mu, nu -> p', mu', nu'): is the optax chain's extra
+  pass over the parameters worth a fused optimizer of our own?"""
+  import optax
+
+  from tidar_jax.optimizer import _decay_mask, learning_rate_schedule, make_optimizer
+  from tidar_jax.train import create_train_state
+  tx = make_optimizer(train_cfg)
+  state = create_train_state(cfg, tx, 0, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state["params"])
+  sched, b1, b2 = learning_rate_schedule(train_cfg), train_cfg.adam_b1, train_cfg.adam_b2
+
+  @jax.jit
+  def trainer(state, grads):  # what make_train_step does after the gradients
+    updates, _ = tx.update(grads, state["opt_state"], state["params"])
+    return jax.tree.map(jnp.add, state["params"], updates)
+
+  @jax.jit
+  def fused(state, grads):
+    _, (adam, _, sched_state) = state["opt_state"]  # chain(clip, adamw) with the default adamw layout
+    count = (adam.count + 1).astype(jnp.float32)
+    scale = 1.0
+    if train_cfg.grad_clip > 0:
+      norm = optax.global_norm(grads)
+      scale = jnp.where(norm < train_cfg.grad_clip, 1.0, train_cfg.grad_clip / norm)
+    lr = sched(sched_state.count)
+
+    def leaf(p, g, mu, nu, decay):
+      g = g * scale
+      mu, nu = b1 * mu + (1 - b1) * g, b2 * nu + (1 - b2) * g * g
+      u = (mu / (1 - b1 ** count)) / (jnp.sqrt(nu / (1 - b2 ** count)) + 1e-8)
+      return p - lr * (u + train_cfg.weight_decay * p if decay else u), mu, nu
+
+    out = jax.tree.map(leaf, state["params"], grads, adam.mu, adam.nu, _decay_mask(state["params"]))
+    return jax.tree.map(lambda o: o[0], out, is_leaf=lambda x: isinstance(x, tuple))  # new params
+
+  return {"optax chain + tree add (as the trainer)": (trainer, (state, grads)),
+          "one fused expression per parameter": (fused, (state, grads))}
+
+
 def run(rec: common.Recorder, *, batch: int, seq_len: int, cfg, block: int, reps: int, deadline: common.Deadline,
-        on_cpu: bool, only: tuple[str, ...] = ()) -> None:
+        on_cpu: bool, only: tuple[str, ...] = (), train_cfg=None) -> None:
   n = batch * 2 * seq_len  # tokens through the model (TiDAR doubled sequence)
-  groups = [("embedding gradient, TiDAR ids (second half = the mask id)",
+  groups = [("embed", "embedding gradient, TiDAR ids (second half = the mask id)",
              lambda: embed_grad_cases(n, cfg.vocab_size, cfg.d_model)),
-            ("LM head + cross-entropy, forward + backward", lambda: lm_head_cases(n, cfg.vocab_size, cfg.d_model))]
+            ("embed", "embedding gradient, uniform random ids",
+             lambda: embed_grad_cases(n, cfg.vocab_size, cfg.d_model, tidar_ids=False)),
+            ("lm_head", "LM head + cross-entropy, forward + backward", lambda: lm_head_cases(n, cfg.vocab_size, cfg.d_model))]
   if not on_cpu:  # cuDNN is GPU-only
-    groups.append(("attention over the doubled sequence, forward + backward, one layer",
+    groups.append(("attention", "attention over the doubled sequence, forward + backward, one layer",
                    lambda: attention_cases(batch, seq_len, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block)))
-  groups.insert(1, ("embedding gradient, uniform random ids",
-                    lambda: embed_grad_cases(n, cfg.vocab_size, cfg.d_model, tidar_ids=False)))
-  keys = ["embed", "embed", "lm_head", "attention"]
-  for key, (group, make) in zip(keys, groups):
+  if train_cfg is not None:
+    groups.append(("optimizer", "parameter update (clipping + AdamW + add), all parameters",
+                   lambda: optimizer_cases(cfg, train_cfg)))
+  for key, group, make in groups:
     if only and key not in only:
       continue
     cases = make()
-    # every case returns the same gradients: check each against the last case (XLA's or fp32's)
+    # every case returns the same result: check each against the reference case (XLA's attention,
+    # fp32 autodiff of the LM head, the first of the others)
     ref_fn, ref_args = list(cases.values())[-1 if key == "attention" else 0]
     reference = jax.tree.leaves(ref_fn(*ref_args)) if not deadline.spent() else None
     for name, (fn, args) in cases.items():
@@ -197,8 +242,8 @@ def render(result: dict[str, Any]) -> str:
   rows = [[r["group"], r["case"], round(r["ms"], 2) if "ms" in r else (r.get("error") or r.get("skipped", ""))[:60],
            err(r)] for r in result["records"]]
   return (f"### train_levers ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. {meta.get('shape', '')}; "
-          f"median of {meta.get('reps', '?')}; gradients checked against the group's reference (attention: XLA "
-          f"dense; LM head: fp32 autodiff), max |Δ| ÷ max |reference|.\n\n"
+          f"median of {meta.get('reps', '?')}; results checked against the group's reference (attention: XLA "
+          f"dense; LM head: fp32 autodiff; others: the first case), max |Δ| ÷ max |reference|.\n\n"
           + common.md_table(["piece", "variant", "ms", "max rel. Δ"], rows) + "\n")
 
 
@@ -208,7 +253,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--budget-s", type=float, default=0)
-  p.add_argument("--only", default="", help="comma list of piece groups to run: embed, lm_head, attention")
+  p.add_argument("--only", default="", help="comma list of piece groups to run: embed, lm_head, attention, optimizer")
 
 
 def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,9 +266,10 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
            f"{args.batch * 2 * args.seq_len} tokens, vocab {cfg.vocab_size}, d_model {cfg.d_model}, "
            f"{cfg.num_heads}/{cfg.num_kv_heads} heads, block {block}")
   rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps, "shape": shape})
+  train_cfg = common.load_config("tiny" if args.smoke else args.model).train
   run(rec, batch=args.batch, seq_len=args.seq_len, cfg=cfg, block=block, reps=args.reps,
       deadline=common.Deadline(args.budget_s), on_cpu=jax.default_backend() == "cpu",
-      only=tuple(x for x in args.only.split(",") if x))
+      only=tuple(x for x in args.only.split(",") if x), train_cfg=train_cfg)
   return rec.result
 
 
