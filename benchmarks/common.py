@@ -59,10 +59,11 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
 
 
 def inference_config(name: str, *, dtype: str = "bfloat16", scan_layers: bool | None = None,
-                     attention: str | None = None) -> ModelConfig:
-  """Serving shape: weights and compute in `dtype`, no remat (attention: override model.attention)."""
+                     attention: str | None = None, decode_quant: str | None = None) -> ModelConfig:
+  """Serving shape: weights and compute in `dtype`, no remat (attention, decode_quant: override
+  model.attention, model.decode_quant)."""
   return model_config(name, dtype=dtype, param_dtype=dtype, remat="none", scan_layers=scan_layers,
-                      attention=attention)
+                      attention=attention, decode_quant=decode_quant)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, on_host: bool = False) -> Any:
@@ -132,10 +133,16 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
 def weight_bytes_read_per_step(cfg: ModelConfig, bytes_per_param: int = 2) -> int:
   """Bytes a decode step must read once: every weight, except that an untied input embedding is
-  only gathered (a few rows), not read whole. The LM head is read once."""
+  only gathered (a few rows), not read whole. The LM head is read once. With decode_quant="int8"
+  the layer matrices are 1 byte each (plus a 4-byte scale per output column)."""
   c = count_params(cfg)
   skip = 0 if cfg.tie_embeddings else c["embedding_table"]
-  return (c["total"] - skip) * bytes_per_param
+  total = (c["total"] - skip) * bytes_per_param
+  if cfg.decode_quant == "int8":
+    d, F, L = cfg.d_model, cfg.mlp_dim, cfg.num_layers
+    columns = L * ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + d + 2 * F + d)
+    total -= c["layer_matmul"] * (bytes_per_param - 1) - 4 * columns
+  return total
 
 
 def kv_bytes_per_token(cfg: ModelConfig, bytes_per_value: int = 2) -> int:

@@ -141,21 +141,23 @@ LAST_AR_TOKENS: dict[tuple, np.ndarray] = {}
 def run_grid(rec: common.Recorder, *, models: list[str], batches: list[int], kvs: list[int], blocks: list[int],
              max_new_tokens: int, reps: int, scan_layers: bool | None, dtype: str, deadline: common.Deadline,
              bw_GBps: float, matmul_TFLOPs: float | None, verify_beta: float | None = None,
-             on_host: bool = False, on_config=None, attention: str | None = None) -> None:
+             on_host: bool = False, on_config=None, attention: str | None = None,
+             decode_quant: str | None = None) -> None:
   """Measures every (model, batch, kv, block) in priority order: AR first in each group (its tokens
   force the TiDAR drafts; TiDAR ratios are to it)."""
   for name in models:
-    cfg = common.inference_config(name, dtype=dtype, scan_layers=scan_layers, attention=attention)
+    cfg = common.inference_config(name, dtype=dtype, scan_layers=scan_layers, attention=attention,
+                                  decode_quant=decode_quant)
     params = common.get_params(cfg, on_host=on_host)
     for batch in batches:
       for kv in kvs:
         max_len = common.cache_slots(kv, max_new_tokens, blocks)
-        group = (name, batch, kv, cfg.scan_layers, cfg.attention)
+        group = (name, batch, kv, cfg.scan_layers, cfg.attention, cfg.decode_quant)
         ar_ms, ar_tokens = LAST_AR.get(group, (None, None))
         order = ([0] if 0 in blocks else []) + [k for k in blocks if k != 0]
         for k in order:
           label = dict(model=name, batch=batch, kv=kv, block_size=k, scan_layers=cfg.scan_layers,
-                       attention=cfg.attention)
+                       attention=cfg.attention, decode_quant=cfg.decode_quant)
           if deadline.spent():
             rec.add({**label, "skipped": "time budget"})
             continue
@@ -214,7 +216,8 @@ def _step_name(r: dict[str, Any]) -> str:
 
 def _layers_name(r: dict[str, Any]) -> str:
   name = "scan" if r.get("scan_layers", True) else "unrolled"
-  return name + (f", {r['attention']}" if r.get("attention") not in (None, "auto") else "")
+  name += f", {r['attention']}" if r.get("attention") not in (None, "auto") else ""
+  return name + (", int8 weights" if r.get("decode_quant") == "int8" else "")
 
 
 def render(result: dict[str, Any]) -> str:
@@ -256,6 +259,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--unroll", action="store_true", help="scan_layers=False (fully unrolled layers)")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--attention", default=None, help="override model.attention (dense|cudnn|auto)")
+  p.add_argument("--decode-quant", default=None, help="override model.decode_quant (none|int8)")
   p.add_argument("--verify-beta", type=float, default=None)
   p.add_argument("--budget-s", type=float, default=0, help="soft time budget; later configs are skipped")
   p.add_argument("--no-ceilings", action="store_true", help="skip the bandwidth/matmul measurements")
@@ -282,7 +286,8 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
            blocks=parse_ints(args.blocks), max_new_tokens=args.new_tokens, reps=args.reps,
            scan_layers=False if args.unroll else None, dtype=args.dtype,
            deadline=common.Deadline(args.budget_s), bw_GBps=bw, matmul_TFLOPs=mm,
-           verify_beta=args.verify_beta, on_host=args.smoke, attention=args.attention)
+           verify_beta=args.verify_beta, on_host=args.smoke, attention=args.attention,
+           decode_quant=args.decode_quant)
   return rec.result
 
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     if deadline.left() < 30:
       return
     cfg = common.inference_config(model, dtype=dtype)
-    ar = decode_latency.LAST_AR_TOKENS.get((model, batch, kv, cfg.scan_layers, cfg.attention))
+    ar = decode_latency.LAST_AR_TOKENS.get((model, batch, kv, cfg.scan_layers, cfg.attention, cfg.decode_quant))
     measured = next((r for r in reversed(drec.result["records"]) if r.get("model") == model and r.get("batch") == batch
                      and r.get("kv") == kv and r.get("block_size") == block and "ms_per_step" in r), None)
     if measured is None:

@@ -19,6 +19,7 @@ def test_tiny_config_is_valid():
     ("model", "num_layers", 0, "model.num_layers=0: must be a positive integer"),
     ("model", "remat", "some", "model.remat='some'"),
     ("model", "attention", "flash9", "model.attention='flash9'"),
+    ("model", "decode_quant", "int4", "model.decode_quant='int4': use one of ['none', 'int8']"),
     ("tidar", "block_size", 7, "train.seq_len=256 is not a multiple of tidar.block_size=7"),
     ("tidar", "block_size", 0, "tidar.block_size=0"),
     ("tidar", "objective", "mdlm", "tidar.objective='mdlm'"),

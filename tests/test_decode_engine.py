@@ -153,3 +153,35 @@ def test_auto_attention_choice_on_a_gpu(monkeypatch):
   assert pick(k8, 2304, 8) == "cudnn"  # 576 step tokens: cuDNN's grid is full
   assert pick(k16, 2300, 1) == "cudnn"  # no key block tiles 2300 slots
   assert engine.attention_kernel("cudnn", jnp.bfloat16, k16, 2304, 1) == "dense"  # cudnn asked, but no GPU
+
+
+def test_int8_decode_weights_quantize_per_column_and_stay_close():
+  """decode_quant="int8": every layer matrix is int8 with one scale per output column, within half a
+  step of the original, and the step's logits stay close to the full-precision engine's."""
+  import dataclasses
+  cfg = CONFIGS["qwen3"]
+  cfg8 = dataclasses.replace(cfg, decode_quant="int8")
+  params = random_params(cfg)
+  w, w8 = engine.prepare_weights(params, cfg), engine.prepare_weights(params, cfg8)
+  for full, quant in zip(w.layers, w8.layers):
+    for name in ("wqkv", "wo", "wgu", "wd"):
+      m, q = getattr(full, name), getattr(quant, name)
+      assert isinstance(q, engine.Int8Matrix) and q.q.dtype == jnp.int8 and q.scale.shape == (m.shape[1],)
+      scale = np.asarray(q.scale)[None, :]
+      err = np.abs(np.asarray(q.q, np.float32) * scale - np.asarray(m))
+      assert (err <= scale / 2 + 1e-7).all()
+      np.testing.assert_allclose(np.abs(np.asarray(q.q)).max(axis=0), 127)  # the scale is the column max
+  np.testing.assert_array_equal(w8.embed, w.embed)
+  step_mask = STEP_MASKS["tidar"]
+  T = len(step_mask)
+  cache = cache_lib.init_cache(cfg, len(LENGTHS), MAX_LEN)._replace(lengths=jnp.asarray(LENGTHS, jnp.int32))
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (len(LENGTHS), T))
+  positions = LENGTHS[:, None] + step_offsets("tidar")[None, :]
+
+  def step(weights):
+    hidden, _ = engine.forward(weights, cfg, cache, tokens, positions, step_mask, "dense")
+    return engine.logits(weights, hidden)
+
+  full, quant = step(w), step(w8)
+  scale = float(jnp.abs(full).max())
+  assert 0 < float(jnp.abs(quant - full).max()) < 0.05 * scale  # rounded, but close

@@ -324,3 +324,16 @@ def test_bad_input_is_rejected_before_compiling(params, prompts, kwargs, match):
 def test_bad_sampling_settings_are_rejected(params, prompts, sampling_kwargs, match):
   with pytest.raises(ValueError, match=match):
     tidar(params, prompts, PROMPT_LENGTHS, 4, sampling=SamplingParams(**sampling_kwargs))
+
+
+def test_int8_decode_weights_keep_tidar_greedy_equal_to_ar(params, prompts, ar):
+  """model.decode_quant = "int8": both decoders read the same int8 layer matrices, so TiDAR greedy is
+  still token for token the AR greedy of that (quantized) model."""
+  import dataclasses
+  cfg8 = dataclasses.replace(CFG, decode_quant="int8")
+  ar8 = generate_ar(params, cfg8, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
+                    key=jax.random.key(0), eos_id=None)
+  out = generate_tidar(params, cfg8, prompts, PROMPT_LENGTHS, max_new_tokens=M, sampling=GREEDY,
+                       key=jax.random.key(0), eos_id=None, mask_id=MASK_ID, block_size=4)
+  assert (np.asarray(ar8.tokens) != np.asarray(ar[None].tokens)).any()  # int8 did change the model
+  assert_same_as_ar(out, ar8)

@@ -83,6 +83,12 @@ def test_cli_both_checks_greedy_identity(export_dir, capsys):
     assert f"[{mode}] tokens=" in out and out.count(f"=== [{mode}] prompt") == 3
 
 
+def test_cli_int8_decode_weights_keep_the_greedy_identity(export_dir, capsys):
+  assert gen.run(cli(f"--checkpoint={export_dir}", f"--prompt={PROMPTS[0]}", "--mode=both", "--decode_quant=int8",
+                     f"--max_new_tokens={NEW}", "--batch_size=1")) == 0
+  assert "both: greedy outputs identical (TiDAR == AR token for token on all 1 prompts)" in capsys.readouterr().out
+
+
 def test_cli_reads_a_prompts_file(export_dir, tmp_path, capsys):
   prompts_file = tmp_path / "prompts.txt"
   prompts_file.write_text("def add(a, b):\n\nx\n")

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("dense", "cudnn", "auto")
+DECODE_QUANT = ("none", "int8")
 OBJECTIVES = ("tidar", "ar")
 LOCAL_CODE_ROOTS = ("stdlib", "site-packages")  # data.local_code_roots: what the local_code corpus reads
 
@@ -48,6 +49,10 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   attention: str = "dense"
+  # Decoding only: "int8" stores the layer matrices as int8 with one scale per output column
+  # (half the bytes a decode step reads; the model's numbers change by the rounding, and TiDAR
+  # stays exactly its own AR decoding). Training and the embedding / LM head are unaffected.
+  decode_quant: str = "none"
 
   @property
   def compute_dtype(self) -> Any:
@@ -91,6 +96,8 @@ def model_errors(m: ModelConfig) -> list[str]:
     errors.append(f"model.remat={m.remat!r}: use one of {list(REMAT_POLICIES)}")
   if m.attention not in ATTENTION_IMPLS:
     errors.append(f"model.attention={m.attention!r}: use one of {list(ATTENTION_IMPLS)}")
+  if m.decode_quant not in DECODE_QUANT:
+    errors.append(f"model.decode_quant={m.decode_quant!r}: use one of {list(DECODE_QUANT)}")
   if not m.rope_theta > 0:
     errors.append(f"model.rope_theta={m.rope_theta!r}: must be > 0")
   if not m.norm_eps > 0:

@@ -137,6 +137,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt (fewer if EOS)", flag_values=fv)
   flags.DEFINE_integer("batch_size", 8, "prompts decoded together", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "sampling seed (each prompt folds in its index)", flag_values=fv)
+  flags.DEFINE_enum("decode_quant", None, ["none", "int8"],
+                    "layer matrices for decoding: int8 (half the bytes per step; numbers change by the "
+                    "rounding, TiDAR stays exactly its own AR) or none; default: the checkpoint's "
+                    "model.decode_quant", flag_values=fv)
 
 
 def _read_prompts(fv: flags.FlagValues) -> list[str]:
@@ -161,6 +165,9 @@ def run(fv: flags.FlagValues) -> int:
   except ValueError as e:  # name the flag, not the dataclass field
     raise app.UsageError(str(e).replace("SamplingParams.", "--")) from e
   params, config, tokenizer = load_for_inference(fv.checkpoint)
+  if fv.decode_quant is not None:
+    with config.unlocked():
+      config.model.decode_quant = fv.decode_quant
   modes = MODES[::-1] if fv.mode == "both" else (fv.mode,)
   runs = {}
   for mode in modes:

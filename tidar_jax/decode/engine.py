@@ -32,16 +32,34 @@ from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
 from tidar_jax.model import rms_norm, rope
 
 
+class Int8Matrix(NamedTuple):
+  """W [d_in, d_out] ~= q * scale: int8 values, one fp32 scale per output column (cfg.decode_quant)."""
+
+  q: jax.Array  # [d_in, d_out] int8
+  scale: jax.Array  # [d_out] fp32
+
+
+def quantize_int8(w: jax.Array) -> Int8Matrix:
+  """Symmetric per-output-column int8: scale = max |W[:, j]| / 127, q = round(W / scale)."""
+  w32 = w.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(w32), axis=0) / 127.0  # [d_out]
+  scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero column stays zero
+  return Int8Matrix(jnp.clip(jnp.round(w32 / scale[None, :]), -127, 127).astype(jnp.int8), scale)
+
+
+Matrix = jax.Array | Int8Matrix
+
+
 class LayerWeights(NamedTuple):
   attn_norm: jax.Array  # [d_model]
-  wqkv: jax.Array  # [d_model, (heads + 2 * kv_heads) * head_dim]: q, then k, then v columns
+  wqkv: Matrix  # [d_model, (heads + 2 * kv_heads) * head_dim]: q, then k, then v columns
   bqkv: jax.Array | None  # [(heads + 2 * kv_heads) * head_dim]; None without qkv_bias
   q_norm: jax.Array | None  # [head_dim]; None without qk_norm
   k_norm: jax.Array | None  # [head_dim]; None without qk_norm
-  wo: jax.Array  # [heads * head_dim, d_model]
+  wo: Matrix  # [heads * head_dim, d_model]
   mlp_norm: jax.Array  # [d_model]
-  wgu: jax.Array  # [d_model, 2 * mlp_dim]: gate, then up columns
-  wd: jax.Array  # [mlp_dim, d_model]
+  wgu: Matrix  # [d_model, 2 * mlp_dim]: gate, then up columns
+  wd: Matrix  # [mlp_dim, d_model]
 
 
 class DecodeWeights(NamedTuple):
@@ -57,7 +75,8 @@ def prepare_weights(params: Any, cfg: ModelConfig) -> DecodeWeights:
   Call it once before the decode loop (inside the same jit is fine): it copies the layer weights
   once, where the stacked layout costs a copy per step. Matrices (and the embedding, which the tied
   head reads as a matrix) are cast to the compute dtype here, as the model casts them at every use;
-  norm gains stay as stored (rms_norm computes in fp32).
+  norm gains stay as stored (rms_norm computes in fp32). cfg.decode_quant == "int8": the layer
+  matrices become `Int8Matrix`es (the embedding and LM head stay in the compute dtype).
   """
   p = nn.unbox(params)["params"]
   lay, attn, mlp = p["layers"], p["layers"]["attn"], p["layers"]["mlp"]
@@ -73,12 +92,14 @@ def prepare_weights(params: Any, cfg: ModelConfig) -> DecodeWeights:
   wgu = jnp.concatenate([mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=2).astype(dt)  # [L, d, 2F]
   wd = mlp["down"]["kernel"].astype(dt)  # [L, F, d]
 
+  matrix = quantize_int8 if cfg.decode_quant == "int8" else (lambda m: m)
+
   def layer(i: int) -> LayerWeights:
     return LayerWeights(
-        attn_norm=lay["attn_norm"]["scale"][i], wqkv=wqkv[i], bqkv=None if bqkv is None else bqkv[i],
+        attn_norm=lay["attn_norm"]["scale"][i], wqkv=matrix(wqkv[i]), bqkv=None if bqkv is None else bqkv[i],
         q_norm=attn["q_norm"]["scale"][i] if cfg.qk_norm else None,
         k_norm=attn["k_norm"]["scale"][i] if cfg.qk_norm else None,
-        wo=wo[i], mlp_norm=lay["mlp_norm"]["scale"][i], wgu=wgu[i], wd=wd[i])
+        wo=matrix(wo[i]), mlp_norm=lay["mlp_norm"]["scale"][i], wgu=matrix(wgu[i]), wd=matrix(wd[i]))
 
   head = None if cfg.tie_embeddings else p["lm_head"]["kernel"].astype(dt)
   return DecodeWeights(tuple(layer(i) for i in range(L)), p["embed"]["embedding"].astype(dt),
@@ -148,13 +169,22 @@ def _attend(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, lengths: jax.Array
 PAD_ROWS, PAD_MAX_WEIGHT = 16, 1 << 24
 
 
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def _dot(x: jax.Array, w: Matrix) -> jax.Array:
+  if isinstance(w, Int8Matrix):  # the int8 -> compute-dtype convert and the scale fuse into the GEMM
+    y = jnp.dot(x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = y * w.scale.reshape((1,) * (y.ndim - 1) + (-1,))
+    return y.astype(x.dtype)
+  return x @ w
+
+
+def _matmul(x: jax.Array, w: Matrix) -> jax.Array:
   """x [..., d_in] @ w [d_in, d_out]; one row against a small weight is padded to PAD_ROWS rows."""
   rows = int(np.prod(x.shape[:-1]))
-  if rows != 1 or w.size >= PAD_MAX_WEIGHT:
-    return x @ w
+  size = w.q.size if isinstance(w, Int8Matrix) else w.size
+  if rows != 1 or size >= PAD_MAX_WEIGHT:
+    return _dot(x, w)
   x2 = jnp.pad(x.reshape(1, x.shape[-1]), ((0, PAD_ROWS - 1), (0, 0)))
-  return (x2 @ w)[:1].reshape(*x.shape[:-1], w.shape[-1])
+  return _dot(x2, w)[:1].reshape(*x.shape[:-1], -1)
 
 
 def _qkv(lw: LayerWeights, cfg: ModelConfig, h: jax.Array, positions: jax.Array

@@ -68,7 +68,7 @@ def resolve_config(config: Any) -> tuple[ModelConfig, Any]:
   if isinstance(config, ModelConfig):
     return config, None
   model = config.model
-  cfg = ModelConfig(**(model.to_dict() if hasattr(model, "to_dict") else dict(model)))
+  cfg = ModelConfig.from_config(model.to_dict() if hasattr(model, "to_dict") else dict(model))
   return cfg, config.get("tidar") if hasattr(config, "get") else None
 
 
