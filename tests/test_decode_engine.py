@@ -162,7 +162,8 @@ def test_int8_decode_weights_quantize_per_column_and_stay_close():
   cfg = CONFIGS["qwen3"]
   cfg8 = dataclasses.replace(cfg, decode_quant="int8")
   params = random_params(cfg)
-  w, w8 = engine.prepare_weights(params, cfg), engine.prepare_weights(params, cfg8)
+  prepare = jax.jit(engine.prepare_weights, static_argnums=1)
+  w, w8 = prepare(params, cfg), prepare(params, cfg8)
   for full, quant in zip(w.layers, w8.layers):
     for name in ("wqkv", "wo", "wgu", "wd"):
       m, q = getattr(full, name), getattr(quant, name)
@@ -178,6 +179,7 @@ def test_int8_decode_weights_quantize_per_column_and_stay_close():
   tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (len(LENGTHS), T))
   positions = LENGTHS[:, None] + step_offsets("tidar")[None, :]
 
+  @jax.jit
   def step(weights):
     hidden, _ = engine.forward(weights, cfg, cache, tokens, positions, step_mask, "dense")
     return engine.logits(weights, hidden)
