@@ -96,13 +96,14 @@ def lm_head_cases(n_tokens: int, vocab: int, d: int, seed: int = 0):
   table = jnp.asarray(rng.standard_normal((vocab, d)) * 0.02, jnp.bfloat16)
   tgt = jnp.asarray(rng.integers(0, vocab, (n_tokens,)), jnp.int32)
 
-  def loss(h, table, logits_dtype):
-    logits = jnp.einsum("nd,vd->nv", h, table, preferred_element_type=logits_dtype).astype(jnp.float32)
+  def cross_entropy(logits):  # [n, V] fp32
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0])
 
+  def loss(h, table, logits_dtype):
+    return cross_entropy(jnp.einsum("nd,vd->nv", h, table, preferred_element_type=logits_dtype).astype(jnp.float32))
+
   def loss_model(h, table):  # the model's head: fp32 logits, backward in bf16 (model.lm_head_logits)
-    logits = lm_head_logits(h, table, True)
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0])
+    return cross_entropy(lm_head_logits(h, table, True))
 
   f32 = jax.jit(jax.grad(lambda h, t: loss(h, t, jnp.float32), argnums=(0, 1)))
   bf16 = jax.jit(jax.grad(lambda h, t: loss(h, t, jnp.bfloat16), argnums=(0, 1)))
@@ -130,9 +131,7 @@ def attention_cases(batch: int, seq_len: int, heads: int, kv_heads: int, head_di
 
   def structured(chunk):  # the model's path: clean half causal + the mask half in query chunks
     def f(q, k, v):
-      clean = jax.nn.dot_product_attention(q[:, :seq_len], k[:, :seq_len], v[:, :seq_len], is_causal=True,
-                                           implementation="cudnn")
-      out = jnp.concatenate([clean, attention.mask_half_attention(q, k, v, block, chunk, "cudnn")], axis=1)
+      out = attention.tidar_training_attention(q, k, v, block, "cudnn", chunk=chunk)
       return jnp.sum(out.astype(jnp.float32) ** 2)
     return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
 

@@ -71,23 +71,24 @@ def _cudnn_attention(q, k, v, mask):
 
 
 def tidar_training_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int,
-                             implementation: str) -> jax.Array:
+                             implementation: str, chunk: int = 0) -> jax.Array:
   """Attention under `masks.training_mask(L, k)` for q/k/v [batch, 2L, heads, head_dim], computing only
   the blocks the mask allows instead of the dense [2L, 2L] score matrix.
 
   The clean half attends causally to the clean half (a causal kernel, no mask array). A mask token
   of block b attends to the clean prefix before its block plus its own block, jointly softmaxed:
-  with cuDNN, chunk by chunk (`mask_half_attention`); otherwise block by block, [L, L + k] scores
-  instead of [L, 2L]. Equal to the dense masked attention (tests/test_losses.py).
+  with cuDNN, chunk by chunk (`mask_half_attention`; chunk 0: `masks.mask_half_chunk`); otherwise
+  block by block, [L, L + k] scores instead of [L, 2L]. Equal to the dense masked attention
+  (tests/test_losses.py).
   """
   B, Q, H, D = q.shape
   L = Q // 2
-  prefix, own = masks.training_blocks(L, block_size)  # [nb, L], [k, k] numpy
   kernel = "cudnn" if implementation == "cudnn" else "xla"
   clean = jax.nn.dot_product_attention(q[:, :L], k[:, :L], v[:, :L], is_causal=True, implementation=kernel)
   if implementation == "cudnn":
-    chunk = masks.mask_half_chunk(L, block_size)
+    chunk = chunk or masks.mask_half_chunk(L, block_size)
     return jnp.concatenate([clean, mask_half_attention(q, k, v, block_size, chunk, "cudnn")], axis=1)
+  prefix, own = masks.training_blocks(L, block_size)  # [nb, L], [k, k] numpy
   nb, kb, Hkv = L // block_size, block_size, k.shape[2]
   qm = q[:, L:].reshape(B, nb, kb, Hkv, H // Hkv, D)  # [batch, block, offset, kv_heads, group, head_dim]
   km = k[:, L:].reshape(B, nb, kb, Hkv, D)
@@ -117,7 +118,7 @@ def mask_half_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: in
   B, Q, H, D = q.shape
   L, C = Q // 2, chunk
   n = L // C
-  _, mask, lengths = masks.mask_half_chunks(L, block_size, C)  # [n, C, L + C], [n]
+  mask, lengths = masks.mask_half_chunks(L, block_size, C)  # [n, C, L + C], [n]
 
   def chunk_keys(x: jax.Array) -> jax.Array:  # [batch, 2L, kv_heads, D] -> [batch * n, L + C, kv_heads, D]
     def one(c: int) -> jax.Array:  # the slot layout of masks.mask_half_chunks: prefix, own tokens, padding

@@ -72,31 +72,29 @@ def mask_half_chunk(seq_len: int, block_size: int, chunks: int = 8, align: int =
 
 
 @functools.cache
-def mask_half_chunks(seq_len: int, block_size: int, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mask_half_chunks(seq_len: int, block_size: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
   """The mask half of `training_mask(L, k)` cut into L/chunk query chunks, each with its own keys.
 
   Chunk c (mask tokens c*C .. (c+1)*C - 1) gets L + C key slots: the clean tokens 0 .. (c+1)*C - 1,
-  then its own mask tokens, then padding. Returns (cols [n, L + C] int32: the training-sequence
-  position in each slot, -1 for padding; mask [n, C, L + C] bool, sliced from `training_mask`;
-  lengths [n] int32: the slots in use, (c + 2) * C). Asserts that no visible key is left out.
+  then its own mask tokens, then padding. Returns (mask [n, C, L + C] bool, sliced from
+  `training_mask`; lengths [n] int32: the slots in use, (c + 2) * C). Asserts that no visible key is
+  left out.
   """
   L, C = seq_len, chunk
   if chunk % block_size or L % chunk:
     raise ValueError(f"chunk={chunk} must be a multiple of block_size={block_size} and divide seq_len={L}")
   n = L // C
   full = training_mask(L, block_size)[L:]  # [L, 2L]
-  cols = np.full((n, L + C), -1, np.int32)
   mask = np.zeros((n, C, L + C), bool)
   for c in range(n):
-    used = np.concatenate([np.arange((c + 1) * C), L + c * C + np.arange(C)])  # [(c+2)C]
-    cols[c, :used.size] = used
+    used = np.concatenate([np.arange((c + 1) * C), L + c * C + np.arange(C)])  # training positions of the slots
     rows = full[c * C:(c + 1) * C]  # [C, 2L]
     mask[c, :, :used.size] = rows[:, used]
     assert mask[c].sum() == rows.sum(), "a chunk's key slots miss a visible key"
   lengths = (np.arange(n, dtype=np.int32) + 2) * C
-  for a in (cols, mask, lengths):
+  for a in (mask, lengths):
     a.setflags(write=False)
-  return cols, mask, lengths
+  return mask, lengths
 
 
 @functools.cache

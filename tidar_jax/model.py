@@ -58,22 +58,28 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Arra
   return (y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(dtype)
 
 
+def fp32_logits(hidden: jax.Array, table: jax.Array, vocab_major: bool) -> jax.Array:
+  """[..., d_model] @ the head table ([vocab, d_model] if vocab_major (tied) else [d_model, vocab])
+  -> [..., vocab] logits, accumulated and returned in fp32 (the forward of `lm_head_logits`; what
+  inference calls, with no VJP rule around it)."""
+  spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+  return jnp.einsum(spec, hidden, table, preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def lm_head_logits(hidden: jax.Array, table: jax.Array, vocab_major: bool) -> jax.Array:
-  """[..., d_model] @ the head table ([vocab, d_model] if vocab_major (tied) else [d_model, vocab])
-  -> [..., vocab] logits, accumulated and returned in fp32.
+  """`fp32_logits` for training: [..., d_model] -> [..., vocab] fp32 logits.
 
   The backward casts the fp32 logits' cotangent to the compute dtype first. Left to autodiff, both
   backward matmuls of the [tokens, vocab] cotangent would run in fp32 (TF32 GEMMs on a GPU: 24 of
   244 ms of a 1p5b TiDAR train step on an H100, BENCHMARKS.md); in bf16 they run at the bf16 rate,
   with fp32 accumulation, as every other matmul of the step does.
   """
-  spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
-  return jnp.einsum(spec, hidden, table, preferred_element_type=jnp.float32)
+  return fp32_logits(hidden, table, vocab_major)
 
 
 def _lm_head_fwd(hidden, table, vocab_major):
-  return lm_head_logits(hidden, table, vocab_major), (hidden, table)
+  return fp32_logits(hidden, table, vocab_major), (hidden, table)
 
 
 def _lm_head_bwd(vocab_major, res, g):  # g [..., vocab] fp32

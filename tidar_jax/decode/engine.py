@@ -29,7 +29,7 @@ from tidar_jax.attention import MASKED, auto_implementation
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import split_kv_attention
 from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
-from tidar_jax.model import rms_norm, rope
+from tidar_jax.model import fp32_logits, rms_norm, rope
 
 
 class Int8Matrix(NamedTuple):
@@ -262,5 +262,5 @@ def logits(w: DecodeWeights, hidden: jax.Array) -> jax.Array:
   rows you need)."""
   with jax.named_scope("logits"):
     if w.lm_head is None:
-      return jnp.einsum("...d,vd->...v", hidden, w.embed, preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", hidden, w.lm_head, preferred_element_type=jnp.float32)
+      return fp32_logits(hidden, w.embed, True)
+    return fp32_logits(hidden, w.lm_head, False)
