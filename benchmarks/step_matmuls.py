@@ -1,8 +1,10 @@
 """A decode step's weight matmuls alone, `rows` rows against each of the model's layer matrices
 (q/k/v fused, o, gate/up fused, down), every layer's own copy chained so the weights stream from
 HBM. One row (the AR step): XLA as is (a GEMV fusion), XLA with the row padded to 16 (a GEMM
-kernel: what the decode engine does for small weights), and a Pallas (Triton) split-K GEMV sweep
-kept as evidence (not adopted: no better than the padding overall, BENCHMARKS.md). More rows (a
+kernel: what the decode engine did for small weights until 2026-11-23 16:00), a multiply + row
+reduction over the weight stored transposed [N, K] (what the engine does now for q/k/v, o and
+down), and a Pallas (Triton) split-K GEMV sweep kept as evidence (not adopted: no better than the
+padding overall, BENCHMARKS.md). More rows (a
 TiDAR step, --rows 72,272): XLA as is, padded to a multiple of 128 rows, and the weight stored
 transposed.
 
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from benchmarks import common
+from tidar_jax.decode import engine
 
 
 def pallas_gemv(x: jax.Array, w: jax.Array, *, block_n: int, block_k: int, splits: int, num_stages: int = 3,
@@ -73,7 +76,8 @@ def variants(K: int, N: int, pallas: bool, interpret: bool, rows: int = 1) -> di
       out[f"XLA, {rows} rows padded to {to}"] = _padded(rows, to)
     out[f"XLA, {rows} rows, weight stored transposed [N, K]"] = "transposed"
     return out
-  out = {"XLA, 1 row": lambda x, w: x @ w, "XLA, padded to 16 rows": _padded(1, 16)}
+  out = {"XLA, 1 row": lambda x, w: x @ w, "XLA, padded to 16 rows": _padded(1, 16),
+         "XLA row reduction, weight stored transposed [N, K]": "transposed_reduce"}
   if pallas:
     for bn in (256, 128, 64) if interpret else (64, 128, 256):  # interpreted: fewest programs first
       for bk in (128, 256):
@@ -105,9 +109,12 @@ def run(rec: common.Recorder, cfg, layers: int, reps: int, pallas: bool, deadlin
         rec.add({**label, "skipped": "time budget"})
         continue
       weights = ws
-      if fn == "transposed":  # the same matrices stored [N, K]; x @ W as a contraction over K
+      if fn in ("transposed", "transposed_reduce"):  # the same matrices stored [N, K]
         weights = [w.T.copy() for w in ws]
-        fn = lambda x, wt: jnp.einsum("rk,nk->rn", x, wt)  # noqa: E731
+        if fn == "transposed":  # x @ W as a GEMM contracting over K
+          fn = lambda x, wt: jnp.einsum("rk,nk->rn", x, wt)  # noqa: E731
+        else:  # one row: the decode engine's own multiply + row reduction
+          fn = lambda x, wt: engine._matmul(x, wt, transposed=True)  # noqa: E731
 
       @jax.jit
       def chain(x, ws, fn=fn):  # layer i's output (cut or padded to K) feeds layer i + 1

@@ -53,7 +53,7 @@ def step_offsets(name: str) -> np.ndarray:
 
 
 def reference(params, cfg: ModelConfig, prefix: np.ndarray, new: np.ndarray, step_mask: np.ndarray,
-              offsets: np.ndarray):
+              offsets: np.ndarray, lengths: np.ndarray = LENGTHS):
   """Uncached forward over [row's prefix (n_b tokens), the step's T tokens, padding] per row, with
   the full mask the cached step implies: the prefix causal, each new token seeing the whole prefix
   and the new tokens step_mask allows. Returns (final-normed hidden [B, W, d], K/V [L, B, W, h, d])
@@ -63,7 +63,7 @@ def reference(params, cfg: ModelConfig, prefix: np.ndarray, new: np.ndarray, ste
   tokens = np.zeros((B, W), np.int32)
   positions = np.zeros((B, W), np.int32)
   mask = np.zeros((B, W, W), bool)
-  for b, n in enumerate(LENGTHS):
+  for b, n in enumerate(lengths):
     tokens[b, :n], tokens[b, n:n + T] = prefix[b, :n], new[b]
     positions[b, :n], positions[b, n:n + T] = np.arange(n), n + offsets
     mask[b, :n, :n] = masks.causal_mask(n)
@@ -75,29 +75,32 @@ def reference(params, cfg: ModelConfig, prefix: np.ndarray, new: np.ndarray, ste
 
 
 # The split-KV kernel's own tests (tests/test_split_kv_attention.py) cover its tilings and edges;
-# here it runs inside the engine for one layout per step mask.
-CASES = [(name, step, "dense") for name in CONFIGS for step in STEP_MASKS] + [
-    ("qwen2.5", "ar", "split_kv"), ("qwen3", "tidar", "split_kv"), ("qwen2.5", "causal4", "split_kv")]
+# here it runs inside the engine for one layout per step mask. Batch 1 AR is the one-row step, whose
+# matmuls are row reductions over the transposed weights (`engine._matmul`).
+CASES = [(name, step, "dense", 2) for name in CONFIGS for step in STEP_MASKS] + [
+    ("qwen2.5", "ar", "split_kv", 2), ("qwen3", "tidar", "split_kv", 2), ("qwen2.5", "causal4", "split_kv", 2),
+    ("qwen2.5", "ar", "dense", 1), ("qwen3", "ar", "split_kv", 1)]
 
 
-@pytest.mark.parametrize("name,step,attention", CASES)
-def test_forward_over_the_cache_equals_the_uncached_model(name, step, attention):
+@pytest.mark.parametrize("name,step,attention,batch", CASES)
+def test_forward_over_the_cache_equals_the_uncached_model(name, step, attention, batch):
   cfg = CONFIGS[name]
   params = random_params(cfg)
   step_mask, offsets = STEP_MASKS[step], step_offsets(step)
-  B, T = len(LENGTHS), len(step_mask)
+  lengths = LENGTHS[-batch:]
+  B, T = batch, len(step_mask)
   rng = np.random.default_rng(1)
-  prefix = rng.integers(0, cfg.vocab_size, (B, LENGTHS.max()))
+  prefix = rng.integers(0, cfg.vocab_size, (B, lengths.max()))
   new = rng.integers(0, cfg.vocab_size, (B, T))
-  ref_h, ref_kv = reference(params, cfg, prefix, new, step_mask, offsets)
+  ref_h, ref_kv = reference(params, cfg, prefix, new, step_mask, offsets, lengths)
 
   # The cache: the prefix's exact K/V at slots < n_b, stale garbage in every slot past it.
   shape = (cfg.num_layers, B, MAX_LEN, cfg.num_kv_heads, cfg.head_dim)
   stale_k, stale_v = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
-  for b, n in enumerate(LENGTHS):
+  for b, n in enumerate(lengths):
     stale_k[:, b, :n], stale_v[:, b, :n] = ref_kv.k[:, b, :n], ref_kv.v[:, b, :n]
-  cache = cache_lib.KVCache(tuple(stale_k), tuple(stale_v), jnp.asarray(LENGTHS, jnp.int32))
-  positions = LENGTHS[:, None] + offsets[None, :]
+  cache = cache_lib.KVCache(tuple(stale_k), tuple(stale_v), jnp.asarray(lengths, jnp.int32))
+  positions = lengths[:, None] + offsets[None, :]
 
   @jax.jit
   def step_fn(params, cache):
@@ -108,8 +111,8 @@ def test_forward_over_the_cache_equals_the_uncached_model(name, step, attention)
   hidden, logits, written = step_fn(params, cache)
   model = Transformer(cfg)
   got = cache_lib.stacked(written)
-  np.testing.assert_array_equal(got.lengths, LENGTHS)  # the caller commits, not forward
-  for b, n in enumerate(LENGTHS):
+  np.testing.assert_array_equal(got.lengths, lengths)  # the caller commits, not forward
+  for b, n in enumerate(lengths):
     ref_logits = model.apply(params, ref_h[b, n:n + T], method=Transformer.logits)
     np.testing.assert_allclose(hidden[b], ref_h[b, n:n + T], atol=1e-5)
     np.testing.assert_allclose(logits[b], ref_logits, atol=1e-5 * float(jnp.abs(ref_logits).max()))
@@ -165,9 +168,12 @@ def test_int8_decode_weights_quantize_per_column_and_stay_close():
   prepare = jax.jit(engine.prepare_weights, static_argnums=1)
   w, w8 = prepare(params, cfg), prepare(params, cfg8)
   for full, quant in zip(w.layers, w8.layers):
-    for name in ("wqkv", "wo", "wgu", "wd"):
+    for name in ("wqkv_t", "wo_t", "wgu", "wd_t"):
       m, q = getattr(full, name), getattr(quant, name)
-      assert isinstance(q, engine.Int8Matrix) and q.q.dtype == jnp.int8 and q.scale.shape == (m.shape[1],)
+      assert isinstance(q, engine.Int8Matrix) and q.q.dtype == jnp.int8 and q.q.shape == m.shape
+      if name.endswith("_t"):  # stored [d_out, d_in]: compare as [d_in, d_out]
+        m, q = m.T, q._replace(q=q.q.T)
+      assert q.scale.shape == (m.shape[1],)
       scale = np.asarray(q.scale)[None, :]
       err = np.abs(np.asarray(q.q, np.float32) * scale - np.asarray(m))
       assert (err <= scale / 2 + 1e-7).all()
@@ -187,3 +193,10 @@ def test_int8_decode_weights_quantize_per_column_and_stay_close():
   full, quant = step(w), step(w8)
   scale = float(jnp.abs(full).max())
   assert 0 < float(jnp.abs(quant - full).max()) < 0.05 * scale  # rounded, but close
+  # One row alone (the batch-1 AR step: row reductions over the int8 rows) == that row in the batch.
+  one = cache._replace(k=tuple(k[1:] for k in cache.k), v=tuple(v[1:] for v in cache.v), lengths=cache.lengths[1:])
+  hidden, _ = jax.jit(lambda w8: engine.forward(w8, cfg, one, tokens[1:, :1], positions[1:, :1], STEP_MASKS["ar"],
+                                                "dense"))(w8)
+  ref, _ = jax.jit(lambda w8: engine.forward(w8, cfg, cache, tokens[:, :1], positions[:, :1], STEP_MASKS["ar"],
+                                             "dense"))(w8)
+  np.testing.assert_allclose(hidden[0], ref[1], atol=1e-5)

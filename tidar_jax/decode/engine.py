@@ -6,7 +6,8 @@ cache plus the new tokens becomes a split softmax of badly shaped kernels (BENCH
 where the time goes"). Here, with the same weights and math (tests/test_decode_engine.py):
 
   * `prepare_weights` re-lays the params out once, before the loop: one array per layer (the layer
-    loop is unrolled and reads them in place), q/k/v fused into one matmul, gate/up into one;
+    loop is unrolled and reads them in place), q/k/v fused into one matmul, gate/up into one, and
+    q/k/v, o and down stored transposed ([d_out, d_in]) for the one-row step (`_matmul`);
   * `forward` first writes the step's T new keys/values into each layer's own cache buffer at every
     row's slots lengths[b] .. lengths[b] + T - 1 (in place), then runs ONE attention of the T
     queries over the cache: each sees the row's committed slots plus the step tokens its static
@@ -33,9 +34,10 @@ from tidar_jax.model import fp32_logits, rms_norm, rope
 
 
 class Int8Matrix(NamedTuple):
-  """W [d_in, d_out] ~= q * scale: int8 values, one fp32 scale per output column (cfg.decode_quant)."""
+  """W ~= q * scale: int8 values, one fp32 scale per output channel (cfg.decode_quant). q has W's
+  layout: [d_in, d_out], or [d_out, d_in] for the matrices stored transposed."""
 
-  q: jax.Array  # [d_in, d_out] int8
+  q: jax.Array  # int8, W's layout
   scale: jax.Array  # [d_out] fp32
 
 
@@ -51,15 +53,18 @@ Matrix = jax.Array | Int8Matrix
 
 
 class LayerWeights(NamedTuple):
+  """A `_t` matrix is stored transposed, [d_out, d_in]: a one-row step reads it as a row reduction
+  (see `_matmul`). gate/up is not: its 72- and 272-row TiDAR matmuls were slower that way."""
+
   attn_norm: jax.Array  # [d_model]
-  wqkv: Matrix  # [d_model, (heads + 2 * kv_heads) * head_dim]: q, then k, then v columns
+  wqkv_t: Matrix  # [(heads + 2 * kv_heads) * head_dim, d_model]: q, then k, then v rows
   bqkv: jax.Array | None  # [(heads + 2 * kv_heads) * head_dim]; None without qkv_bias
   q_norm: jax.Array | None  # [head_dim]; None without qk_norm
   k_norm: jax.Array | None  # [head_dim]; None without qk_norm
-  wo: Matrix  # [heads * head_dim, d_model]
+  wo_t: Matrix  # [d_model, heads * head_dim]
   mlp_norm: jax.Array  # [d_model]
   wgu: Matrix  # [d_model, 2 * mlp_dim]: gate, then up columns
-  wd: Matrix  # [mlp_dim, d_model]
+  wd_t: Matrix  # [d_model, mlp_dim]
 
 
 class DecodeWeights(NamedTuple):
@@ -92,14 +97,20 @@ def prepare_weights(params: Any, cfg: ModelConfig) -> DecodeWeights:
   wgu = jnp.concatenate([mlp["gate"]["kernel"], mlp["up"]["kernel"]], axis=2).astype(dt)  # [L, d, 2F]
   wd = mlp["down"]["kernel"].astype(dt)  # [L, F, d]
 
-  matrix = quantize_int8 if cfg.decode_quant == "int8" else (lambda m: m)
+  def matrix(m: jax.Array, transposed: bool) -> Matrix:  # m [d_in, d_out]
+    if cfg.decode_quant == "int8":
+      q = quantize_int8(m)
+      return Int8Matrix(q.q.T, q.scale) if transposed else q
+    return m.T if transposed else m
 
   def layer(i: int) -> LayerWeights:
     return LayerWeights(
-        attn_norm=lay["attn_norm"]["scale"][i], wqkv=matrix(wqkv[i]), bqkv=None if bqkv is None else bqkv[i],
+        attn_norm=lay["attn_norm"]["scale"][i], wqkv_t=matrix(wqkv[i], True),
+        bqkv=None if bqkv is None else bqkv[i],
         q_norm=attn["q_norm"]["scale"][i] if cfg.qk_norm else None,
         k_norm=attn["k_norm"]["scale"][i] if cfg.qk_norm else None,
-        wo=matrix(wo[i]), mlp_norm=lay["mlp_norm"]["scale"][i], wgu=matrix(wgu[i]), wd=matrix(wd[i]))
+        wo_t=matrix(wo[i], True), mlp_norm=lay["mlp_norm"]["scale"][i], wgu=matrix(wgu[i], False),
+        wd_t=matrix(wd[i], True))
 
   head = None if cfg.tie_embeddings else p["lm_head"]["kernel"].astype(dt)
   return DecodeWeights(tuple(layer(i) for i in range(L)), p["embed"]["embedding"].astype(dt),
@@ -160,40 +171,55 @@ def _attend(q: jax.Array, k_buf: jax.Array, v_buf: jax.Array, lengths: jax.Array
   return jnp.einsum("bkgts,bskd->btkgd", p_BKGTS, v_buf).reshape(B, T, H, D)
 
 
-# A 1-row matmul (batch 1, AR step) with a weight of fewer than this many elements is padded to 16
-# rows. XLA lowers a 1-row matmul to a GEMV fusion that streams a small weight (the 1.5B q/k/v/o:
-# 2-3M elements) at ~270 GB/s on an H100; padded, it autotunes a GEMM kernel that streams it at
-# ~440 GB/s. Measured per AR step (BENCHMARKS.md): 1.5B batch 1 2.26 -> 1.95 ms; but padding every
-# matmul slowed the 8B batch-1 step (6.08 -> 6.28 ms: its large weights already stream at ~90%) and
-# the batch-8 steps (1.5B 2.08 -> 2.20 ms), so only small weights at one row are padded.
-PAD_ROWS, PAD_MAX_WEIGHT = 16, 1 << 24
+def _matmul(x: jax.Array, w: Matrix, transposed: bool = False) -> jax.Array:
+  """x [..., d_in] @ W -> [..., d_out] in x's dtype (fp32 accumulation); w is W [d_in, d_out], or
+  W^T [d_out, d_in] when `transposed`.
 
-
-def _dot(x: jax.Array, w: Matrix) -> jax.Array:
-  if isinstance(w, Int8Matrix):  # the int8 -> compute-dtype convert and the scale fuse into the GEMM
-    y = jnp.dot(x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
-    y = y * w.scale.reshape((1,) * (y.ndim - 1) + (-1,))
-    return y.astype(x.dtype)
-  return x @ w
-
-
-def _matmul(x: jax.Array, w: Matrix) -> jax.Array:
-  """x [..., d_in] @ w [d_in, d_out]; one row against a small weight is padded to PAD_ROWS rows."""
+  One row against W^T (the batch-1 AR step) is a multiply + row reduction: XLA's row-reduction
+  kernel streams the weight at 2.6-2.8 TB/s on an H100 where its one-row GEMV fusion or a 16-row
+  padded GEMM reached 0.3-2.3 TB/s (1.5B AR step 1.91 -> 1.77 ms, BENCHMARKS.md; the same
+  reduction over a [d_in, d_out] weight was slower than either, 2.26 ms). More rows go to a GEMM,
+  which reads either layout.
+  """
   rows = int(np.prod(x.shape[:-1]))
-  size = w.q.size if isinstance(w, Int8Matrix) else w.size
-  if rows != 1 or size >= PAD_MAX_WEIGHT:
-    return _dot(x, w)
-  x2 = jnp.pad(x.reshape(1, x.shape[-1]), ((0, PAD_ROWS - 1), (0, 0)))
-  return _dot(x2, w)[:1].reshape(*x.shape[:-1], -1)
+  spec = "...k,nk->...n" if transposed else "...k,kn->...n"
+  if isinstance(w, Int8Matrix):  # the int8 -> compute-dtype convert and the scale fuse into the kernel
+    if transposed and rows == 1:
+      y = jnp.sum(x.reshape(1, -1).astype(jnp.float32) * w.q.astype(jnp.float32), axis=1)  # [d_out]
+    else:
+      y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = y * w.scale.reshape((1,) * (y.ndim - 1) + (-1,))
+  elif transposed and rows == 1:
+    y = jnp.sum(x.reshape(1, -1).astype(jnp.float32) * w.astype(jnp.float32), axis=1)  # [d_out]
+  else:  # output in x's dtype: an fp32 GEMM output converted afterwards is an extra pass (measured slower)
+    y = jnp.einsum(spec, x, w)
+  return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def _qkv(lw: LayerWeights, cfg: ModelConfig, h: jax.Array, positions: jax.Array
+def _normed_matmul(x: jax.Array, gain: jax.Array, cfg: ModelConfig, w: Matrix, transposed: bool) -> jax.Array:
+  """rms_norm(x, gain) @ W. One row: (x * gain) @ W, scaled by 1 / rms(x) afterwards -- the same
+  product, but the normalised vector is never written out: XLA fuses x * gain into the matmul and
+  the scale into its consumer (1.5B AR step 1.78 -> 1.71 ms, two kernels fewer per layer)."""
+  if int(np.prod(x.shape[:-1])) != 1:
+    with jax.named_scope("norm"):
+      h = rms_norm(x, gain, cfg.norm_eps, cfg.compute_dtype)
+    return _matmul(h, w, transposed)
+  with jax.named_scope("norm"):
+    x32 = x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)  # [..., 1]
+    xg = x32 * gain.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+  y = _matmul(xg if transposed else xg.astype(cfg.compute_dtype), w, transposed)
+  return (y.astype(jnp.float32) * inv_rms).astype(cfg.compute_dtype)
+
+
+def _qkv(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array
          ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Normed input [batch, T, d_model] -> q [batch, T, heads, head_dim], k, v [batch, T, kv_heads,
-  head_dim], with qk-norm and RoPE applied as in the model."""
-  B, T, _ = h.shape
+  """Residual stream [batch, T, d_model] -> q [batch, T, heads, head_dim], k, v [batch, T, kv_heads,
+  head_dim], with the attention norm, qk-norm and RoPE applied as in the model."""
+  B, T, _ = x.shape
   H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  qkv = _matmul(h, lw.wqkv)  # [batch, T, (H + 2 Hkv) D]: one matmul instead of three
+  # One matmul instead of three: [batch, T, (H + 2 Hkv) D]
+  qkv = _normed_matmul(x, lw.attn_norm, cfg, lw.wqkv_t, transposed=True)
   if lw.bqkv is not None:
     qkv = qkv + lw.bqkv[None, None, :]
   q, k, v = jnp.split(qkv, [H * D, (H + Hkv) * D], axis=-1)
@@ -210,22 +236,17 @@ def _layer(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Arra
   """One pre-norm block over x [batch, T, d_model]; returns (x, k_buf, v_buf) with the T new
   keys/values written at slots lengths[b] .. + T - 1."""
   B, T, _ = x.shape
-  dt = cfg.compute_dtype
-  with jax.named_scope("attn_norm"):
-    h = rms_norm(x, lw.attn_norm, cfg.norm_eps, dt)
   with jax.named_scope("attn/qkv"):
-    q, k, v = _qkv(lw, cfg, h, positions)
+    q, k, v = _qkv(lw, cfg, x, positions)
   with jax.named_scope("cache_write"):  # before attending: the new tokens are read from the cache
     k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
   with jax.named_scope("attn/core"):
     out = _attend(q, k_buf, v_buf, lengths, step_mask, mask, kernel)  # [batch, T, heads, head_dim]
   with jax.named_scope("attn/o"):
-    x = x + _matmul(out.reshape(B, T, -1), lw.wo)
-  with jax.named_scope("mlp_norm"):
-    h = rms_norm(x, lw.mlp_norm, cfg.norm_eps, dt)
-  with jax.named_scope("mlp"):
-    gate, up = jnp.split(_matmul(h, lw.wgu), 2, axis=-1)  # [batch, T, mlp_dim] each: one matmul instead of two
-    x = x + _matmul(jax.nn.silu(gate) * up, lw.wd)
+    x = x + _matmul(out.reshape(B, T, -1), lw.wo_t, transposed=True)
+  with jax.named_scope("mlp"):  # gate/up: one matmul instead of two, [batch, T, mlp_dim] each
+    gate, up = jnp.split(_normed_matmul(x, lw.mlp_norm, cfg, lw.wgu, transposed=False), 2, axis=-1)
+    x = x + _matmul(jax.nn.silu(gate) * up, lw.wd_t, transposed=True)
   return x, k_buf, v_buf
 
 
