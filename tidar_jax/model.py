@@ -51,10 +51,15 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def inverse_rms(x32: jax.Array, eps: float) -> jax.Array:
+  """1 / rms over the last axis of an fp32 x [..., d] -> [..., 1]."""
+  return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Array:
   """x / rms(x) * scale over the last axis, computed in fp32, returned in `dtype`."""
   x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  y = x32 * inverse_rms(x32, eps)
   return (y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(dtype)
 
 

@@ -30,7 +30,7 @@ from tidar_jax.attention import MASKED, auto_implementation
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import split_kv_attention
 from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
-from tidar_jax.model import fp32_logits, rms_norm, rope
+from tidar_jax.model import fp32_logits, inverse_rms, rms_norm, rope
 
 
 class Int8Matrix(NamedTuple):
@@ -183,16 +183,16 @@ def _matmul(x: jax.Array, w: Matrix, transposed: bool = False) -> jax.Array:
   """
   rows = int(np.prod(x.shape[:-1]))
   spec = "...k,nk->...n" if transposed else "...k,kn->...n"
-  if isinstance(w, Int8Matrix):  # the int8 -> compute-dtype convert and the scale fuse into the kernel
-    if transposed and rows == 1:
-      y = jnp.sum(x.reshape(1, -1).astype(jnp.float32) * w.q.astype(jnp.float32), axis=1)  # [d_out]
-    else:
-      y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
-    y = y * w.scale.reshape((1,) * (y.ndim - 1) + (-1,))
-  elif transposed and rows == 1:
-    y = jnp.sum(x.reshape(1, -1).astype(jnp.float32) * w.astype(jnp.float32), axis=1)  # [d_out]
+  int8 = isinstance(w, Int8Matrix)  # the int8 -> compute-dtype convert and the scale fuse into the kernel
+  m = w.q if int8 else w
+  if transposed and rows == 1:
+    y = jnp.sum(x.reshape(1, -1).astype(jnp.float32) * m.astype(jnp.float32), axis=1)  # [d_out]
+  elif int8:
+    y = jnp.einsum(spec, x, m.astype(x.dtype), preferred_element_type=jnp.float32)
   else:  # output in x's dtype: an fp32 GEMM output converted afterwards is an extra pass (measured slower)
-    y = jnp.einsum(spec, x, w)
+    y = jnp.einsum(spec, x, m)
+  if int8:
+    y = y * w.scale.reshape((1,) * (y.ndim - 1) + (-1,))
   return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
@@ -206,7 +206,7 @@ def _normed_matmul(x: jax.Array, gain: jax.Array, cfg: ModelConfig, w: Matrix, t
     return _matmul(h, w, transposed)
   with jax.named_scope("norm"):
     x32 = x.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)  # [..., 1]
+    inv_rms = inverse_rms(x32, cfg.norm_eps)  # [..., 1]
     xg = x32 * gain.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
   y = _matmul(xg if transposed else xg.astype(cfg.compute_dtype), w, transposed)
   return (y.astype(jnp.float32) * inv_rms).astype(cfg.compute_dtype)
