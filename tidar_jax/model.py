@@ -36,16 +36,20 @@ def _init(init_fn, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(init_fn, axes)
 
 
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """positions [...] int -> (cos, sin) [..., head_dim / 2] fp32 of RoPE's rotation angles."""
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [D/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
+  return jnp.cos(angles), jnp.sin(angles)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding, half-rotation layout (Llama/Qwen `rotate_half`).
 
   x: [batch, q_len, heads, head_dim]; positions: [batch, q_len] int.
   """
-  D = x.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, D, 2, dtype=jnp.float32) / D)  # [D/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [batch, q_len, D/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+  cos, sin = rope_cos_sin(positions, x.shape[-1], theta)  # [batch, q_len, D/2]
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)

@@ -14,7 +14,10 @@ where the time goes"). Here, with the same weights and math (tests/test_decode_e
     [T, T] step mask allows. On a GPU that is the split-KV Pallas kernel
     (`split_kv_attention.py`), which splits the keys across programs; cuDNN and the dense einsum
     read a per-row [T, max_len] mask instead. `lengths` is left to the caller, who commits only
-    what it accepted (the rest is overwritten next step).
+    what it accepted (the rest is overwritten next step);
+  * a one-token step (AR) on the split-KV path runs everything between its q/k/v matmul and its o
+    matmul -- norm scale, bias, qk-norm, RoPE, the cache write, attention and the split merge -- as
+    the two Pallas kernels of `one_token_attention.py` (1.5B AR step 1.69 -> 1.60 ms).
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ import numpy as np
 
 from tidar_jax.attention import MASKED, auto_implementation
 from tidar_jax.config import ModelConfig
-from tidar_jax.decode import split_kv_attention
+from tidar_jax.decode import one_token_attention, split_kv_attention
 from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
-from tidar_jax.model import fp32_logits, inverse_rms, rms_norm, rope
+from tidar_jax.model import fp32_logits, inverse_rms, rms_norm, rope, rope_cos_sin
 
 
 class Int8Matrix(NamedTuple):
@@ -196,19 +199,27 @@ def _matmul(x: jax.Array, w: Matrix, transposed: bool = False) -> jax.Array:
   return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def _normed_matmul(x: jax.Array, gain: jax.Array, cfg: ModelConfig, w: Matrix, transposed: bool) -> jax.Array:
-  """rms_norm(x, gain) @ W. One row: (x * gain) @ W, scaled by 1 / rms(x) afterwards -- the same
-  product, but the normalised vector is never written out: XLA fuses x * gain into the matmul and
-  the scale into its consumer (1.5B AR step 1.78 -> 1.71 ms, two kernels fewer per layer)."""
+def _normed_matmul(x: jax.Array, gain: jax.Array, cfg: ModelConfig, w: Matrix, transposed: bool
+                   ) -> tuple[jax.Array, jax.Array | None]:
+  """rms_norm(x, gain) @ W as (y, inv_rms): at one row y = (x * gain) @ W and inv_rms = 1 / rms(x)
+  [..., 1] (fp32) is the caller's to apply -- the same product, but the normalised vector is never
+  written out: XLA fuses x * gain into the matmul and the scale into its consumer (1.5B AR step
+  1.78 -> 1.71 ms, two kernels fewer per layer). More rows: y is normalised, inv_rms None."""
   if int(np.prod(x.shape[:-1])) != 1:
     with jax.named_scope("norm"):
       h = rms_norm(x, gain, cfg.norm_eps, cfg.compute_dtype)
-    return _matmul(h, w, transposed)
+    return _matmul(h, w, transposed), None
   with jax.named_scope("norm"):
     x32 = x.astype(jnp.float32)
     inv_rms = inverse_rms(x32, cfg.norm_eps)  # [..., 1]
     xg = x32 * gain.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-  y = _matmul(xg if transposed else xg.astype(cfg.compute_dtype), w, transposed)
+  return _matmul(xg if transposed else xg.astype(cfg.compute_dtype), w, transposed), inv_rms
+
+
+def _normed(y: jax.Array, inv_rms: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+  """`_normed_matmul`'s product with its norm scale applied, in the compute dtype."""
+  if inv_rms is None:
+    return y
   return (y.astype(jnp.float32) * inv_rms).astype(cfg.compute_dtype)
 
 
@@ -219,7 +230,7 @@ def _qkv(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array
   B, T, _ = x.shape
   H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   # One matmul instead of three: [batch, T, (H + 2 Hkv) D]
-  qkv = _normed_matmul(x, lw.attn_norm, cfg, lw.wqkv_t, transposed=True)
+  qkv = _normed(*_normed_matmul(x, lw.attn_norm, cfg, lw.wqkv_t, transposed=True), cfg)
   if lw.bqkv is not None:
     qkv = qkv + lw.bqkv[None, None, :]
   q, k, v = jnp.split(qkv, [H * D, (H + Hkv) * D], axis=-1)
@@ -230,22 +241,41 @@ def _qkv(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array
   return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
 
 
-def _layer(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array, k_buf: jax.Array,
-           v_buf: jax.Array, lengths: jax.Array, step_mask: np.ndarray, mask: jax.Array | None, kernel: str
-           ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One pre-norm block over x [batch, T, d_model]; returns (x, k_buf, v_buf) with the T new
-  keys/values written at slots lengths[b] .. + T - 1."""
-  B, T, _ = x.shape
+def _one_token_attention(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, cos_sin: tuple[jax.Array, jax.Array],
+                         k_buf: jax.Array, v_buf: jax.Array, lengths: jax.Array
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`_qkv`, the cache write and the attention of a one-token step, with everything after the q/k/v
+  matmul in `one_token_attention`'s two kernels. x [batch, 1, d_model] -> ([batch, 1, heads *
+  head_dim], k_buf, v_buf)."""
   with jax.named_scope("attn/qkv"):
-    q, k, v = _qkv(lw, cfg, x, positions)
-  with jax.named_scope("cache_write"):  # before attending: the new tokens are read from the cache
-    k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
+    qkv, inv_rms = _normed_matmul(x, lw.attn_norm, cfg, lw.wqkv_t, transposed=True)  # [batch, 1, (H+2Hkv)D]
   with jax.named_scope("attn/core"):
-    out = _attend(q, k_buf, v_buf, lengths, step_mask, mask, kernel)  # [batch, T, heads, head_dim]
+    proj = one_token_attention.Projection(None if inv_rms is None else x[:, 0], lw.bqkv, lw.q_norm, lw.k_norm)
+    out, k_buf, v_buf = one_token_attention.attend(qkv[:, 0], proj, cfg.compute_dtype, *cos_sin, k_buf, v_buf,
+                                                   lengths, heads=cfg.num_heads, eps=cfg.norm_eps)
+  return out[:, None], k_buf, v_buf
+
+
+def _layer(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array, k_buf: jax.Array,
+           v_buf: jax.Array, lengths: jax.Array, step_mask: np.ndarray, mask: jax.Array | None, kernel: str,
+           cos_sin: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One pre-norm block over x [batch, T, d_model]; returns (x, k_buf, v_buf) with the T new
+  keys/values written at slots lengths[b] .. + T - 1. cos_sin: the one-token step's RoPE tables,
+  given when it takes `one_token_attention`."""
+  B, T, _ = x.shape
+  if cos_sin is not None:
+    out, k_buf, v_buf = _one_token_attention(lw, cfg, x, cos_sin, k_buf, v_buf, lengths)
+  else:
+    with jax.named_scope("attn/qkv"):
+      q, k, v = _qkv(lw, cfg, x, positions)
+    with jax.named_scope("cache_write"):  # before attending: the new tokens are read from the cache
+      k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
+    with jax.named_scope("attn/core"):
+      out = _attend(q, k_buf, v_buf, lengths, step_mask, mask, kernel)  # [batch, T, heads, head_dim]
   with jax.named_scope("attn/o"):
     x = x + _matmul(out.reshape(B, T, -1), lw.wo_t, transposed=True)
   with jax.named_scope("mlp"):  # gate/up: one matmul instead of two, [batch, T, mlp_dim] each
-    gate, up = jnp.split(_normed_matmul(x, lw.mlp_norm, cfg, lw.wgu, transposed=False), 2, axis=-1)
+    gate, up = jnp.split(_normed(*_normed_matmul(x, lw.mlp_norm, cfg, lw.wgu, transposed=False), cfg), 2, axis=-1)
     x = x + _matmul(jax.nn.silu(gate) * up, lw.wd_t, transposed=True)
   return x, k_buf, v_buf
 
@@ -267,10 +297,13 @@ def forward(w: DecodeWeights, cfg: ModelConfig, cache: KVCache, tokens: jax.Arra
   if kernel not in KERNELS:
     raise ValueError(f"attention={kernel!r}: use one of {list(KERNELS)}")
   mask = None if kernel == "split_kv" else step_attention_mask(cache, step_mask)  # [batch, T, max_len]
+  cos_sin = None  # the one-token step's attention: `one_token_attention`, RoPE tables shared by every layer
+  if kernel == "split_kv" and tokens.shape[1] == 1 and one_token_attention.supported(cfg.head_dim, cache.max_len):
+    cos_sin = rope_cos_sin(positions[:, 0], cfg.head_dim, cfg.rope_theta)  # [batch, head_dim / 2] each
   x = jnp.take(w.embed, tokens, axis=0)  # [batch, T, d_model]
   new_k, new_v = [], []
   for lw, k_buf, v_buf in zip(w.layers, cache.k, cache.v):  # unrolled: each layer reads its own arrays
-    x, k_buf, v_buf = _layer(lw, cfg, x, positions, k_buf, v_buf, cache.lengths, step_mask, mask, kernel)
+    x, k_buf, v_buf = _layer(lw, cfg, x, positions, k_buf, v_buf, cache.lengths, step_mask, mask, kernel, cos_sin)
     new_k.append(k_buf)
     new_v.append(v_buf)
   with jax.named_scope("final_norm"):

@@ -1,0 +1,79 @@
+"""The one-token step's fused attention block (Pallas, interpreted on CPU) computes what the unfused
+engine step computes -- norm scale, bias, qk-norm, RoPE, cache write at slot lengths[b], attention
+over the committed slots plus the new token -- for ragged lengths (0, a block boundary, the last
+slot), several key splits and blocks (including splits with nothing live), in fp32 and bf16, and
+never reads the stale slots past a row's length."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tidar_jax.decode import one_token_attention as ota
+from tidar_jax.decode.cache import KVCache, write_rows
+from tidar_jax.decode.engine import _attend, step_attention_mask
+from tidar_jax.model import inverse_rms, rms_norm, rope, rope_cos_sin
+
+H, HKV, D, DM, S, EPS, THETA = 6, 2, 16, 48, 64, 1e-6, 1e4
+AR = np.ones((1, 1), bool)
+
+
+def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths):
+  """The engine's unfused one-token step on the same inputs (`engine._qkv`, `write_rows`, `_attend`)."""
+  B = qkv.shape[0]
+  y = qkv.astype(jnp.float32)
+  if proj.x is not None:
+    y = y * inverse_rms(proj.x.astype(jnp.float32), EPS)
+  y = y.astype(dtype)
+  if proj.bias is not None:
+    y = y + proj.bias[None, :]
+  q, k, v = jnp.split(y.reshape(B, 1, -1, D), [H, H + HKV], axis=2)
+  if proj.q_norm is not None:
+    q, k = rms_norm(q, proj.q_norm, EPS, dtype), rms_norm(k, proj.k_norm, EPS, dtype)
+  q, k = rope(q, positions[:, None], THETA), rope(k, positions[:, None], THETA)
+  k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
+  mask = step_attention_mask(KVCache((k_buf,), (v_buf,), lengths), AR)
+  return _attend(q, k_buf, v_buf, lengths, AR, mask, "dense").reshape(B, H * D), k_buf, v_buf
+
+
+@pytest.mark.parametrize("dtype,fold,qk_norm,splits,block_k", [
+    (jnp.float32, True, False, 4, 16),  # 4 splits of 16-key blocks: the short rows leave splits empty
+    (jnp.bfloat16, False, True, 2, 0),  # one 64-key block (split 1 always empty), qk-norm, q/k/v already normed
+])
+def test_one_token_attention_equals_the_unfused_step(dtype, fold, qk_norm, splits, block_k):
+  rng = np.random.default_rng(splits)
+  lengths = jnp.asarray([0, 16, 37, S - 1], jnp.int32)  # empty, a block boundary, mid-block, the last slot
+  B = lengths.shape[0]
+  positions = lengths + jnp.asarray([0, 3, 0, 5])  # positions need not equal slots
+
+  def draw(*shape, scale=1.0):
+    return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+  proj = ota.Projection(x=draw(B, DM, scale=3.0) if fold else None, bias=draw((H + 2 * HKV) * D, scale=0.5),
+                        q_norm=draw(D, scale=0.2) + 1 if qk_norm else None, k_norm=draw(D, scale=0.2) + 1 if qk_norm else None)
+  qkv = draw(B, (H + 2 * HKV) * D, scale=2.0)
+  k_buf, v_buf = (np.array(draw(B, S, HKV, D), np.float32) for _ in range(2))
+  for b, n in enumerate(np.asarray(lengths)):  # loud stale slots past the length: never read
+    k_buf[b, n + 1:], v_buf[b, n + 1:] = 50.0, 1e3
+  k_buf, v_buf = jnp.asarray(k_buf, dtype), jnp.asarray(v_buf, dtype)
+
+  want, want_k, want_v = unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths)
+  cos, sin = rope_cos_sin(positions, D, THETA)
+  got, got_k, got_v = ota.attend(qkv, proj, dtype, cos, sin, k_buf, v_buf, lengths, heads=H, eps=EPS,
+                                 splits=splits, block_k=block_k, interpret=True)
+  # The cache: the new key/value at slot lengths[b] as the unfused step computes them (to rounding:
+  # 1 / rms sums in another order), every other slot untouched.
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  written = np.arange(S)[None, :] == np.asarray(lengths)[:, None]  # [B, S]
+  for got_buf, want_buf in ((got_k, want_k), (got_v, want_v)):
+    got_buf, want_buf = np.asarray(got_buf, np.float32), np.asarray(want_buf, np.float32)
+    np.testing.assert_array_equal(got_buf[~written], want_buf[~written])
+    np.testing.assert_allclose(got_buf[written], want_buf[written], atol=tol, rtol=tol)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+
+def test_one_token_attention_refuses_bad_shapes():
+  zeros = jnp.zeros((1, 48, HKV, 12))
+  with pytest.raises(ValueError, match="power-of-two head_dim"):
+    ota.attend(jnp.zeros((1, (H + 2 * HKV) * 12)), ota.Projection(None, None, None, None), jnp.float32,
+               jnp.zeros((1, 6)), jnp.zeros((1, 6)), zeros, zeros, jnp.zeros(1, jnp.int32), heads=H, eps=EPS)
+  assert ota.default_splits(1, 2, 2048, 64) == 32 and ota.default_splits(8, 2, 2048, 64) == 8
+  assert ota.default_splits(1, 2, 128, 64) == 2
