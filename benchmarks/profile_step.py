@@ -170,6 +170,8 @@ def categorize(op_name: str | None, kernel: str, parts=_DECODE_PARTS) -> str:
     return "memcpy/memset"
   if "split_kv" in k:  # the Pallas kernel's name (tidar_jax/decode/split_kv_attention.py)
     return "split-KV attention, Pallas (unmapped)"
+  if "one_token_attention" in k:  # its kernels' names (tidar_jax/decode/one_token_attention.py)
+    return "one-token attention block, Pallas (unmapped)"
   if "cudnn" in k or "flash" in k or "fmha" in k or "sdpa" in k:
     return "cuDNN attention (unmapped)"
   if "gemm" in k or "cublas" in k or "nvjet" in k or "cutlass" in k or "xmma" in k:
