@@ -19,6 +19,8 @@ from tidar_jax.decode import cache as cache_lib
 from tidar_jax.decode import engine
 from tidar_jax.model import Transformer, init_params
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
+
 SHAPE = dict(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96)
 CONFIGS = {
     "qwen2.5": ModelConfig(**SHAPE, qkv_bias=True, tie_embeddings=True),

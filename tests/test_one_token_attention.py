@@ -13,6 +13,8 @@ from tidar_jax.decode.cache import KVCache, write_rows
 from tidar_jax.decode.engine import _attend, step_attention_mask
 from tidar_jax.model import inverse_rms, rms_norm, rope, rope_cos_sin
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
+
 H, HKV, D, DM, S, EPS, THETA = 6, 2, 16, 48, 64, 1e-6, 1e4
 AR = np.ones((1, 1), bool)
 
@@ -75,5 +77,9 @@ def test_one_token_attention_refuses_bad_shapes():
   with pytest.raises(ValueError, match="power-of-two head_dim"):
     ota.attend(jnp.zeros((1, (H + 2 * HKV) * 12)), ota.Projection(None, None, None, None), jnp.float32,
                jnp.zeros((1, 6)), jnp.zeros((1, 6)), zeros, zeros, jnp.zeros(1, jnp.int32), heads=H, eps=EPS)
+  with pytest.raises(ValueError, match="at most 16 query heads per KV head"):
+    ota.attend(jnp.zeros((1, 20 * D)), ota.Projection(None, None, None, None), jnp.float32, jnp.zeros((1, D // 2)),
+               jnp.zeros((1, D // 2)), jnp.zeros((1, 48, 1, D)), jnp.zeros((1, 48, 1, D)), jnp.zeros(1, jnp.int32),
+               heads=18, eps=EPS)
   assert ota.default_splits(1, 2, 2048, 64) == 32 and ota.default_splits(8, 2, 2048, 64) == 8
   assert ota.default_splits(1, 2, 128, 64) == 2

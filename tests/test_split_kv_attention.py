@@ -11,6 +11,8 @@ from tidar_jax.decode import split_kv_attention as skv
 from tidar_jax.decode.cache import KVCache
 from tidar_jax.decode.engine import _attend, step_attention_mask
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
+
 
 def test_interval_form_rebuilds_the_step_masks_and_refuses_others():
   for mask in (np.ones((1, 1), bool), masks.causal_mask(5), masks.decode_step_mask(4)):

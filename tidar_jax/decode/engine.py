@@ -298,7 +298,8 @@ def forward(w: DecodeWeights, cfg: ModelConfig, cache: KVCache, tokens: jax.Arra
     raise ValueError(f"attention={kernel!r}: use one of {list(KERNELS)}")
   mask = None if kernel == "split_kv" else step_attention_mask(cache, step_mask)  # [batch, T, max_len]
   cos_sin = None  # the one-token step's attention: `one_token_attention`, RoPE tables shared by every layer
-  if kernel == "split_kv" and tokens.shape[1] == 1 and one_token_attention.supported(cfg.head_dim, cache.max_len):
+  if kernel == "split_kv" and tokens.shape[1] == 1 and one_token_attention.supported(
+      cfg.head_dim, cfg.num_heads // cfg.num_kv_heads, cache.max_len):
     cos_sin = rope_cos_sin(positions[:, 0], cfg.head_dim, cfg.rope_theta)  # [batch, head_dim / 2] each
   x = jnp.take(w.embed, tokens, axis=0)  # [batch, T, d_model]
   new_k, new_v = [], []

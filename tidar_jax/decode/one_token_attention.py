@@ -1,18 +1,19 @@
 """The one-token (AR) decode step's attention block in two Pallas launches per layer.
 
 At one new token per row the step's attention is tiny (the 1.5B model's 2 KV heads x 2048 slots
-are 2 MB per layer, under a microsecond of HBM time), so what it costs is launches: the q/k/v
-scale, RoPE and layout, two cache writes, the split-KV kernel and its XLA merge were seven kernels
-and ~13 µs per layer (BENCHMARKS.md, "Decode: where the time goes now"). Here:
+are 2 MB per layer, under a microsecond of HBM time), so what it costs is launches: the norm's
+mean square, q's scale + RoPE + padding, two cache writes, the split-KV kernel and its three-kernel
+XLA merge took ~14.6 µs per layer on an H100; these two take ~8.9 (1.5B AR step 1.69 -> 1.61 ms,
+BENCHMARKS.md). Here:
 
   `_attend_kernel`, grid (batch x kv_heads, key splits): every program finishes the q/k/v
     projection of its KV head -- the folded RMSNorm's 1 / rms(x) (`engine._normed_matmul`), the
     bias, qk-norm and RoPE, rounding where the unfused path rounds -- then runs an online softmax of
     its query heads over its share of the row's committed slots; the last split also takes the new
     token itself (from registers, not the cache), and the first writes the new key/value into the
-    cache at slot lengths[b] (in place: the buffers are aliased). Scores are multiply + reduce on
-    the CUDA cores instead of `dot`: a query group has fewer than the 16 rows Triton's dot needs,
-    and padding them would cost a kernel.
+    cache at slot lengths[b] (in place: the buffers are aliased). The query group is padded to the
+    16 rows Triton's dot needs by repeating its last head (scores as multiply + reduce on the CUDA
+    cores instead were 1.5x slower: the unrolled heads spill).
   `_merge_kernel`, grid (batch x heads): merges the splits' partials (o, m, l) with their
     log-sum-exps and writes the attention output, ready for the o projection.
 
@@ -30,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+
+from tidar_jax.decode.split_kv_attention import key_block
 
 _MASKED = -1e30  # finite: a split with nothing visible gives l = 0, not NaN
 _ROWS = 16  # query rows per program: a KV head's query group, padded to what Triton's dot needs
@@ -53,17 +56,10 @@ def _chunk(n: int) -> int:
   return int(np.gcd(n, 1024))
 
 
-def key_block(max_len: int) -> int | None:
-  for block in (64, 32, 16):
-    if max_len % block == 0:
-      return block
-  return None
-
-
-def supported(head_dim: int, max_len: int) -> bool:
-  """Triton needs power-of-two vectors: a head_dim that is one (its halves are RoPE's), and key
-  blocks that tile the cache."""
-  return head_dim >= 4 and head_dim & (head_dim - 1) == 0 and key_block(max_len) is not None
+def supported(head_dim: int, group: int, max_len: int) -> bool:
+  """Triton needs power-of-two vectors: a head_dim that is one (its halves are RoPE's) and key
+  blocks that tile the cache; a KV head's query group (heads / kv_heads) fits one 16-row tile."""
+  return head_dim >= 4 and head_dim & (head_dim - 1) == 0 and group <= _ROWS and key_block(max_len) is not None
 
 
 def default_splits(batch: int, kv_heads: int, max_len: int, block_k: int) -> int:
@@ -256,9 +252,10 @@ def attend(
   """-> (attention output [batch, heads * head_dim] in `dtype`, k_buf, v_buf with the new token's
   key/value at slot lengths[b]). The caller guarantees lengths < max_len (`loop.check_request`)."""
   B, S, Hkv, D = k_buf.shape
-  if not supported(D, S):
-    raise ValueError(f"one-token attention needs a power-of-two head_dim (got {D}) and max_len % 16 == 0 "
-                     f"(got {S}); use the split-KV step attention")
+  if not supported(D, heads // Hkv, S):
+    raise ValueError(f"one-token attention needs a power-of-two head_dim (got {D}), at most {_ROWS} query "
+                     f"heads per KV head (got {heads // Hkv}) and max_len % 16 == 0 (got {S}); use the "
+                     "split-KV step attention")
   block_k = block_k or key_block(S)
   splits = splits or default_splits(B, Hkv, S, block_k)
   if splits & (splits - 1):
