@@ -90,15 +90,12 @@ def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_hea
   def rounded(a):  # the unfused step stores every intermediate in the compute dtype
     return f32(a.astype(dtype))
 
-  live = pl.cdiv(length, block_k)
-  per_split = pl.cdiv(live, splits)
-  first = j * per_split
-  last = jnp.minimum(first + per_split, live)
-
-  # Every load that does not depend on arithmetic comes first -- the split's first key block, x, the
-  # q/k/v rows and their bias -- so their latencies overlap (at one block per split, the AR case,
-  # that is the whole kernel's memory traffic).
-  keys0 = pl.ds(jnp.minimum(first, k_out.shape[1] // block_k - 1) * block_k, block_k)  # in bounds if empty
+  # Split j takes key blocks j, j + splits, j + 2 splits, ... below the row's length: its first
+  # block does not depend on the length, so it is loaded at once, beside the length itself.
+  # Every load that does not depend on arithmetic comes first -- that block, x, the q/k/v rows and
+  # their bias -- so their latencies overlap (at one block per split, the AR case, that is the
+  # whole kernel's memory traffic).
+  keys0 = pl.ds(j * block_k, block_k)  # splits <= the cache's key blocks
   k0 = (k_out[b, keys0, kvh, pl.ds(0, half)], k_out[b, keys0, kvh, pl.ds(half, half)])
   v0 = v_out[b, keys0, kvh, :]
   if has_x:
@@ -164,15 +161,16 @@ def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_hea
   def visible(i):  # [16, block_k]: key block i's committed slots
     return (i * block_k + jax.lax.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1)) < length
 
-  def block(i, carry):
+  def block(t, carry):  # the split's t-th key block
+    i = j + t * splits
     keys = pl.ds(i * block_k, block_k)
     s = scores(k_out[b, keys, kvh, lo], k_out[b, keys, kvh, hi])
     return online(carry, s, visible(i), v_out[b, keys, kvh, :])
 
   init = (jnp.zeros((_ROWS, D), jnp.float32), jnp.full((_ROWS,), _MASKED, jnp.float32),
           jnp.zeros((_ROWS,), jnp.float32))
-  carry = online(init, scores(*k0), visible(first) & (first < last), v0)
-  o, m, l = jax.lax.fori_loop(first + 1, last, block, carry)
+  carry = online(init, scores(*k0), visible(j), v0)  # all masked when block j is past the length
+  o, m, l = jax.lax.fori_loop(1, pl.cdiv(pl.cdiv(length, block_k) - j, splits), block, carry)
   # The new token (slot lengths[b], from registers) counts in the last split only.
   s_new = (jnp.sum(f32(q_lo) * k_lo, axis=1, keepdims=True) + jnp.sum(f32(q_hi) * k_hi, axis=1, keepdims=True)) * scale
   m_new = jnp.where(j == splits - 1, jnp.maximum(m, s_new[:, 0]), m)
@@ -243,7 +241,7 @@ def attend(
     *,
     heads: int,
     eps: float,
-    splits: int = 0,  # key splits (a power of two); 0: `default_splits`
+    splits: int = 0,  # key splits (a power of two, at most max_len / block_k); 0: `default_splits`
     block_k: int = 0,  # keys per inner iteration; 0: `key_block(max_len)`
     num_warps: int = 4,
     num_stages: int = 2,  # Triton's software pipelining depth of the key loop
@@ -258,8 +256,8 @@ def attend(
                      "split-KV step attention")
   block_k = block_k or key_block(S)
   splits = splits or default_splits(B, Hkv, S, block_k)
-  if splits & (splits - 1):
-    raise ValueError(f"splits={splits} must be a power of two")
+  if splits & (splits - 1) or splits > S // block_k:
+    raise ValueError(f"splits={splits} must be a power of two and at most max_len / block_k = {S // block_k}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, heads=heads, kv_heads=Hkv, eps=eps, dtype=dtype, splits=splits,
