@@ -50,8 +50,8 @@ def test_one_token_attention_equals_the_unfused_step(dtype, fold, qk_norm, split
   def draw(*shape, scale=1.0):
     return jnp.asarray(scale * rng.standard_normal(shape), dtype)
 
-  proj = ota.Projection(x=draw(B, DM, scale=3.0) if fold else None, bias=draw((H + 2 * HKV) * D, scale=0.5),
-                        q_norm=draw(D, scale=0.2) + 1 if qk_norm else None, k_norm=draw(D, scale=0.2) + 1 if qk_norm else None)
+  gains = (draw(D, scale=0.2) + 1, draw(D, scale=0.2) + 1) if qk_norm else (None, None)
+  proj = ota.Projection(draw(B, DM, scale=3.0) if fold else None, draw((H + 2 * HKV) * D, scale=0.5), *gains)
   qkv = draw(B, (H + 2 * HKV) * D, scale=2.0)
   k_buf, v_buf = (np.array(draw(B, S, HKV, D), np.float32) for _ in range(2))
   for b, n in enumerate(np.asarray(lengths)):  # loud stale slots past the length: never read

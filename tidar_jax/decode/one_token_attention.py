@@ -59,13 +59,15 @@ def _chunk(n: int) -> int:
 def supported(head_dim: int, group: int, max_len: int) -> bool:
   """Triton needs power-of-two vectors: a head_dim that is one (its halves are RoPE's) and key
   blocks that tile the cache; a KV head's query group (heads / kv_heads) fits one 16-row tile."""
-  return head_dim >= 4 and head_dim & (head_dim - 1) == 0 and group <= _ROWS and key_block(max_len) is not None
+  power_of_two = head_dim >= 4 and head_dim & (head_dim - 1) == 0
+  return power_of_two and group <= _ROWS and key_block(max_len) is not None
 
 
 def default_splits(batch: int, kv_heads: int, max_len: int, block_k: int) -> int:
   """Key splits (a power of two, for the merge's vector loads): about 128 programs in all, at most
   one per key block."""
-  return min(_pow2_at_most(-(-128 // (batch * kv_heads))), _pow2_at_most(max_len // block_k))
+  per_row_head = -(-128 // (batch * kv_heads))
+  return min(_pow2_at_most(per_row_head), _pow2_at_most(max_len // block_k))
 
 
 def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_heads: int, block_k: int, splits: int,
@@ -204,8 +206,8 @@ def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, heads, kv_heads, e
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  kernel = functools.partial(_attend_kernel, heads=heads, kv_heads=kv_heads, block_k=block_k,
-                             splits=splits, eps=eps, dtype=dtype, has_x=proj.x is not None, has_bias=proj.bias is not None,
+  kernel = functools.partial(_attend_kernel, heads=heads, kv_heads=kv_heads, block_k=block_k, splits=splits, eps=eps,
+                             dtype=dtype, has_x=proj.x is not None, has_bias=proj.bias is not None,
                              has_qk_norm=proj.q_norm is not None)
   o, m, l, k_buf, v_buf = pl.pallas_call(
       kernel,
@@ -260,5 +262,5 @@ def attend(
     raise ValueError(f"splits={splits} must be a power of two and at most max_len / block_k = {S // block_k}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  return _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, heads=heads, kv_heads=Hkv, eps=eps, dtype=dtype, splits=splits,
-                    block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+  return _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, heads=heads, kv_heads=Hkv, eps=eps, dtype=dtype,
+                    splits=splits, block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
