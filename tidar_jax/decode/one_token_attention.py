@@ -32,9 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from tidar_jax.decode.split_kv_attention import key_block
+from tidar_jax.decode.split_kv_attention import key_block, online_softmax, online_softmax_start
 
-_MASKED = -1e30  # finite: a split with nothing visible gives l = 0, not NaN
 _ROWS = 16  # query rows per program: a KV head's query group, padded to what Triton's dot needs
 
 
@@ -151,15 +150,6 @@ def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_hea
     return (jax.lax.dot_general(q_lo, k_lo.astype(dtype), dims, preferred_element_type=jnp.float32)
             + jax.lax.dot_general(q_hi, k_hi.astype(dtype), dims, preferred_element_type=jnp.float32)) * scale
 
-  def online(carry, s, visible, v):  # the split-KV kernel's online softmax over scores s [16, n]
-    o, m, l = carry
-    s = jnp.where(visible, s, _MASKED)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-    r = jnp.exp(m - m_new)
-    o = o * r[:, None] + jnp.dot(p.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
-    return o, m_new, l * r + p.sum(axis=1)
-
   def visible(i):  # [16, block_k]: key block i's committed slots
     return (i * block_k + jax.lax.broadcasted_iota(jnp.int32, (_ROWS, block_k), 1)) < length
 
@@ -167,11 +157,10 @@ def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_hea
     i = j + t * splits
     keys = pl.ds(i * block_k, block_k)
     s = scores(k_out[b, keys, kvh, lo], k_out[b, keys, kvh, hi])
-    return online(carry, s, visible(i), v_out[b, keys, kvh, :])
+    return online_softmax(carry, s, v_out[b, keys, kvh, :].astype(dtype), visible(i))
 
-  init = (jnp.zeros((_ROWS, D), jnp.float32), jnp.full((_ROWS,), _MASKED, jnp.float32),
-          jnp.zeros((_ROWS,), jnp.float32))
-  carry = online(init, scores(*k0), visible(j), v0)  # all masked when block j is past the length
+  # All masked when block j is past the length.
+  carry = online_softmax(online_softmax_start(_ROWS, D), scores(*k0), v0.astype(dtype), visible(j))
   o, m, l = jax.lax.fori_loop(1, pl.cdiv(pl.cdiv(length, block_k) - j, splits), block, carry)
   # The new token (slot lengths[b], from registers) counts in the last split only.
   s_new = (jnp.sum(f32(q_lo) * k_lo, axis=1, keepdims=True) + jnp.sum(f32(q_hi) * k_hi, axis=1, keepdims=True)) * scale

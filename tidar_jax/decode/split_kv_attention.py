@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-_MASKED = -1e30  # finite: a row with nothing visible in a split gives l = 0, not NaN
+from tidar_jax.attention import MASKED  # finite: a row with nothing visible in a split gives l = 0, not NaN
+
 
 
 class Intervals(NamedTuple):
@@ -99,6 +100,29 @@ def tiling(batch: int, tokens: int, heads: int, kv_heads: int, max_len: int, row
   return tile, splits or _splits(batch * kv_heads * n_tiles, max_len, key_block(max_len))
 
 
+def online_softmax_start(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`online_softmax`'s carry before any key: o = 0, m = MASKED, l = 0."""
+  return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def online_softmax(carry: tuple[jax.Array, jax.Array, jax.Array], s: jax.Array, v: jax.Array,
+                   visible: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One key block of a kernel's online softmax: carry (o [rows, D], m [rows], l [rows], fp32) after
+  scaled scores s [rows, n] (fp32) and values v [n, D]; visible [rows, n] masks scores (None: all
+  visible). P.V takes p in v's dtype, l the fp32 p. Also `one_token_attention`'s."""
+  o, m, l = carry
+  if visible is not None:
+    s = jnp.where(visible, s, MASKED)
+  m_new = jnp.maximum(m, s.max(axis=1))
+  p = jnp.exp(s - m_new[:, None])
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
+  rescale = jnp.exp(m - m_new)
+  o = o * rescale[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o, m_new, l * rescale + p.sum(axis=1)
+
+
 def _kernel(len_ref, pre_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
             block_k: int, splits: int, new_tokens: int, scale: float):
   # len_ref [1]; pre/lo/hi [rows]; q [rows, head_dim]; k/v [max_len, head_dim] (this row, KV head)
@@ -113,26 +137,17 @@ def _kernel(len_ref, pre_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref,
   hi = (length + hi_ref[...])[:, None]
   rows, head_dim = q.shape
 
-  def step(block, carry, masked: bool):
-    o, m, l = carry  # [rows, head_dim], [rows], [rows] fp32
+  def step(block, carry, masked: bool):  # carry: [rows, head_dim], [rows], [rows] fp32
     start = block * block_k
     k = k_ref[pl.ds(start, block_k), :]
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+    visible = None
     if masked:
       slot = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
       visible = (slot < pre) | ((slot >= lo) & (slot < hi))
-      s = jnp.where(visible, s, _MASKED)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.exp(s - m_new[:, None])
-    if masked:
-      p = jnp.where(visible, p, 0.0)
-    rescale = jnp.exp(m - m_new)
-    v = v_ref[pl.ds(start, block_k), :]
-    o = o * rescale[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o, m_new, l * rescale + p.sum(axis=1)
+    return online_softmax(carry, s, v_ref[pl.ds(start, block_k), :], visible)
 
-  init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _MASKED, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
+  init = online_softmax_start(rows, head_dim)
   # Blocks wholly inside the committed slots are visible to every row: no mask arithmetic there
   # (most of a step's blocks); only the blocks holding the step's own tokens are masked.
   committed = jnp.clip(length // block_k, first, last)
