@@ -15,9 +15,10 @@ where the time goes"). Here, with the same weights and math (tests/test_decode_e
     (`split_kv_attention.py`), which splits the keys across programs; cuDNN and the dense einsum
     read a per-row [T, max_len] mask instead. `lengths` is left to the caller, who commits only
     what it accepted (the rest is overwritten next step);
-  * a one-token step (AR) on the split-KV path runs everything between its q/k/v matmul and its o
-    matmul -- norm scale, bias, qk-norm, RoPE, the cache write, attention and the split merge -- as
-    the two Pallas kernels of `one_token_attention.py` (1.5B AR step 1.69 -> 1.60 ms).
+  * on the split-KV path, everything between a step's q/k/v matmul and its o matmul -- norm scale,
+    bias, qk-norm, RoPE, the cache write, attention and the split merge -- runs in Pallas kernels
+    (`_fused_attention`): two for a one-token step (AR, `one_token_attention.py`: 1.5B AR step 1.69
+    -> 1.60 ms), three for a TiDAR step (`multi_token_attention.py`: k=8 2.60-2.75 -> 2.54 ms).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 
 from tidar_jax.attention import MASKED, auto_implementation
 from tidar_jax.config import ModelConfig
-from tidar_jax.decode import one_token_attention, split_kv_attention
+from tidar_jax.decode import multi_token_attention, one_token_attention, split_kv_attention
 from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
 from tidar_jax.model import fp32_logits, inverse_rms, rms_norm, rope, rope_cos_sin
 
@@ -241,30 +242,41 @@ def _qkv(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array
   return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
 
 
-def _one_token_attention(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, cos_sin: tuple[jax.Array, jax.Array],
-                         k_buf: jax.Array, v_buf: jax.Array, lengths: jax.Array
-                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`_qkv`, the cache write and the attention of a one-token step, with everything after the q/k/v
-  matmul in `one_token_attention`'s two kernels. x [batch, 1, d_model] -> ([batch, 1, heads *
-  head_dim], k_buf, v_buf)."""
+def _fused_attention(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, cos_sin: tuple[jax.Array, jax.Array],
+                     k_buf: jax.Array, v_buf: jax.Array, lengths: jax.Array, step_mask: np.ndarray
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`_qkv`, the cache write and the attention of a step, with everything after the q/k/v matmul in
+  two Pallas kernels: `one_token_attention`'s at T = 1, `multi_token_attention`'s at T > 1.
+  x [batch, T, d_model] -> ([batch, T, heads * head_dim], k_buf, v_buf)."""
+  T = x.shape[1]
   with jax.named_scope("attn/qkv"):
-    qkv, inv_rms = _normed_matmul(x, lw.attn_norm, cfg, lw.wqkv_t, transposed=True)  # [batch, 1, (H+2Hkv)D]
+    qkv, inv_rms = _normed_matmul(x, lw.attn_norm, cfg, lw.wqkv_t, transposed=True)  # [batch, T, (H+2Hkv)D]
   with jax.named_scope("attn/core"):
     proj = one_token_attention.Projection(None if inv_rms is None else x[:, 0], lw.bqkv, lw.q_norm, lw.k_norm)
-    out, k_buf, v_buf = one_token_attention.attend(qkv[:, 0], proj, cfg.compute_dtype, *cos_sin, k_buf, v_buf,
-                                                   lengths, heads=cfg.num_heads, eps=cfg.norm_eps)
-  return out[:, None], k_buf, v_buf
+    if T == 1:
+      out, k_buf, v_buf = one_token_attention.attend(qkv[:, 0], proj, cfg.compute_dtype, *cos_sin, k_buf, v_buf,
+                                                     lengths, heads=cfg.num_heads, eps=cfg.norm_eps)
+      return out[:, None], k_buf, v_buf
+    return multi_token_attention.attend(qkv, proj, cfg.compute_dtype, *cos_sin, k_buf, v_buf, lengths, step_mask,
+                                        heads=cfg.num_heads, eps=cfg.norm_eps)
+
+
+def fused_attention(cfg: ModelConfig, step_mask: np.ndarray, max_len: int) -> bool:
+  """Whether a step on the split-KV path runs its attention block fused (`_fused_attention`)."""
+  if step_mask.shape[0] == 1:
+    return one_token_attention.supported(cfg.head_dim, cfg.num_heads // cfg.num_kv_heads, max_len)
+  return multi_token_attention.supported(cfg.head_dim, step_mask, max_len)
 
 
 def _layer(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array, k_buf: jax.Array,
            v_buf: jax.Array, lengths: jax.Array, step_mask: np.ndarray, mask: jax.Array | None, kernel: str,
            cos_sin: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One pre-norm block over x [batch, T, d_model]; returns (x, k_buf, v_buf) with the T new
-  keys/values written at slots lengths[b] .. + T - 1. cos_sin: the one-token step's RoPE tables,
-  given when it takes `one_token_attention`."""
+  keys/values written at slots lengths[b] .. + T - 1. cos_sin: the step's RoPE tables,
+  given when it takes `_fused_attention`."""
   B, T, _ = x.shape
   if cos_sin is not None:
-    out, k_buf, v_buf = _one_token_attention(lw, cfg, x, cos_sin, k_buf, v_buf, lengths)
+    out, k_buf, v_buf = _fused_attention(lw, cfg, x, cos_sin, k_buf, v_buf, lengths, step_mask)
   else:
     with jax.named_scope("attn/qkv"):
       q, k, v = _qkv(lw, cfg, x, positions)
@@ -297,10 +309,10 @@ def forward(w: DecodeWeights, cfg: ModelConfig, cache: KVCache, tokens: jax.Arra
   if kernel not in KERNELS:
     raise ValueError(f"attention={kernel!r}: use one of {list(KERNELS)}")
   mask = None if kernel == "split_kv" else step_attention_mask(cache, step_mask)  # [batch, T, max_len]
-  cos_sin = None  # the one-token step's attention: `one_token_attention`, RoPE tables shared by every layer
-  if kernel == "split_kv" and tokens.shape[1] == 1 and one_token_attention.supported(
-      cfg.head_dim, cfg.num_heads // cfg.num_kv_heads, cache.max_len):
-    cos_sin = rope_cos_sin(positions[:, 0], cfg.head_dim, cfg.rope_theta)  # [batch, head_dim / 2] each
+  cos_sin = None  # the fused attention block's RoPE tables, shared by every layer
+  if kernel == "split_kv" and fused_attention(cfg, step_mask, cache.max_len):
+    # [batch, head_dim / 2] each at one token, [batch, T, head_dim / 2] at more
+    cos_sin = rope_cos_sin(positions[:, 0] if tokens.shape[1] == 1 else positions, cfg.head_dim, cfg.rope_theta)
   x = jnp.take(w.embed, tokens, axis=0)  # [batch, T, d_model]
   new_k, new_v = [], []
   for lw, k_buf, v_buf in zip(w.layers, cache.k, cache.v):  # unrolled: each layer reads its own arrays

@@ -69,6 +69,32 @@ def default_splits(batch: int, kv_heads: int, max_len: int, block_k: int) -> int
   return min(_pow2_at_most(per_row_head), _pow2_at_most(max_len // block_k))
 
 
+def _rounded(a: jax.Array, dtype) -> jax.Array:
+  """fp32 -> rounded to the compute dtype, back in fp32: the unfused step stores every intermediate
+  in the compute dtype."""
+  return a.astype(dtype).astype(jnp.float32)
+
+
+def finish_projection(raw: tuple[jax.Array, jax.Array | None], inv_rms: jax.Array | None, dtype) -> jax.Array:
+  """(raw q/k/v values, bias or None), fp32 [n, width] -> the projection as the unfused step has it:
+  the folded norm's scale (inv_rms None: already normed), then the bias. Also `multi_token_attention`'s."""
+  a, bias = raw
+  if inv_rms is not None:
+    a = _rounded(a * inv_rms, dtype)
+  return a if bias is None else _rounded(a + bias, dtype)
+
+
+def rope_halves(a: jax.Array, c: jax.Array, gain: tuple[jax.Array, jax.Array] | None, cos: jax.Array,
+                sin: jax.Array, dtype, eps: float) -> tuple[jax.Array, jax.Array]:
+  """A head's halves a, c [n, half] fp32 -> RoPE'd halves (`model.rope`'s rotate-half), after qk-norm
+  when gain (its halves, [1, half] each) is given. cos, sin broadcast against [n, half]."""
+  if gain is not None:  # qk-norm: RMS over the whole head_dim, both halves
+    sq = jnp.sum(a * a, axis=-1, keepdims=True) + jnp.sum(c * c, axis=-1, keepdims=True)
+    r = jax.lax.rsqrt(sq / (2 * a.shape[-1]) + eps)
+    a, c = _rounded(a * r * gain[0], dtype), _rounded(c * r * gain[1], dtype)
+  return _rounded(a * cos - c * sin, dtype), _rounded(c * cos + a * sin, dtype)
+
+
 def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_heads: int, block_k: int, splits: int,
                    eps: float, dtype, has_x: bool, has_bias: bool, has_qk_norm: bool):
   # qkv [batch, heads + 2 kv_heads, head_dim]; cos/sin [batch, head_dim / 2]; caches [batch, max_len, kv_heads, head_dim]
@@ -87,9 +113,6 @@ def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_hea
 
   def f32(a):
     return a.astype(jnp.float32)
-
-  def rounded(a):  # the unfused step stores every intermediate in the compute dtype
-    return f32(a.astype(dtype))
 
   # Split j takes key blocks j, j + splits, j + 2 splits, ... below the row's length: its first
   # block does not depend on the length, so it is loaded at once, beside the length itself.
@@ -120,18 +143,11 @@ def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_hea
 
   inv_rms = jax.lax.rsqrt(sum(jnp.sum(xc * xc) for xc in xs) / x_ref.shape[1] + eps) if has_x else None
 
-  def projected(raw):  # the folded norm's scale, then the bias, rounded where the unfused step rounds
-    a, bias = raw
-    if has_x:
-      a = rounded(a * inv_rms)
-    return a if bias is None else rounded(a + bias)
+  def projected(raw):
+    return finish_projection(raw, inv_rms, dtype)
 
-  def with_rope(raw_lo, raw_hi, gain):  # -> RoPE'd halves, after qk-norm if the model has it
-    a, c = projected(raw_lo), projected(raw_hi)
-    if gain is not None:  # qk-norm: RMS over the whole head_dim, both halves
-      r = jax.lax.rsqrt((jnp.sum(a * a, axis=-1, keepdims=True) + jnp.sum(c * c, axis=-1, keepdims=True)) / D + eps)
-      a, c = rounded(a * r * gain[0]), rounded(c * r * gain[1])
-    return rounded(a * cos - c * sin), rounded(c * cos + a * sin)  # model.rope's rotate-half
+  def with_rope(raw_lo, raw_hi, gain):
+    return rope_halves(projected(raw_lo), projected(raw_hi), gain, cos, sin, dtype, eps)
 
   q_lo, q_hi = (q.astype(dtype) for q in with_rope(*q_raw, gains[0]))  # [16, half]
   k_lo, k_hi = with_rope(*k_raw, gains[1])  # [1, half]
@@ -167,7 +183,7 @@ def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_hea
   m_new = jnp.where(j == splits - 1, jnp.maximum(m, s_new[:, 0]), m)
   p_new = jnp.where(j == splits - 1, jnp.exp(s_new[:, 0] - m_new), 0.0)  # [16]
   r = jnp.exp(m - m_new)
-  o_ref[b, kvh, j, :, :] = o * r[:, None] + rounded(p_new)[:, None] * v_new
+  o_ref[b, kvh, j, :, :] = o * r[:, None] + _rounded(p_new, dtype)[:, None] * v_new
   m_ref[b, kvh, j, :] = m_new
   l_ref[b, kvh, j, :] = l * r + p_new
 

@@ -167,39 +167,37 @@ def _combine(o: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
   return num / jnp.where(den > 0, den, 1.0)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=("intervals_key", "row_tile", "splits", "block_k", "num_warps",
-                                             "num_stages", "interpret"))
-def _attention(q, k_buf, v_buf, lengths, intervals_key, row_tile, splits, block_k, num_warps, num_stages, interpret):
-  B, T, H, D = q.shape
-  _, S, Hkv, _ = k_buf.shape
-  G = H // Hkv
-  iv = Intervals(*(np.asarray(a, np.int32) for a in intervals_key))
-  R = T * G  # rows per KV head: row t * G + g is token t, query head g of the group
-  tile, n_splits = tiling(B, T, H, Hkv, S, row_tile, splits)
-  R_pad = -(-R // tile) * tile
-  n_tiles = R_pad // tile
-  block_k = block_k or key_block(S)
+def row_bounds(per_token: np.ndarray, group: int, rows: int) -> jax.Array:
+  """A step token's interval bound [T] -> per query row [rows] (row t * group + g is token t); rows
+  past T * group (tile padding) get 0: they see the committed slots only."""
+  return jnp.asarray(np.pad(np.repeat(np.asarray(per_token, np.int32), group), (0, rows - len(per_token) * group)))
 
-  def per_row(a: np.ndarray) -> jax.Array:  # [T] -> [R_pad]; padded rows see the committed slots only
-    return jnp.asarray(np.pad(np.repeat(a, G), (0, R_pad - R)).astype(np.int32))
 
-  q_rows = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, R, D)
-  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, R_pad - R), (0, 0)))  # [batch, kv_heads, R_pad, D]
+def partials(q_rows: jax.Array, k_buf: jax.Array, v_buf: jax.Array, lengths: jax.Array, intervals: Intervals,
+             group: int, *, tile: int, splits: int, block_k: int, num_warps: int, num_stages: int, interpret: bool
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The kernel's launch: q_rows [batch, kv_heads, rows padded to tiles, head_dim] (row t * group + g
+  is step token t, query head g of the KV head's group) over the cache -> each split's unnormalised
+  partials o [batch, kv_heads, splits, rows, head_dim], m, l [batch, kv_heads, splits, rows] (fp32).
+  Also `multi_token_attention`'s."""
+  B, Hkv, R_pad, D = q_rows.shape
+  S = k_buf.shape[1]
 
   def bh(i):
     return i // Hkv, i % Hkv
 
   row_spec = pl.BlockSpec((tile,), lambda i, r, j: (r,))
   kv_spec = pl.BlockSpec((None, S, None, D), lambda i, r, j: (bh(i)[0], 0, bh(i)[1], 0))
-  part = (B, Hkv, n_splits, R_pad)
-  kernel = functools.partial(_kernel, block_k=block_k, splits=n_splits, new_tokens=T, scale=D**-0.5)
+  part = (B, Hkv, splits, R_pad)
+  kernel = functools.partial(_kernel, block_k=block_k, splits=splits, new_tokens=len(intervals.prefix),
+                             scale=D**-0.5)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  o, m, l = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
-      grid=(B * Hkv, n_tiles, n_splits),
+      grid=(B * Hkv, R_pad // tile, splits),
       in_specs=[pl.BlockSpec((1,), lambda i, r, j: (bh(i)[0],)), row_spec, row_spec, row_spec,
                 pl.BlockSpec((None, None, tile, D), lambda i, r, j: (*bh(i), r, 0)), kv_spec, kv_spec],
       out_specs=[pl.BlockSpec((None, None, None, tile, D), lambda i, r, j: (*bh(i), j, r, 0)),
@@ -210,7 +208,23 @@ def _attention(q, k_buf, v_buf, lengths, intervals_key, row_tile, splits, block_
       compiler_params=compiler_params,
       interpret=interpret,
       name="split_kv_step_attention",
-  )(lengths.astype(jnp.int32), per_row(iv.prefix), per_row(iv.lo), per_row(iv.hi), q_rows, k_buf, v_buf)
+  )(lengths.astype(jnp.int32), *(row_bounds(a, group, R_pad) for a in intervals), q_rows, k_buf, v_buf)
+
+
+@functools.partial(jax.jit, static_argnames=("intervals_key", "row_tile", "splits", "block_k", "num_warps",
+                                             "num_stages", "interpret"))
+def _attention(q, k_buf, v_buf, lengths, intervals_key, row_tile, splits, block_k, num_warps, num_stages, interpret):
+  B, T, H, D = q.shape
+  _, S, Hkv, _ = k_buf.shape
+  G = H // Hkv
+  R = T * G  # rows per KV head: row t * G + g is token t, query head g of the group
+  tile, n_splits = tiling(B, T, H, Hkv, S, row_tile, splits)
+  R_pad = -(-R // tile) * tile
+  q_rows = q.reshape(B, T, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, R, D)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, R_pad - R), (0, 0)))  # [batch, kv_heads, R_pad, D]
+  o, m, l = partials(q_rows, k_buf, v_buf, lengths, Intervals(*(np.asarray(a, np.int32) for a in intervals_key)), G,
+                     tile=tile, splits=n_splits, block_k=block_k or key_block(S), num_warps=num_warps,
+                     num_stages=num_stages, interpret=interpret)
   out = _combine(o, m, l)[:, :, :R]  # [batch, kv_heads, R, D]
   return out.reshape(B, Hkv, T, G, D).transpose(0, 2, 1, 3, 4).reshape(B, T, H, D).astype(q.dtype)
 
