@@ -172,6 +172,8 @@ def categorize(op_name: str | None, kernel: str, parts=_DECODE_PARTS) -> str:
     return "split-KV attention, Pallas (unmapped)"
   if "one_token_attention" in k:  # its kernels' names (tidar_jax/decode/one_token_attention.py)
     return "one-token attention block, Pallas (unmapped)"
+  if "multi_token_attention" in k:  # prologue + merge (tidar_jax/decode/multi_token_attention.py)
+    return "TiDAR step's RoPE/cache-write prologue + split merge, Pallas (unmapped)"
   if "cudnn" in k or "flash" in k or "fmha" in k or "sdpa" in k:
     return "cuDNN attention (unmapped)"
   if "gemm" in k or "cublas" in k or "nvjet" in k or "cutlass" in k or "xmma" in k:

@@ -138,9 +138,11 @@ KERNELS = ("dense", "cudnn", "split_kv")
 # "auto" takes the split-KV kernel for steps of up to SPLIT_KV_MAX_ROWS tokens over the whole batch.
 # Measured at 1.5B on an H100 (BENCHMARKS.md `step_attention`, `decode_latency`): it beats cuDNN
 # where cuDNN's (batch x heads x query tiles) grid leaves SMs idle -- batch 1 TiDAR k=4/8/16, batch 8
-# k=4, and the 1-token AR step (15.6 vs 23 us per layer; AR step at batch 1 1.95 -> 1.91 ms, batch 8
-# 2.08 -> 1.99 ms) -- and loses at batch 8 x k >= 8, where cuDNN's grid is full.
-SPLIT_KV_MAX_ROWS = 288
+# k=4, and the 1-token AR step (15.6 vs 23 us per layer). With the TiDAR step's attention block
+# fused around it (`multi_token_attention`), it also beats cuDNN where cuDNN's grid is full: batch 8
+# k=8 5.07 vs 5.88 ms, k=16 14.97 vs 16.06 ms, batch 4 k=16 8.26 vs 9.52 ms (results/bench/
+# ab_split_kv_batch8.json). The limit is the largest step measured (batch 8 x k=16's 8 x 272 rows).
+SPLIT_KV_MAX_ROWS = 2176
 
 
 def attention_kernel(setting: str, dtype: Any, step_mask: np.ndarray, max_len: int, batch: int) -> str:
