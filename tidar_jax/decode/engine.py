@@ -248,7 +248,7 @@ def _fused_attention(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, cos_sin: 
                      k_buf: jax.Array, v_buf: jax.Array, lengths: jax.Array, step_mask: np.ndarray
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`_qkv`, the cache write and the attention of a step, with everything after the q/k/v matmul in
-  two Pallas kernels: `one_token_attention`'s at T = 1, `multi_token_attention`'s at T > 1.
+  Pallas kernels: `one_token_attention`'s two at T = 1, `multi_token_attention`'s three at T > 1.
   x [batch, T, d_model] -> ([batch, T, heads * head_dim], k_buf, v_buf)."""
   T = x.shape[1]
   with jax.named_scope("attn/qkv"):

@@ -12,8 +12,8 @@ head_dim]. Here:
     group; the tile padding repeats the last row, so every load is in bounds); key/value programs
     write step token u's key and value into the cache at slot lengths[b] + u, in place (aliased).
   the split-KV kernel (`split_kv_attention.partials`), unchanged: the step's keys are in the cache.
-  `_merge_kernel`, grid (batch x T x heads): merges one query row's split partials and writes
-    [batch, T, heads, head_dim], ready for the o projection.
+  `split_kv_attention.merge`, grid (batch x T x heads): merges one query row's split partials
+    and writes [batch, T, heads, head_dim], ready for the o projection.
 
 1.5B, B=1, KV 2048 on an H100 (BENCHMARKS.md): 6 -> 3 launches per layer; the k=8 step 2.60-2.75
 -> 2.54-2.56 ms, k=4 2.26 -> 2.17; k=16 within its run-to-run spread (new kernels 6.5 µs per
@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from tidar_jax.attention import MASKED
-from tidar_jax.decode.one_token_attention import Projection, finish_projection, rope_halves
-from tidar_jax.decode.split_kv_attention import Intervals, interval_form, key_block, partials, tiling
+from tidar_jax.decode.one_token_attention import Projection, finish_projection, rope_halves, rope_head_dim
+from tidar_jax.decode.split_kv_attention import Intervals, interval_form, key_block, merge, partials, tiling
 
 
 _PROLOGUE_ROWS = 16  # query rows / step tokens per prologue program: many small programs
@@ -42,12 +41,7 @@ _PROLOGUE_ROWS = 16  # query rows / step tokens per prologue program: many small
 def supported(head_dim: int, step_mask: np.ndarray, max_len: int) -> bool:
   """A power-of-two head_dim (its halves are RoPE's), an interval-form step mask, key blocks that
   tile the cache."""
-  power_of_two = head_dim >= 4 and head_dim & (head_dim - 1) == 0
-  return power_of_two and key_block(max_len) is not None and interval_form(step_mask) is not None
-
-
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
+  return rope_head_dim(head_dim) and key_block(max_len) is not None and interval_form(step_mask) is not None
 
 
 def _prologue_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, T: int, heads: int, kv_heads: int, tile: int,
@@ -97,22 +91,6 @@ def _prologue_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, T: int, heads: i
     v_out[b, slots, kvh, :] = v.astype(v_out.dtype)
 
 
-def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, T: int, heads: int, kv_heads: int, splits: int):
-  # o [batch, kv_heads, splits, rows, head_dim] fp32; m, l [batch, kv_heads, splits, rows]; out [batch, T, heads, head_dim]
-  p = pl.program_id(0)
-  b, t, h = p // (T * heads), (p // heads) % T, p % heads
-  G = heads // kv_heads
-  kvh, row = h // G, t * G + h % G
-  n = _pow2_at_least(splits)  # Triton's vectors have power-of-two sizes: padded by repeats, weighted 0
-  s = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (n,), 0), splits - 1)
-  live = jax.lax.broadcasted_iota(jnp.int32, (n,), 0) < splits
-  m = jnp.where(live, m_ref[b, kvh, s, row], MASKED)  # [n]
-  w = jnp.where(live, jnp.exp(m - jnp.max(m)), 0.0)  # 0 for splits that saw nothing
-  den = jnp.sum(l_ref[b, kvh, s, row] * w)
-  den = jnp.where(den > 0, den, 1.0)  # a row that saw nothing (not one of TiDAR's) gives 0, not NaN
-  out_ref[b, t, h, :] = (jnp.sum(o_ref[b, kvh, s, row, :] * w[:, None], axis=0) / den).astype(out_ref.dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("intervals_key", "heads", "eps", "dtype", "row_tile", "splits",
                                              "block_k", "num_warps", "num_stages", "interpret"))
 def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, intervals_key, heads, eps, dtype, row_tile, splits,
@@ -126,7 +104,7 @@ def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, intervals_key, hea
   bias = None if proj.bias is None else proj.bias.reshape(-1, D)
   extra = [a for a in (bias, proj.q_norm, proj.k_norm) if a is not None]
   n_in = 4 + len(extra) + 2
-  small = None  # the prologue and merge have no loop to pipeline
+  small = None  # the prologue has no loop to pipeline
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     small = plgpu.CompilerParams(num_warps=4, num_stages=1)
@@ -144,14 +122,7 @@ def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, intervals_key, hea
   o, m, l = partials(q_rows, k_buf, v_buf, lengths, Intervals(*(np.asarray(a, np.int32) for a in intervals_key)), G,
                      tile=tile, splits=n_splits, block_k=block_k or key_block(S), num_warps=num_warps,
                      num_stages=num_stages, interpret=interpret)
-  out = pl.pallas_call(
-      functools.partial(_merge_kernel, T=T, heads=heads, kv_heads=Hkv, splits=n_splits),
-      grid=(B * T * heads,),
-      out_shape=jax.ShapeDtypeStruct((B, T, heads, D), dtype),
-      compiler_params=small,
-      interpret=interpret,
-      name="multi_token_attention_merge",
-  )(o, m, l)
+  out = merge(o, m, l, T, heads, dtype, name="multi_token_attention_merge", interpret=interpret)  # [B, T, H, D]
   return out.reshape(B, T, heads * D), k_buf, v_buf
 
 

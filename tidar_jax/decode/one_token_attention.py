@@ -14,8 +14,8 @@ BENCHMARKS.md). Here:
     cache at slot lengths[b] (in place: the buffers are aliased). The query group is padded to the
     16 rows Triton's dot needs by repeating its last head (scores as multiply + reduce on the CUDA
     cores instead were 1.5x slower: the unrolled heads spill).
-  `_merge_kernel`, grid (batch x heads): merges the splits' partials (o, m, l) with their
-    log-sum-exps and writes the attention output, ready for the o projection.
+  `split_kv_attention.merge`, grid (batch x heads): merges the splits' partials (o, m, l) with
+    their log-sum-exps and writes the attention output, ready for the o projection.
 
 Programs only read slots < lengths[b] from the cache, and only (b, kv head, split 0) writes slot
 lengths[b], so there is no read/write race. Runs compiled on a GPU (Triton) and interpreted
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from tidar_jax.decode.split_kv_attention import key_block, online_softmax, online_softmax_start
+from tidar_jax.decode.split_kv_attention import key_block, merge, online_softmax, online_softmax_start
 
 _ROWS = 16  # query rows per program: a KV head's query group, padded to what Triton's dot needs
 
@@ -55,16 +55,20 @@ def _chunk(n: int) -> int:
   return int(np.gcd(n, 1024))
 
 
+def rope_head_dim(head_dim: int) -> bool:
+  """Triton needs power-of-two vectors: a head_dim that is one, and so are its halves (RoPE's).
+  Also `multi_token_attention`'s."""
+  return head_dim >= 4 and head_dim & (head_dim - 1) == 0
+
+
 def supported(head_dim: int, group: int, max_len: int) -> bool:
-  """Triton needs power-of-two vectors: a head_dim that is one (its halves are RoPE's) and key
-  blocks that tile the cache; a KV head's query group (heads / kv_heads) fits one 16-row tile."""
-  power_of_two = head_dim >= 4 and head_dim & (head_dim - 1) == 0
-  return power_of_two and group <= _ROWS and key_block(max_len) is not None
+  """A head_dim Triton can split into RoPE halves, key blocks that tile the cache, and a KV head's
+  query group (heads / kv_heads) that fits one 16-row tile."""
+  return rope_head_dim(head_dim) and group <= _ROWS and key_block(max_len) is not None
 
 
 def default_splits(batch: int, kv_heads: int, max_len: int, block_k: int) -> int:
-  """Key splits (a power of two, for the merge's vector loads): about 128 programs in all, at most
-  one per key block."""
+  """Key splits (a power of two): about 128 programs in all, at most one per key block."""
   per_row_head = -(-128 // (batch * kv_heads))
   return min(_pow2_at_most(per_row_head), _pow2_at_most(max_len // block_k))
 
@@ -188,18 +192,6 @@ def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_hea
   l_ref[b, kvh, j, :] = l * r + p_new
 
 
-def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, heads: int, kv_heads: int, head_dim: int):
-  G = heads // kv_heads
-  b = pl.program_id(0) // heads
-  h = pl.program_id(0) % heads
-  o = o_ref[b, h // G, :, h % G, :]  # [splits, head_dim]
-  m = m_ref[b, h // G, :, h % G]  # [splits]
-  l = l_ref[b, h // G, :, h % G]
-  w = jnp.exp(m - jnp.max(m))  # 0 for splits that saw nothing
-  den = jnp.sum(l * w)
-  out_ref[b, pl.ds(h * head_dim, head_dim)] = (jnp.sum(o * w[:, None], axis=0) / den).astype(out_ref.dtype)
-
-
 def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, heads, kv_heads, eps, dtype, splits, block_k,
                num_warps, num_stages, interpret):
   B, S, Hkv, D = k_buf.shape
@@ -225,15 +217,8 @@ def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, heads, kv_heads, e
       interpret=interpret,
       name="one_token_attention",
   )(lengths.astype(jnp.int32), cos, sin, qkv.reshape(B, -1, D), *extra, k_buf, v_buf)
-  out = pl.pallas_call(
-      functools.partial(_merge_kernel, heads=heads, kv_heads=kv_heads, head_dim=D),
-      grid=(B * heads,),
-      out_shape=jax.ShapeDtypeStruct((B, heads * D), dtype),
-      compiler_params=compiler_params,
-      interpret=interpret,
-      name="one_token_attention_merge",
-  )(o, m, l)
-  return out, k_buf, v_buf
+  out = merge(o, m, l, 1, heads, dtype, name="one_token_attention_merge", interpret=interpret)
+  return out.reshape(B, heads * D), k_buf, v_buf
 
 
 def attend(

@@ -34,7 +34,6 @@ from jax.experimental import pallas as pl
 from tidar_jax.attention import MASKED  # finite: a row with nothing visible in a split gives l = 0, not NaN
 
 
-
 class Intervals(NamedTuple):
   """Which step tokens each step token sees, as half-open intervals of step-token indices."""
 
@@ -209,6 +208,46 @@ def partials(q_rows: jax.Array, k_buf: jax.Array, v_buf: jax.Array, lengths: jax
       interpret=interpret,
       name="split_kv_step_attention",
   )(lengths.astype(jnp.int32), *(row_bounds(a, group, R_pad) for a in intervals), q_rows, k_buf, v_buf)
+
+
+def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, tokens: int, heads: int, kv_heads: int, splits: int):
+  # o [batch, kv_heads, splits, rows, head_dim] fp32; m, l [batch, kv_heads, splits, rows];
+  # out [batch, tokens, heads, head_dim]
+  p = pl.program_id(0)
+  b, t, h = p // (tokens * heads), (p // heads) % tokens, p % heads
+  G = heads // kv_heads
+  kvh, row = h // G, t * G + h % G
+  n = 1 << max(0, (splits - 1).bit_length())  # Triton's vectors are powers of two: repeats, weighted 0
+  s = jnp.minimum(jax.lax.broadcasted_iota(jnp.int32, (n,), 0), splits - 1)
+  live = jax.lax.broadcasted_iota(jnp.int32, (n,), 0) < splits
+  m = jnp.where(live, m_ref[b, kvh, s, row], MASKED)  # [n]
+  w = jnp.where(live, jnp.exp(m - jnp.max(m)), 0.0)  # 0 for splits that saw nothing
+  den = jnp.sum(l_ref[b, kvh, s, row] * w)
+  den = jnp.where(den > 0, den, 1.0)  # a row that saw nothing gives 0, not NaN
+  out_ref[b, t, h, :] = (jnp.sum(o_ref[b, kvh, s, row, :] * w[:, None], axis=0) / den).astype(out_ref.dtype)
+
+
+def merge(o: jax.Array, m: jax.Array, l: jax.Array, tokens: int, heads: int, dtype, *, name: str,
+          interpret: bool) -> jax.Array:
+  """`partials`' layout (o [batch, kv_heads, splits, rows, head_dim], m, l [batch, kv_heads, splits,
+  rows]; row t * group + g is token t, query head g of the KV head's group) -> the softmax-weighted
+  output [batch, tokens, heads, head_dim] in `dtype`, ready for the o projection: one Pallas program
+  per (batch, token, head), a power-of-two head_dim. The fused attention blocks' merge
+  (`one_token_attention`, `multi_token_attention`; `name` is the kernel's, for profiles);
+  `step_attention` merges in XLA (`_combine`)."""
+  B, Hkv, splits, _, D = o.shape
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=1)  # no loop to pipeline
+  return pl.pallas_call(
+      functools.partial(_merge_kernel, tokens=tokens, heads=heads, kv_heads=Hkv, splits=splits),
+      grid=(B * tokens * heads,),
+      out_shape=jax.ShapeDtypeStruct((B, tokens, heads, D), dtype),
+      compiler_params=compiler_params,
+      interpret=interpret,
+      name=name,
+  )(o, m, l)
 
 
 @functools.partial(jax.jit, static_argnames=("intervals_key", "row_tile", "splits", "block_k", "num_warps",
