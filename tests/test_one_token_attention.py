@@ -40,6 +40,7 @@ def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths):
 @pytest.mark.parametrize("dtype,fold,qk_norm,splits,block_k", [
     (jnp.float32, True, False, 2, 16),  # 2 splits of two 16-key blocks each; the short rows leave one empty
     (jnp.bfloat16, False, True, 1, 32),  # one split of two 32-key blocks, qk-norm, q/k/v already normed
+    (jnp.float32, True, False, 3, 16),  # 3 splits (padded to 4 in the merge): split 0 takes blocks 0 and 3
 ])
 def test_one_token_attention_equals_the_unfused_step(dtype, fold, qk_norm, splits, block_k):
   rng = np.random.default_rng(splits)
@@ -81,7 +82,7 @@ def test_one_token_attention_refuses_bad_shapes():
     ota.attend(jnp.zeros((1, 20 * D)), ota.Projection(None, None, None, None), jnp.float32, jnp.zeros((1, D // 2)),
                jnp.zeros((1, D // 2)), jnp.zeros((1, 48, 1, D)), jnp.zeros((1, 48, 1, D)), jnp.zeros(1, jnp.int32),
                heads=18, eps=EPS)
-  with pytest.raises(ValueError, match="at most max_len / block_k = 4"):
+  with pytest.raises(ValueError, match="between 1 and max_len / block_k = 4"):
     ota.attend(jnp.zeros((1, (H + 2 * HKV) * D)), ota.Projection(None, None, None, None), jnp.float32,
                jnp.zeros((1, D // 2)), jnp.zeros((1, D // 2)), jnp.zeros((1, S, HKV, D)), jnp.zeros((1, S, HKV, D)),
                jnp.zeros(1, jnp.int32), heads=H, eps=EPS, splits=8, block_k=16)

@@ -68,7 +68,7 @@ def supported(head_dim: int, group: int, max_len: int) -> bool:
 
 
 def default_splits(batch: int, kv_heads: int, max_len: int, block_k: int) -> int:
-  """Key splits (a power of two): about 128 programs in all, at most one per key block."""
+  """Key splits: about 128 programs in all, at most one per key block (powers of two: measured so)."""
   per_row_head = -(-128 // (batch * kv_heads))
   return min(_pow2_at_most(per_row_head), _pow2_at_most(max_len // block_k))
 
@@ -233,7 +233,7 @@ def attend(
     *,
     heads: int,
     eps: float,
-    splits: int = 0,  # key splits (a power of two, at most max_len / block_k); 0: `default_splits`
+    splits: int = 0,  # key splits (1 .. max_len / block_k); 0: `default_splits`
     block_k: int = 0,  # keys per inner iteration; 0: `key_block(max_len)`
     num_warps: int = 4,
     num_stages: int = 2,  # Triton's software pipelining depth of the key loop
@@ -248,8 +248,8 @@ def attend(
                      "split-KV step attention")
   block_k = block_k or key_block(S)
   splits = splits or default_splits(B, Hkv, S, block_k)
-  if splits & (splits - 1) or splits > S // block_k:
-    raise ValueError(f"splits={splits} must be a power of two and at most max_len / block_k = {S // block_k}")
+  if not 1 <= splits <= S // block_k:  # any count: the merge pads the splits to a power of two and masks them
+    raise ValueError(f"splits={splits} must be between 1 and max_len / block_k = {S // block_k}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   return _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, heads=heads, kv_heads=Hkv, eps=eps, dtype=dtype,
