@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from benchmarks import common
-from tidar_jax.decode import engine
+from tidar_jax.decode import engine, split_kv_attention
 
 
 def pallas_gemv(x: jax.Array, w: jax.Array, *, block_n: int, block_k: int, splits: int, num_stages: int = 3,
@@ -45,16 +45,13 @@ def pallas_gemv(x: jax.Array, w: jax.Array, *, block_n: int, block_k: int, split
 
     o_ref[...] = jax.lax.fori_loop(0, per_split // block_k, body, jnp.zeros((16, block_n), jnp.float32))
 
-  params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    params = plgpu.CompilerParams(num_warps=4, num_stages=num_stages)
   out = pl.pallas_call(kernel, grid=(N // block_n, splits),
                        in_specs=[pl.BlockSpec((16, K), lambda n, j: (0, 0)),
                                  pl.BlockSpec((K, block_n), lambda n, j: (0, n))],
                        out_specs=pl.BlockSpec((None, 16, block_n), lambda n, j: (j, 0, n)),
                        out_shape=jax.ShapeDtypeStruct((splits, 16, N), jnp.float32),
-                       compiler_params=params, interpret=interpret)(xp, w)
+                       compiler_params=split_kv_attention.triton_params(4, num_stages, interpret),
+                       interpret=interpret)(xp, w)
   return out.sum(axis=0)[:x.shape[0]].astype(x.dtype)
 
 

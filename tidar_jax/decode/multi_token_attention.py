@@ -32,7 +32,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from tidar_jax.decode.one_token_attention import Projection, finish_projection, rope_halves, rope_head_dim
-from tidar_jax.decode.split_kv_attention import Intervals, interval_form, key_block, merge, partials, tiling
+from tidar_jax.decode.split_kv_attention import (Intervals, interval_form, key_block, merge, partials, tiling,
+                                                 triton_params)
 
 
 _PROLOGUE_ROWS = 16  # query rows / step tokens per prologue program: many small programs
@@ -104,10 +105,6 @@ def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, intervals_key, hea
   bias = None if proj.bias is None else proj.bias.reshape(-1, D)
   extra = [a for a in (bias, proj.q_norm, proj.k_norm) if a is not None]
   n_in = 4 + len(extra) + 2
-  small = None  # the prologue has no loop to pipeline
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    small = plgpu.CompilerParams(num_warps=4, num_stages=1)
   q_rows, k_buf, v_buf = pl.pallas_call(
       functools.partial(_prologue_kernel, T=T, heads=heads, kv_heads=Hkv, tile=_PROLOGUE_ROWS, q_tiles=q_tiles,
                         eps=eps, dtype=dtype, has_bias=proj.bias is not None, has_qk_norm=proj.q_norm is not None),
@@ -115,12 +112,12 @@ def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, intervals_key, hea
       out_shape=[jax.ShapeDtypeStruct((B, Hkv, R_pad, D), dtype), jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
                  jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype)],
       input_output_aliases={n_in - 2: 1, n_in - 1: 2},
-      compiler_params=small,
+      compiler_params=triton_params(4, 1, interpret),  # the prologue has no loop to pipeline
       interpret=interpret,
       name="multi_token_attention_prologue",
   )(lengths.astype(jnp.int32), cos, sin, qkv.reshape(B, -1, D), *extra, k_buf, v_buf)
   o, m, l = partials(q_rows, k_buf, v_buf, lengths, Intervals(*(np.asarray(a, np.int32) for a in intervals_key)), G,
-                     tile=tile, splits=n_splits, block_k=block_k or key_block(S), num_warps=num_warps,
+                     tile=tile, splits=n_splits, block_k=block_k, num_warps=num_warps,
                      num_stages=num_stages, interpret=interpret)
   out = merge(o, m, l, T, heads, dtype, name="multi_token_attention_merge", interpret=interpret)  # [B, T, H, D]
   return out.reshape(B, T, heads * D), k_buf, v_buf

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from tidar_jax.decode.split_kv_attention import key_block, merge, online_softmax, online_softmax_start
+from tidar_jax.decode.split_kv_attention import key_block, merge, online_softmax, online_softmax_start, triton_params
 
 _ROWS = 16  # query rows per program: a KV head's query group, padded to what Triton's dot needs
 
@@ -199,10 +199,6 @@ def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, heads, kv_heads, e
   extra = [a for a in (proj.x, bias, proj.q_norm, proj.k_norm) if a is not None]
   n_in = 4 + len(extra) + 2
   part = (B, Hkv, splits, _ROWS)
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   kernel = functools.partial(_attend_kernel, heads=heads, kv_heads=kv_heads, block_k=block_k, splits=splits, eps=eps,
                              dtype=dtype, has_x=proj.x is not None, has_bias=proj.bias is not None,
                              has_qk_norm=proj.q_norm is not None)
@@ -213,7 +209,7 @@ def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, heads, kv_heads, e
                  jax.ShapeDtypeStruct(part, jnp.float32), jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
                  jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype)],
       input_output_aliases={n_in - 2: 3, n_in - 1: 4},
-      compiler_params=compiler_params,
+      compiler_params=triton_params(num_warps, num_stages, interpret),
       interpret=interpret,
       name="one_token_attention",
   )(lengths.astype(jnp.int32), cos, sin, qkv.reshape(B, -1, D), *extra, k_buf, v_buf)

@@ -99,6 +99,15 @@ def tiling(batch: int, tokens: int, heads: int, kv_heads: int, max_len: int, row
   return tile, splits or _splits(batch * kv_heads * n_tiles, max_len, key_block(max_len))
 
 
+def triton_params(num_warps: int, num_stages: int, interpret: bool):
+  """A Pallas call's Triton compiler params; None when it is interpreted (off the GPU). Every
+  decode kernel's (`one_token_attention`, `multi_token_attention`)."""
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
 def online_softmax_start(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`online_softmax`'s carry before any key: o = 0, m = MASKED, l = 0."""
   return (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), MASKED, jnp.float32),
@@ -190,10 +199,6 @@ def partials(q_rows: jax.Array, k_buf: jax.Array, v_buf: jax.Array, lengths: jax
   part = (B, Hkv, splits, R_pad)
   kernel = functools.partial(_kernel, block_k=block_k, splits=splits, new_tokens=len(intervals.prefix),
                              scale=D**-0.5)
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   return pl.pallas_call(
       kernel,
       grid=(B * Hkv, R_pad // tile, splits),
@@ -204,7 +209,7 @@ def partials(q_rows: jax.Array, k_buf: jax.Array, v_buf: jax.Array, lengths: jax
                  pl.BlockSpec((None, None, None, tile), lambda i, r, j: (*bh(i), j, r))],
       out_shape=[jax.ShapeDtypeStruct((*part, D), jnp.float32), jax.ShapeDtypeStruct(part, jnp.float32),
                  jax.ShapeDtypeStruct(part, jnp.float32)],
-      compiler_params=compiler_params,
+      compiler_params=triton_params(num_warps, num_stages, interpret),
       interpret=interpret,
       name="split_kv_step_attention",
   )(lengths.astype(jnp.int32), *(row_bounds(a, group, R_pad) for a in intervals), q_rows, k_buf, v_buf)
@@ -236,15 +241,11 @@ def merge(o: jax.Array, m: jax.Array, l: jax.Array, tokens: int, heads: int, dty
   (`one_token_attention`, `multi_token_attention`; `name` is the kernel's, for profiles);
   `step_attention` merges in XLA (`_combine`)."""
   B, Hkv, splits, _, D = o.shape
-  compiler_params = None
-  if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-    compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=1)  # no loop to pipeline
   return pl.pallas_call(
       functools.partial(_merge_kernel, tokens=tokens, heads=heads, kv_heads=Hkv, splits=splits),
       grid=(B * tokens * heads,),
       out_shape=jax.ShapeDtypeStruct((B, tokens, heads, D), dtype),
-      compiler_params=compiler_params,
+      compiler_params=triton_params(4, 1, interpret),  # no loop to pipeline
       interpret=interpret,
       name=name,
   )(o, m, l)
