@@ -78,8 +78,9 @@ def reference(params, cfg: ModelConfig, prefix: np.ndarray, new: np.ndarray, ste
 
 # The split-KV kernel's own tests (tests/test_split_kv_attention.py) cover its tilings and edges;
 # here it runs inside the engine for one layout per step mask, with the fused attention blocks
-# around it (`one_token_attention` at T = 1, `multi_token_attention` for TiDAR and causal4). Batch 1 AR is the one-row step, whose
-# matmuls are row reductions over the transposed weights (`engine._matmul`).
+# around it (`one_token_attention` at T = 1, `multi_token_attention` for TiDAR and causal4). Batch 1
+# AR is the one-row step, whose matmuls are row reductions over the transposed weights
+# (`engine._matmul`).
 CASES = [(name, step, "dense", 2) for name in CONFIGS for step in STEP_MASKS] + [
     ("qwen2.5", "ar", "split_kv", 2), ("qwen3", "tidar", "split_kv", 2), ("qwen2.5", "causal4", "split_kv", 2),
     ("qwen2.5", "ar", "dense", 1), ("qwen3", "ar", "split_kv", 1)]
