@@ -133,3 +133,47 @@ def test_out_of_vocab_prompt_token_is_rejected(params, prompts):
   with pytest.raises(ValueError, match=r"prompts\[2, 0\]=48 is not a token id"):
     generate_ar(params, CFG, bad, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY, key=jax.random.key(0),
                 eos_id=None)
+
+
+def test_gpu_compiler_options_are_valid_xla_options():
+  """XLA validates option names and enum values at compile time on any backend: a misspelt option or
+  command-buffer type fails here, not first on a user's GPU."""
+  loop_fn = jax.jit(lambda x: jax.lax.while_loop(lambda c: c < 10, lambda c: c + 1, x),
+                    compiler_options=loop.GPU_COMPILER_OPTIONS)
+  assert int(loop_fn(jnp.int32(0))) == 10
+  with pytest.raises(Exception, match="WHIL"):  # the check is real: a bad enum value is rejected
+    jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_enable_command_buffer": "FUSION,WHIL"})(1.0)
+
+
+@pytest.mark.parametrize("backend,xla_flags,expected", [
+    ("gpu", "", True),
+    ("gpu", "--xla_force_host_platform_device_count=8", True),
+    ("gpu", "--xla_gpu_enable_command_buffer=", False),  # the user's own setting wins
+    ("gpu", "--xla_gpu_graph_min_graph_size=5", False),
+    ("cpu", "", False),
+    ("tpu", "", False),
+])
+def test_gpu_compiler_options_only_on_gpu_and_not_over_user_flags(monkeypatch, backend, xla_flags, expected):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setenv("XLA_FLAGS", xla_flags)
+  assert loop.use_gpu_compiler_options() is expected
+
+
+def test_decode_compiled_with_gpu_options_gives_the_same_tokens(monkeypatch, params, prompts):
+  """The GPU jit of the decoder (a separate compilation) runs and decodes the same tokens (here on CPU,
+  where XLA accepts and ignores the GPU options; the GPU itself: BENCHMARKS.md's A/B)."""
+  def run():
+    return np.asarray(generate_ar(params, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
+                                  key=jax.random.key(0), eos_id=None).tokens)
+  plain = run()
+  monkeypatch.setattr(loop, "use_gpu_compiler_options", lambda: True)
+  np.testing.assert_array_equal(run(), plain)
+
+
+def test_decode_traced_inside_another_trace_uses_the_plain_jit(monkeypatch, params, prompts):
+  """jax rejects compiler_options on a jit nested in an outer trace: the decoder then stages as a plain
+  jit (the outer program's options apply) instead of failing."""
+  monkeypatch.setattr(loop, "use_gpu_compiler_options", lambda: True)
+  jaxpr = jax.make_jaxpr(lambda p: generate_ar(p, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR,
+                                               sampling=GREEDY, key=jax.random.key(0), eos_id=None).tokens)(params)
+  assert jaxpr.out_avals[0].shape == (len(PROMPT_LENGTHS), M_AR)

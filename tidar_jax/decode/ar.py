@@ -52,7 +52,6 @@ def _step(w: engine.DecodeWeights, cfg: ModelConfig, keys: jax.Array, eos_id: ja
   return new._replace(t0=jnp.where(active, nxt, s.t0))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "max_len", "sampling"))
 def _generate_ar(params, prompts, lengths, keys, eos_id, *, cfg: ModelConfig, max_new_tokens: int,
                  max_len: int, sampling: SamplingParams) -> loop.DecodeOutput:
   B = prompts.shape[0]
@@ -70,6 +69,9 @@ def _generate_ar(params, prompts, lengths, keys, eos_id, *, cfg: ModelConfig, ma
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.step < max_new_tokens - 1), step, state)
   stats = loop.DecodeStats(state.forward_passes, (state.forward_passes - 1)[:, None])
   return loop.DecodeOutput(state.out[:, :max_new_tokens], state.generated, stats, state.cache)
+
+
+_generate_ar = loop.decode_jit(_generate_ar, static_argnames=("cfg", "max_new_tokens", "max_len", "sampling"))
 
 
 def generate_ar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,

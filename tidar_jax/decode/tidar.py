@@ -152,7 +152,6 @@ def _step(w: engine.DecodeWeights, st: _Static, key_table: jax.Array, forced: ja
   return new._replace(t0=frozen[0], drafts=frozen[1], q=frozen[2])
 
 
-@functools.partial(jax.jit, static_argnames=("st",))
 def _generate_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, *, st: _Static
                     ) -> loop.DecodeOutput:
   B, k, cfg = prompts.shape[0], st.block_size, st.cfg
@@ -178,6 +177,9 @@ def _generate_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.step < st.max_new_tokens - 1), step, state)
   stats = loop.DecodeStats(state.forward_passes, state.accepted_hist)
   return loop.DecodeOutput(state.out[:, : st.max_new_tokens], state.generated, stats, state.cache)
+
+
+_generate_tidar = loop.decode_jit(_generate_tidar, static_argnames=("st",))
 
 
 def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
