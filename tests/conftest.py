@@ -1,7 +1,11 @@
-"""Test-wide JAX settings: 8 fake CPU devices for mesh tests, fp32 matmuls, loud broadcasting bugs."""
+"""Test-wide JAX settings: the CPU with 8 fake devices for mesh tests, fp32 matmuls, loud broadcasting bugs."""
 
 import os
 
+# The suite is written for the CPU (8 fake devices for the mesh tests, Pallas kernels interpreted),
+# so it runs there on any machine, GPU hosts included, as CI runs it. To run the decoders' tests on a
+# GPU (the Triton kernels compiled): JAX_PLATFORMS=cuda pytest tests/test_decode_ar.py tests/test_decode_tidar.py
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402

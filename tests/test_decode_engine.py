@@ -152,7 +152,9 @@ def test_auto_attention_choice_on_a_gpu(monkeypatch):
   split-KV for up to SPLIT_KV_MAX_ROWS step tokens over the batch (AR and TiDAR steps up to batch
   8 x k=16), cuDNN above that and where the kernel does not apply; the dense einsum off the GPU."""
   ar, k8, k16 = np.ones((1, 1), bool), masks.decode_step_mask(8), masks.decode_step_mask(16)
-  assert engine.attention_kernel("auto", jnp.bfloat16, k16, 2304, 1) == "dense"  # this CPU
+  on_gpu = jax.default_backend() == "gpu"  # the suite also runs on a GPU machine
+  assert engine.attention_kernel("auto", jnp.bfloat16, k16, 2304, 1) == ("split_kv" if on_gpu else "dense")
+  assert engine.attention_kernel("auto", jnp.float32, k16, 2304, 1) == "dense"  # fp32: no cuDNN flash kernel
   monkeypatch.setattr(engine, "auto_implementation", lambda dtype: "cudnn")
   pick = functools.partial(engine.attention_kernel, "auto", jnp.bfloat16)
   assert pick(ar, 2304, 1) == "split_kv" and pick(ar, 2304, 8) == "split_kv"
@@ -160,7 +162,8 @@ def test_auto_attention_choice_on_a_gpu(monkeypatch):
   assert pick(k8, 2304, 8) == "split_kv" and pick(k16, 2304, 8) == "split_kv"  # up to 8 x 272 step tokens
   assert pick(k16, 2304, 9) == "cudnn"  # 2448 step tokens: past the largest step measured
   assert pick(k16, 2300, 1) == "cudnn"  # no key block tiles 2300 slots
-  assert engine.attention_kernel("cudnn", jnp.bfloat16, k16, 2304, 1) == "dense"  # cudnn asked, but no GPU
+  # cudnn asked: taken on a GPU only
+  assert engine.attention_kernel("cudnn", jnp.bfloat16, k16, 2304, 1) == ("cudnn" if on_gpu else "dense")
 
 
 def test_int8_decode_weights_quantize_per_column_and_stay_close():
