@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 from ml_collections.config_flags import config_flags
@@ -148,6 +149,20 @@ def test_round_trip_gives_identical_tensors(hf, family, tmp_path):
   assert type(reloaded).__name__ == CONFIG_CLASSES[family].replace("Config", "ForCausalLM")
   tok = json.load(open(tmp_path / "back" / "tokenizer.json"))
   assert all(t["id"] < FAMILIES[family][1] for t in tok["added_tokens"])  # the TiDAR specials are gone
+
+
+def test_older_orbax_without_streaming_saves_converts_the_same(hf, tmp_path, monkeypatch):
+  """orbax-checkpoint releases whose NumpyHandler lacks `deepcopy_host_arrays` still convert (with
+  the copying handler): same parameters as the streaming conversion."""
+  class OldNumpyHandler(ocp.type_handlers.NumpyHandler):
+    def __init__(self):  # the older signature: no keyword arguments
+      super().__init__()
+
+  monkeypatch.setattr(ocp.type_handlers, "NumpyHandler", OldNumpyHandler)
+  hf_dir, _, ckpt = hf["qwen2"]
+  from_hf.convert(hf_dir, str(tmp_path / "ckpt"))
+  got, want = checkpoint.load_params(str(tmp_path / "ckpt")), checkpoint.load_params(ckpt)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def test_export_keeps_mask_rows_and_infers_family(hf, tmp_path):

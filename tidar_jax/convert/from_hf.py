@@ -30,6 +30,7 @@ number of layers; disk needs about twice the fp32 model while converting.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tokenizers
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 from safetensors import safe_open
 
@@ -250,8 +251,15 @@ def _fill(arrays: dict[tuple[str, ...], np.ndarray], names: dict[str, str],
 def _save_params(path: str, params: Any) -> None:
   """Writes `params` as `checkpoint.save_inference` would (an orbax pytree; `load_params` reads it),
   streaming from the numpy (memmap) leaves: orbax's default numpy handler deep-copies each first."""
+  if "deepcopy_host_arrays" in inspect.signature(ocp.type_handlers.NumpyHandler).parameters:
+    numpy_handler = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+  else:  # older orbax-checkpoint: still correct, but each leaf is copied into memory while saving
+    logging.warning("orbax-checkpoint %s copies every numpy leaf while saving (peak memory ~ the largest "
+                    "tensors); upgrade it (pip install -U orbax-checkpoint) for a streaming conversion",
+                    getattr(ocp, "__version__", "?"))
+    numpy_handler = ocp.type_handlers.NumpyHandler()
   registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (np.ndarray, numpy_handler),
       (jax.Array, ocp.type_handlers.ArrayHandler()))  # unused here; orbax warns without it
   # Measured on 8B-sized leaves (anonymous memory while saving): zstd holds every compressed chunk
   # until the commit (~ the checkpoint size), and OCDBT copies some large leaves whole (a [4096,
