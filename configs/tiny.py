@@ -23,6 +23,11 @@ def get_config() -> ConfigDict:
   c.model.qk_norm = False  # per-head RMSNorm on q and k (Qwen3)
   c.model.tie_embeddings = True  # LM head shares the token embedding matrix
   c.model.rope_theta = 10000.0  # RoPE base frequency
+  c.model.rope_type = "default"  # RoPE frequency scaling: default | linear | llama3 (Llama 3.1+ checkpoints)
+  c.model.rope_factor = 1.0  # linear/llama3: context extension factor
+  c.model.rope_low_freq_factor = 1.0  # llama3 only
+  c.model.rope_high_freq_factor = 4.0  # llama3 only
+  c.model.rope_original_max_position = 8192  # llama3 only: context length before the extension
   c.model.norm_eps = 1e-6  # RMSNorm epsilon
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | float16
   c.model.param_dtype = "float32"  # master weight dtype

@@ -20,6 +20,7 @@ def test_tiny_config_is_valid():
     ("model", "remat", "some", "model.remat='some'"),
     ("model", "attention", "flash9", "model.attention='flash9'"),
     ("model", "decode_quant", "int4", "model.decode_quant='int4': use one of ['none', 'int8']"),
+    ("model", "rope_type", "yarn", "model.rope_type='yarn': use one of ['default', 'linear', 'llama3']"),
     ("tidar", "block_size", 7, "train.seq_len=256 is not a multiple of tidar.block_size=7"),
     ("tidar", "block_size", 0, "tidar.block_size=0"),
     ("tidar", "objective", "mdlm", "tidar.objective='mdlm'"),
@@ -35,6 +36,20 @@ def test_tiny_config_is_valid():
 def test_each_bad_field_is_named(section, field, value, message):
   c = tiny.get_config()
   setattr(getattr(c, section), field, value)
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(c)
+  assert message in str(e.value)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(rope_type="linear", rope_factor=0.0), "model.rope_factor=0.0: must be > 0 with model.rope_type='linear'"),
+    (dict(rope_type="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=1.0),
+     "model.rope_low_freq_factor=4.0 and model.rope_high_freq_factor=1.0: llama3 RoPE needs 0 < low < high"),
+    (dict(rope_type="llama3", rope_original_max_position=0), "model.rope_original_max_position=0: must be a positive"),
+])
+def test_bad_rope_scaling_is_named(fields, message):
+  c = tiny.get_config()
+  c.model.update(fields)
   with pytest.raises(ValueError) as e:
     config_lib.validate(c)
   assert message in str(e.value)

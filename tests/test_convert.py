@@ -30,7 +30,7 @@ from tidar_jax import checkpoint, sharding, train
 from tidar_jax.config import ModelConfig, validate
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.sampling import SamplingParams
-from tidar_jax.model import Transformer, init_params
+from tidar_jax.model import Transformer, init_params, rope_inv_freq
 from tidar_jax.optimizer import make_optimizer
 from tidar_jax.tokenizer import Tokenizer
 
@@ -39,7 +39,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from tidar_jax.convert import from_hf, to_hf  # noqa: E402
+from tidar_jax.convert import families, from_hf, to_hf  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_VOCAB = 128
@@ -47,6 +47,9 @@ HF_VOCAB = 128
 # qwen3 (tied) and llama (untied) fill their vocab, so conversion grows the embedding.
 FAMILIES = {"qwen2": (False, 100), "qwen3": (True, HF_VOCAB), "llama": (False, HF_VOCAB)}
 CONFIG_CLASSES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig"}
+# head_dim 16, theta 5000: wavelengths 6.3 (< 64 / 4: kept), 18.6 and 55 (interpolated), 163+ (/ 8).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
 def _write_tokenizer(hf_dir, size):
@@ -62,6 +65,8 @@ def _make_hf(family, hf_dir, *, tied, tokenizer_size):
                 rms_norm_eps=1e-5, initializer_range=0.2)  # large weights: peaked logits, no argmax near-ties
   if family != "qwen2":  # Qwen2 derives head_dim = hidden_size / heads (8); the others get 16
     kwargs["head_dim"] = 16
+  if family == "llama":  # Llama 3.1's RoPE scaling, sized so its three frequency bands all occur
+    kwargs["rope_parameters"] = LLAMA3_ROPE
   config = getattr(transformers, CONFIG_CLASSES[family])(**kwargs)
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
@@ -163,6 +168,31 @@ def test_older_orbax_without_streaming_saves_converts_the_same(hf, tmp_path, mon
   from_hf.convert(hf_dir, str(tmp_path / "ckpt"))
   got, want = checkpoint.load_params(str(tmp_path / "ckpt")), checkpoint.load_params(ckpt)
   jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}])
+def test_rope_frequencies_match_transformers(rope):
+  """model.rope_inv_freq of the converted fields == transformers' own RoPE init for that rope_type."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  hf_cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, rope_parameters=dict(rope))
+  want = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")[0].numpy()
+  fields = families.rope_fields(hf_cfg.to_dict())
+  cfg = ModelConfig(vocab_size=8, d_model=64, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=8,
+                    **fields)
+  np.testing.assert_allclose(rope_inv_freq(cfg), want, rtol=1e-6)
+  assert not np.allclose(want, rope_inv_freq(dataclasses.replace(cfg, rope_type="default")))
+
+
+def test_legacy_rope_scaling_reads_as_rope_parameters():
+  """Llama 3.1's config.json as transformers 4.x writes it (rope_theta + rope_scaling) gives the same
+  fields as the transformers 5 form."""
+  legacy = {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+  v5 = {"rope_parameters": {**legacy["rope_scaling"], "rope_theta": 5e5}}
+  assert families.rope_fields(legacy) == families.rope_fields(v5) == dict(
+      rope_theta=5e5, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+      rope_original_max_position=8192)
+  assert families.rope_fields({"rope_scaling": {"type": "linear", "factor": 2.0}})["rope_factor"] == 2.0
 
 
 def test_export_keeps_mask_rows_and_infers_family(hf, tmp_path):
@@ -317,10 +347,9 @@ BAD_INPUTS = {  # name -> (how to break the Qwen2 dir, expected error, message p
                          "only safetensors checkpoints"),
     "unknown_model_type": (lambda d: _edit_config(d, model_type="mistral"), ValueError,
                            r"model_type='mistral'.*\['llama', 'qwen2', 'qwen3'\]"),
-    # Llama 3.1's config.json as transformers 4.x writes it.
-    "llama3_rope_scaling": (lambda d: _edit_config(d, rope_parameters=None, rope_theta=5e5,
-                                                   rope_scaling={"rope_type": "llama3", "factor": 8.0}),
-                            ValueError, "'llama3'"),
+    "llama3_rope_without_its_parameters": (lambda d: _edit_config(d, rope_parameters=None, rope_theta=5e5,
+                                                                  rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+                                           ValueError, "RoPE scaling 'llama3' needs 'low_freq_factor'"),
     "yarn_rope_parameters": (lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 5e3}),
                              ValueError, "'yarn'"),
     "sliding_window": (lambda d: _edit_config(d, use_sliding_window=True), ValueError, "use_sliding_window"),
@@ -365,15 +394,16 @@ def test_config_mismatch_and_mask_room(hf, tmp_path):
   with pytest.raises(ValueError, match=r"model.d_model=64 but the checkpoint has 32(.|\n)*model.num_layers=3"):
     from_hf.convert(qwen2_dir, str(tmp_path / "a"), _base_config(d_model=64, num_layers=3))
   # Llama's tokenizer fills all 128 rows: a --config that pins 128 rows leaves no room for <|mask|>.
-  llama = _base_config(qkv_bias=False, head_dim=16)
+  llama_fields = dict(qkv_bias=False, head_dim=16, **families.rope_fields({"rope_parameters": LLAMA3_ROPE}))
+  llama = _base_config(**llama_fields)
   with pytest.raises(ValueError, match=r"no room for the mask token: --config model.vocab_size=128 .* needs 131"):
     from_hf.convert(llama_dir, str(tmp_path / "b"), llama)
   with pytest.raises(ValueError, match="never drops trained rows"):
-    from_hf.convert(llama_dir, str(tmp_path / "c"), _base_config(qkv_bias=False, head_dim=16, vocab_size=100))
+    from_hf.convert(llama_dir, str(tmp_path / "c"), _base_config(**llama_fields, vocab_size=100))
   # Rows beyond the need (e.g. a multiple of the tensor-parallel size) are fine; the config's
   # non-shape fields survive.
   config = from_hf.convert(llama_dir, str(tmp_path / "d"),
-                           _base_config(qkv_bias=False, head_dim=16, vocab_size=136, remat="full"))
+                           _base_config(**llama_fields, vocab_size=136, remat="full"))
   assert config.model.vocab_size == 136 and config.model.remat == "full" and config.model.dtype == "float32"
   with pytest.raises(ValueError, match="already holds a checkpoint"):
     from_hf.convert(llama_dir, str(tmp_path / "d"))

@@ -24,7 +24,10 @@ pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small pro
 SHAPE = dict(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=96)
 CONFIGS = {
     "qwen2.5": ModelConfig(**SHAPE, qkv_bias=True, tie_embeddings=True),
-    "qwen3": ModelConfig(**SHAPE, qk_norm=True, tie_embeddings=False),
+    # Llama-3.1-style RoPE scaling here: its positions reach the fused kernels through the engine's
+    # cos/sin tables, which must carry the scaled frequencies as the model's own RoPE does.
+    "qwen3": ModelConfig(**SHAPE, qk_norm=True, tie_embeddings=False, rope_type="llama3", rope_factor=8.0,
+                         rope_original_max_position=64),
 }
 K = 3
 STEP_MASKS = {  # name -> the static [T, T] mask among the step's new tokens

@@ -12,7 +12,7 @@ from tidar_jax import masks
 from tidar_jax.attention import dot_product_attention
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import cache as cache_lib
-from tidar_jax.model import Transformer, init_params, rope
+from tidar_jax.model import Transformer, default_inv_freq, init_params, rope, rope_inv_freq
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound module (conftest.py)
 
@@ -158,10 +158,33 @@ def test_rope_is_relative():
   """Scores after RoPE depend only on position differences."""
   x = jax.random.normal(jax.random.key(8), (1, 1, 1, 16))
   y = jax.random.normal(jax.random.key(9), (1, 1, 1, 16))
+  inv_freq = default_inv_freq(16, 1e4)
+
   def score(pq, pk):
-    return jnp.sum(rope(x, jnp.array([[pq]]), 1e4) * rope(y, jnp.array([[pk]]), 1e4))
+    return jnp.sum(rope(x, jnp.array([[pq]]), inv_freq) * rope(y, jnp.array([[pk]]), inv_freq))
   np.testing.assert_allclose(score(3, 1), score(10, 8), rtol=1e-5)
   assert abs(score(3, 1) - score(3, 2)) > 1e-4
+
+
+def test_rope_scalings_change_the_frequencies_they_should():
+  """linear: every frequency / factor. llama3 (wavelength 2 pi / f against original_max / low and
+  original_max / high): long wavelengths / factor, short ones kept, those between strictly between
+  (and falling with the wavelength, so no position aliases another)."""
+  base = dataclasses.replace(CFG, head_dim=16, rope_theta=1e4)
+  f = default_inv_freq(16, 1e4)
+  np.testing.assert_array_equal(rope_inv_freq(base), f)
+  np.testing.assert_allclose(rope_inv_freq(dataclasses.replace(base, rope_type="linear", rope_factor=4.0)), f / 4,
+                             rtol=1e-7)
+  llama3 = rope_inv_freq(dataclasses.replace(base, rope_type="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+                                             rope_high_freq_factor=4.0, rope_original_max_position=64))
+  wavelen = 2 * np.pi / f
+  long, short = wavelen > 64, wavelen < 16
+  mid = ~long & ~short
+  assert long.sum() >= 2 and short.sum() >= 1 and mid.sum() >= 2  # all three regions present
+  np.testing.assert_allclose(llama3[long], f[long] / 8, rtol=1e-6)
+  np.testing.assert_array_equal(llama3[short], f[short])
+  assert np.all((llama3[mid] < f[mid]) & (llama3[mid] > f[mid] / 8))
+  assert np.all(np.diff(llama3) < 0)
 
 
 def test_params_carry_logical_axes(params):

@@ -14,11 +14,12 @@ from tidar_jax.decode.cache import KVCache, write_rows
 from tidar_jax.decode.engine import _attend, step_attention_mask
 from tidar_jax.decode.one_token_attention import Projection
 from tidar_jax.masks import decode_step_mask
-from tidar_jax.model import rms_norm, rope, rope_cos_sin
+from tidar_jax.model import default_inv_freq, rms_norm, rope, rope_cos_sin
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
 
 H, HKV, D, S, EPS, THETA = 6, 2, 16, 64, 1e-6, 1e4
+INV_FREQ = default_inv_freq(D, THETA)
 
 
 def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step_mask):
@@ -28,7 +29,7 @@ def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step_mask):
   q, k, v = jnp.split(y.reshape(B, T, -1, D), [H, H + HKV], axis=2)
   if proj.q_norm is not None:
     q, k = rms_norm(q, proj.q_norm, EPS, dtype), rms_norm(k, proj.k_norm, EPS, dtype)
-  q, k = rope(q, positions, THETA), rope(k, positions, THETA)
+  q, k = rope(q, positions, INV_FREQ), rope(k, positions, INV_FREQ)
   k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
   mask = step_attention_mask(KVCache((k_buf,), (v_buf,), lengths), step_mask)
   return _attend(q, k_buf, v_buf, lengths, step_mask, mask, "dense").reshape(B, T, H * D), k_buf, v_buf
@@ -61,7 +62,7 @@ def test_multi_token_attention_equals_the_unfused_step(dtype, block, qk_norm, sp
   k_buf, v_buf = jnp.asarray(k_buf, dtype), jnp.asarray(v_buf, dtype)
 
   want, want_k, want_v = unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step_mask)
-  cos, sin = rope_cos_sin(positions, D, THETA)
+  cos, sin = rope_cos_sin(positions, INV_FREQ)
   got, got_k, got_v = mta.attend(qkv, proj, dtype, cos, sin, k_buf, v_buf, lengths, step_mask, heads=H, eps=EPS,
                                  splits=splits, block_k=block_k, row_tile=row_tile, interpret=True)
   tol = 1e-5 if dtype == jnp.float32 else 1e-2

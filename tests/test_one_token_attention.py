@@ -11,11 +11,12 @@ import pytest
 from tidar_jax.decode import one_token_attention as ota
 from tidar_jax.decode.cache import KVCache, write_rows
 from tidar_jax.decode.engine import _attend, step_attention_mask
-from tidar_jax.model import inverse_rms, rms_norm, rope, rope_cos_sin
+from tidar_jax.model import default_inv_freq, inverse_rms, rms_norm, rope, rope_cos_sin
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
 
 H, HKV, D, DM, S, EPS, THETA = 6, 2, 16, 48, 64, 1e-6, 1e4
+INV_FREQ = default_inv_freq(D, THETA)
 AR = np.ones((1, 1), bool)
 
 
@@ -31,7 +32,7 @@ def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths):
   q, k, v = jnp.split(y.reshape(B, 1, -1, D), [H, H + HKV], axis=2)
   if proj.q_norm is not None:
     q, k = rms_norm(q, proj.q_norm, EPS, dtype), rms_norm(k, proj.k_norm, EPS, dtype)
-  q, k = rope(q, positions[:, None], THETA), rope(k, positions[:, None], THETA)
+  q, k = rope(q, positions[:, None], INV_FREQ), rope(k, positions[:, None], INV_FREQ)
   k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
   mask = step_attention_mask(KVCache((k_buf,), (v_buf,), lengths), AR)
   return _attend(q, k_buf, v_buf, lengths, AR, mask, "dense").reshape(B, H * D), k_buf, v_buf
@@ -60,7 +61,7 @@ def test_one_token_attention_equals_the_unfused_step(dtype, fold, qk_norm, split
   k_buf, v_buf = jnp.asarray(k_buf, dtype), jnp.asarray(v_buf, dtype)
 
   want, want_k, want_v = unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths)
-  cos, sin = rope_cos_sin(positions, D, THETA)
+  cos, sin = rope_cos_sin(positions, INV_FREQ)
   got, got_k, got_v = ota.attend(qkv, proj, dtype, cos, sin, k_buf, v_buf, lengths, heads=H, eps=EPS,
                                  splits=splits, block_k=block_k, interpret=True)
   # The cache: the new key/value at slot lengths[b] as the unfused step computes them (to rounding:

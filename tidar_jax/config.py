@@ -15,6 +15,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("dense", "cudnn", "auto")
 DECODE_QUANT = ("none", "int8")
+ROPE_TYPES = ("default", "linear", "llama3")
 OBJECTIVES = ("tidar", "ar")
 LOCAL_CODE_ROOTS = ("stdlib", "site-packages")  # data.local_code_roots: what the local_code corpus reads
 
@@ -43,6 +44,13 @@ class ModelConfig:
   qk_norm: bool = False
   tie_embeddings: bool = True
   rope_theta: float = 10000.0
+  # RoPE frequency scaling for long-context checkpoints (`model.rope_inv_freq`): "default" (none),
+  # "linear" (frequencies / rope_factor) or "llama3" (Llama 3.1+; the other three fields too).
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
   norm_eps: float = 1e-6
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -100,6 +108,17 @@ def model_errors(m: ModelConfig) -> list[str]:
     errors.append(f"model.decode_quant={m.decode_quant!r}: use one of {list(DECODE_QUANT)}")
   if not m.rope_theta > 0:
     errors.append(f"model.rope_theta={m.rope_theta!r}: must be > 0")
+  if m.rope_type not in ROPE_TYPES:
+    errors.append(f"model.rope_type={m.rope_type!r}: use one of {list(ROPE_TYPES)}")
+  elif m.rope_type != "default" and not m.rope_factor > 0:
+    errors.append(f"model.rope_factor={m.rope_factor!r}: must be > 0 with model.rope_type={m.rope_type!r}")
+  if m.rope_type == "llama3":
+    if not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+      errors.append(f"model.rope_low_freq_factor={m.rope_low_freq_factor!r} and model.rope_high_freq_factor="
+                    f"{m.rope_high_freq_factor!r}: llama3 RoPE needs 0 < low < high (Llama 3.1: 1.0 and 4.0)")
+    if not isinstance(m.rope_original_max_position, int) or m.rope_original_max_position <= 0:
+      errors.append(f"model.rope_original_max_position={m.rope_original_max_position!r}: must be a positive "
+                    "integer (the context length before the extension; Llama 3.1: 8192)")
   if not m.norm_eps > 0:
     errors.append(f"model.norm_eps={m.norm_eps!r}: must be > 0")
   return errors

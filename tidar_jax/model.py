@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tidar_jax.attention import dot_product_attention
 from tidar_jax.config import ModelConfig
@@ -36,19 +37,48 @@ def _init(init_fn, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(init_fn, axes)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """positions [...] int -> (cos, sin) [..., head_dim / 2] fp32 of RoPE's rotation angles."""
-  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [D/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
+def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+  """[head_dim / 2] fp32: 1 / theta^(2i / head_dim), computed in fp32 as transformers does."""
+  return (np.float32(1.0) / np.float32(theta) ** (np.arange(0, head_dim, 2).astype(np.float32) / head_dim))
+
+
+def rope_inv_freq(c: ModelConfig) -> np.ndarray:
+  """[head_dim / 2] fp32 RoPE inverse frequencies of `c` (static: numpy, once per trace).
+
+  "default": theta^(-2i / head_dim). "linear": those / rope_factor (positions scaled down).
+  "llama3" (Llama 3.1+): wavelengths longer than rope_original_max_position / rope_low_freq_factor
+  are scaled by 1 / rope_factor, shorter than rope_original_max_position / rope_high_freq_factor
+  kept, and those between interpolated by original_max / wavelength -- transformers'
+  `rope_type="llama3"`, so converted Llama 3.1/3.2 checkpoints keep their positions.
+  """
+  inv_freq = default_inv_freq(c.head_dim, c.rope_theta)
+  if c.rope_type == "linear":
+    return (inv_freq / np.float32(c.rope_factor)).astype(np.float32)
+  if c.rope_type == "llama3":
+    wavelen = 2 * np.pi / inv_freq
+    low_wavelen = c.rope_original_max_position / c.rope_low_freq_factor  # longer: fully scaled
+    high_wavelen = c.rope_original_max_position / c.rope_high_freq_factor  # shorter: kept
+    smooth = ((c.rope_original_max_position / wavelen - c.rope_low_freq_factor)
+              / (c.rope_high_freq_factor - c.rope_low_freq_factor))  # 0 at low_wavelen, 1 at high_wavelen
+    between = (1 - smooth) * inv_freq / c.rope_factor + smooth * inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / c.rope_factor, inv_freq)
+    return np.where((wavelen >= high_wavelen) & (wavelen <= low_wavelen), between, scaled).astype(np.float32)
+  return inv_freq
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """positions [...] int, inv_freq [D/2] (`rope_inv_freq`) -> (cos, sin) [..., D/2] fp32 of RoPE's
+  rotation angles."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq).reshape((1,) * positions.ndim + (-1,))
   return jnp.cos(angles), jnp.sin(angles)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotary embedding, half-rotation layout (Llama/Qwen `rotate_half`).
 
-  x: [batch, q_len, heads, head_dim]; positions: [batch, q_len] int.
+  x: [batch, q_len, heads, head_dim]; positions: [batch, q_len] int; inv_freq [head_dim / 2].
   """
-  cos, sin = rope_cos_sin(positions, x.shape[-1], theta)  # [batch, q_len, D/2]
+  cos, sin = rope_cos_sin(positions, inv_freq)  # [batch, q_len, D/2]
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -174,8 +204,9 @@ class Attention(nn.Module):
     if c.qk_norm:  # Qwen3: per-head RMSNorm before RoPE
       q = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, "head_dim", name="q_norm")(q)
       k = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, "head_dim", name="k_norm")(k)
-    q = rope(q, positions, c.rope_theta)  # [batch, q_len, heads, head_dim]
-    k = rope(k, positions, c.rope_theta)  # [batch, q_len, kv_heads, head_dim]
+    inv_freq = rope_inv_freq(c)
+    q = rope(q, positions, inv_freq)  # [batch, q_len, heads, head_dim]
+    k = rope(k, positions, inv_freq)  # [batch, q_len, kv_heads, head_dim]
     out = dot_product_attention(q, k, v, mask, cache_k, cache_v, cache_lengths, c.attention, self.tidar_block)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     y = _dense(c.d_model, (-2, -1), ("heads", "head_dim", "embed"), "o", c)(out)

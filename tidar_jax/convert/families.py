@@ -120,19 +120,40 @@ def _required(hf: dict[str, Any], key: str) -> Any:
   return hf[key]
 
 
-def rope_theta(hf: dict[str, Any]) -> float:
-  """RoPE base from `rope_parameters` (transformers >= 5) or the legacy `rope_theta`/`rope_scaling`."""
-  params = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling") or {}
-  for rope_type in (params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
-    if rope_type not in (None, "default"):
-      raise ValueError(f"config.json: RoPE scaling type {rope_type!r} is not supported (tidar_jax.model.rope "
-                       "applies plain RoPE with rope_theta only; Llama 3.1+ checkpoints use 'llama3' scaling); "
-                       "supported: 'default' (no rope_scaling)")
+# HF rope parameter key -> ModelConfig field (`model.rope_inv_freq`), per supported rope_type.
+_ROPE_KEYS = {
+    "default": {},
+    "linear": {"factor": "rope_factor"},
+    "llama3": {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor",
+               "original_max_position_embeddings": "rope_original_max_position"},
+}
+
+
+def rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """ModelConfig RoPE fields (rope_theta, rope_type and its parameters) from `rope_parameters`
+  (transformers >= 5) or the legacy `rope_theta` / `rope_scaling` (Llama 3.1's config.json)."""
+  params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+  rope_type = params.get("rope_type") or params.get("type") or "default"
+  if rope_type not in _ROPE_KEYS:
+    raise ValueError(f"config.json: RoPE scaling type {rope_type!r} is not supported (tidar_jax.model.rope_inv_freq "
+                     f"implements {sorted(_ROPE_KEYS)}; yarn, dynamic and longrope also rescale attention or "
+                     "change with the sequence length)")
   if params.get("partial_rotary_factor", 1.0) != 1.0:
     raise ValueError(f"config.json: partial_rotary_factor={params['partial_rotary_factor']} is not supported "
                      "(tidar_jax rotates the whole head_dim)")
-  return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  fields = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), "rope_type": rope_type}
+  for key, field in _ROPE_KEYS[rope_type].items():
+    if params.get(key) is None:
+      raise ValueError(f"config.json: RoPE scaling {rope_type!r} needs {key!r} in rope_scaling / rope_parameters")
+    fields[field] = int(params[key]) if field == "rope_original_max_position" else float(params[key])
+  return fields
+
+
+def hf_rope_parameters(m: ModelConfig) -> dict[str, Any]:
+  """`rope_parameters` of config.json for `m` (the inverse of `rope_fields`)."""
+  return {"rope_type": m.rope_type, "rope_theta": m.rope_theta,
+          **{key: getattr(m, field) for key, field in _ROPE_KEYS[m.rope_type].items()}}
 
 
 def model_fields(family: Family, hf: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +181,7 @@ def model_fields(family: Family, hf: dict[str, Any]) -> dict[str, Any]:
       qkv_bias=family.qkv_bias,
       qk_norm=family.qk_norm,
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      rope_theta=rope_theta(hf),
+      **rope_fields(hf),
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
   )
 
@@ -187,12 +208,14 @@ def hf_config(family: Family, m: ModelConfig, vocab_size: int, dtype: str,
       hidden_act="silu",
       rms_norm_eps=m.norm_eps,
       tie_word_embeddings=m.tie_embeddings,
-      # Both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta.
+      # Both spellings: transformers >= 5 reads rope_parameters, 4.x rope_theta and rope_scaling.
       rope_theta=m.rope_theta,
-      rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+      rope_parameters=hf_rope_parameters(m),
       dtype=dtype,
       torch_dtype=dtype,
   )
+  if m.rope_type != "default":
+    hf["rope_scaling"] = {k: v for k, v in hf_rope_parameters(m).items() if k != "rope_theta"}
   if family.has_attention_bias_flag:
     hf["attention_bias"] = False
   if family.has_sliding_window:

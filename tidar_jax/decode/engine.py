@@ -34,7 +34,7 @@ from tidar_jax.attention import MASKED, auto_implementation
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import multi_token_attention, one_token_attention, split_kv_attention
 from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
-from tidar_jax.model import fp32_logits, inverse_rms, rms_norm, rope, rope_cos_sin
+from tidar_jax.model import fp32_logits, inverse_rms, rms_norm, rope, rope_cos_sin, rope_inv_freq
 
 
 class Int8Matrix(NamedTuple):
@@ -241,7 +241,8 @@ def _qkv(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, positions: jax.Array
   if lw.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
     q = rms_norm(q, lw.q_norm, cfg.norm_eps, cfg.compute_dtype)
     k = rms_norm(k, lw.k_norm, cfg.norm_eps, cfg.compute_dtype)
-  return rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta), v
+  inv_freq = rope_inv_freq(cfg)
+  return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
 
 
 def _fused_attention(lw: LayerWeights, cfg: ModelConfig, x: jax.Array, cos_sin: tuple[jax.Array, jax.Array],
@@ -314,7 +315,7 @@ def forward(w: DecodeWeights, cfg: ModelConfig, cache: KVCache, tokens: jax.Arra
   cos_sin = None  # the fused attention block's RoPE tables, shared by every layer
   if kernel == "split_kv" and fused_attention(cfg, step_mask, cache.max_len):
     # [batch, head_dim / 2] each at one token, [batch, T, head_dim / 2] at more
-    cos_sin = rope_cos_sin(positions[:, 0] if tokens.shape[1] == 1 else positions, cfg.head_dim, cfg.rope_theta)
+    cos_sin = rope_cos_sin(positions[:, 0] if tokens.shape[1] == 1 else positions, rope_inv_freq(cfg))
   x = jnp.take(w.embed, tokens, axis=0)  # [batch, T, d_model]
   new_k, new_v = [], []
   for lw, k_buf, v_buf in zip(w.layers, cache.k, cache.v):  # unrolled: each layer reads its own arrays
