@@ -135,10 +135,10 @@ def test_single_process_restores_on_other_meshes(multiprocess_run):
   assert ev["eval_diffusion_loss"] == pytest.approx(logged["eval_diffusion_loss"], abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="checkpoint.load_for_inference restores with StandardRestore() and no target, so "
-                          "orbax wants the saving topology (here 2 processes, device ids 0-3 and 2048-2051)")
 def test_load_for_inference_of_a_multiprocess_checkpoint(multiprocess_run):
+  """`generate --checkpoint=WORKDIR` of a multi-process run, in one process: the params land on this
+  process's first device (the saving topology had 2 processes, device ids 0-3 and 2048-2051) and
+  equal a restore of the full train state onto one device."""
   workdir, _ = multiprocess_run
   params, config, _ = checkpoint.load_for_inference(str(workdir))
   _, single, _, _, _ = _restore(workdir, (1, 1, 1), jax.devices()[:1])

@@ -120,6 +120,19 @@ def load_params(path: str, abstract_params: Any = None) -> Any:
                        "another model shape") from e
 
 
+def _restore_params_here(manager: ocp.CheckpointManager, step: int) -> Any:
+  """The params of a training checkpoint onto this process's first device, whatever mesh and process
+  count saved them (the target's shardings come from here, the shapes and dtypes from the checkpoint's
+  metadata), without reading the optimizer state."""
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  meta = manager.item_metadata(step).state["params"]
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), meta)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
+  return restored.state["params"]
+
+
 def load_for_inference(path: str) -> tuple[Any, ml_collections.ConfigDict, Any]:
   """(params, config, tokenizer) from an export directory or a training workdir (latest step)."""
   from tidar_jax.tokenizer import Tokenizer
@@ -131,14 +144,16 @@ def load_for_inference(path: str) -> tuple[Any, ml_collections.ConfigDict, Any]:
       config = config_from_json(json.load(f))
     params = load_params(path)
   elif os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    # PyTree (not Standard) handling of the state: it reads the metadata and restores a subtree.
     manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINT_DIR),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+                                    options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                   "config": ocp.JsonCheckpointHandler()})
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {path}/{CHECKPOINT_DIR}: train first, or pass an export")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             config=ocp.args.JsonRestore()))
-    params, config = restored.state["params"], config_from_json(restored.config)
+    params = _restore_params_here(manager, step)
+    config = config_from_json(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
   else:
     raise FileNotFoundError(f"{path} holds neither an export (params/) nor training checkpoints "
                             f"({CHECKPOINT_DIR}/): pass a --workdir of tidar_jax.train or an export dir")
