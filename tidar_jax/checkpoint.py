@@ -120,17 +120,16 @@ def load_params(path: str, abstract_params: Any = None) -> Any:
                        "another model shape") from e
 
 
-def _restore_params_here(manager: ocp.CheckpointManager, step: int) -> Any:
-  """The params of a training checkpoint onto this process's first device, whatever mesh and process
-  count saved them (the target's shardings come from here, the shapes and dtypes from the checkpoint's
-  metadata), without reading the optimizer state."""
+def _params_here(manager: ocp.CheckpointManager, step: int) -> ocp.args.PyTreeRestore:
+  """Restore args for the params alone of a training checkpoint (not the optimizer state), onto this
+  process's first device whatever mesh and process count saved them: the target's shardings come
+  from here, its shapes and dtypes from the checkpoint's metadata."""
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   meta = manager.item_metadata(step).state["params"]
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), meta)
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
-  return restored.state["params"]
+  return ocp.args.PyTreeRestore(item={"params": target},
+                                restore_args={"params": ocp.checkpoint_utils.construct_restore_args(target)},
+                                partial_restore=True)
 
 
 def load_for_inference(path: str) -> tuple[Any, ml_collections.ConfigDict, Any]:
@@ -152,8 +151,9 @@ def load_for_inference(path: str) -> tuple[Any, ml_collections.ConfigDict, Any]:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint under {path}/{CHECKPOINT_DIR}: train first, or pass an export")
-    params = _restore_params_here(manager, step)
-    config = config_from_json(manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+    restored = manager.restore(step, args=ocp.args.Composite(state=_params_here(manager, step),
+                                                             config=ocp.args.JsonRestore()))
+    params, config = restored.state["params"], config_from_json(restored.config)
   else:
     raise FileNotFoundError(f"{path} holds neither an export (params/) nor training checkpoints "
                             f"({CHECKPOINT_DIR}/): pass a --workdir of tidar_jax.train or an export dir")

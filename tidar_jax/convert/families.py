@@ -195,6 +195,7 @@ def hf_config(family: Family, m: ModelConfig, vocab_size: int, dtype: str,
                      f"qk_norm={family.qk_norm}, but the checkpoint has model.qkv_bias={m.qkv_bias}, "
                      f"model.qk_norm={m.qk_norm}")
   hf = {k: v for k, v in (source or {}).items() if k not in ("transformers_version", "rope_scaling")}
+  rope = hf_rope_parameters(m)
   hf.update(
       model_type=family.model_type,
       architectures=[family.architecture],
@@ -210,12 +211,12 @@ def hf_config(family: Family, m: ModelConfig, vocab_size: int, dtype: str,
       tie_word_embeddings=m.tie_embeddings,
       # Both spellings: transformers >= 5 reads rope_parameters, 4.x rope_theta and rope_scaling.
       rope_theta=m.rope_theta,
-      rope_parameters=hf_rope_parameters(m),
+      rope_parameters=rope,
       dtype=dtype,
       torch_dtype=dtype,
   )
   if m.rope_type != "default":
-    hf["rope_scaling"] = {k: v for k, v in hf_rope_parameters(m).items() if k != "rope_theta"}
+    hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
   if family.has_attention_bias_flag:
     hf["attention_bias"] = False
   if family.has_sliding_window:
