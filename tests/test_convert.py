@@ -5,6 +5,7 @@ sharded checkpoints converted in bounded memory, and a clear error for each bad 
 """
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -386,6 +387,28 @@ def test_sharded_index_with_missing_shard(hf_copy, tmp_path):
   os.remove(hf_copy / "model-00002-of-00002.safetensors")
   with pytest.raises(FileNotFoundError, match="lists shard model-00002-of-00002.safetensors, which is missing"):
     from_hf.convert(str(hf_copy), str(tmp_path / "ckpt"))
+
+
+def test_full_disk_is_a_clear_error(hf, tmp_path, monkeypatch):
+  """Too little free space, or a disk that fills while the scratch is allocated: an ENOSPC error that
+  names --out and the space needed (not a SIGBUS crash from a sparse memmap), and nothing left behind."""
+  hf_dir, real_usage = hf["qwen2"][0], shutil.disk_usage
+  scratch = from_hf._disk_backed(str(tmp_path / "blocks"), (1000, 300), np.float32)
+  assert os.stat(tmp_path / "blocks").st_blocks * 512 >= scratch.nbytes  # allocated now, not sparse
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
+  with pytest.raises(OSError, match=r"not enough disk space in --out=\S+/ckpt: converting needs about [\d.]+ GB"
+                     r".*0\.00 GB is free") as e:
+    from_hf.convert(hf_dir, str(tmp_path / "ckpt"))
+  assert e.value.errno == errno.ENOSPC and os.listdir(tmp_path / "ckpt") == []
+  monkeypatch.setattr(shutil, "disk_usage", real_usage)
+
+  def disk_fills(fd, offset, length):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "posix_fallocate", disk_fills)
+  with pytest.raises(OSError, match="not enough disk space in --out=") as e:
+    from_hf.convert(hf_dir, str(tmp_path / "ckpt2"))
+  assert e.value.errno == errno.ENOSPC and os.listdir(tmp_path / "ckpt2") == []
 
 
 def test_config_mismatch_and_mask_room(hf, tmp_path):

@@ -24,12 +24,15 @@ Memory: each HF tensor is read alone (safetensors: headers first, then one tenso
 written straight into its slice of a layer-stacked param backed by a file in
 CKPT_DIR/.from_hf_scratch (np.memmap), which orbax then writes without a host copy. Peak
 anonymous memory is one HF tensor (the embedding, for real models) plus a few MB, whatever the
-number of layers; disk needs about twice the fp32 model while converting.
+number of layers; disk needs about twice the fp32 model while converting (checked before the
+first tensor is read; the scratch files are allocated up front, so a disk that fills meanwhile is an
+error naming --out rather than a SIGBUS from a write into an unbacked page).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import json
 import os
@@ -270,6 +273,28 @@ def _save_params(path: str, params: Any) -> None:
     ckptr.save(path, args=ocp.args.PyTreeSave(params))
 
 
+def _check_disk(out: str, need: int, cause: OSError | None = None) -> None:
+  """Raises a clear ENOSPC error when `out`'s file system has less than `need` bytes free (or
+  when allocating already failed: `cause`)."""
+  free = shutil.disk_usage(out).free
+  if free < need or cause is not None:
+    raise OSError(errno.ENOSPC, f"not enough disk space in --out={out}: converting needs about {need / 1e9:.2f} GB "
+                  f"there (the fp32 scratch files and the checkpoint), {free / 1e9:.2f} GB is free; free some "
+                  "space or choose an --out on a larger disk") from cause
+
+
+def _disk_backed(path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.memmap:
+  """A zero-filled file-backed array whose blocks are allocated now: a sparse memmap (np.memmap's
+  mode "w+") would take the first write into a page the full disk cannot back as a SIGBUS."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  with open(path, "wb") as f:
+    if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the file stays sparse
+      os.posix_fallocate(f.fileno(), 0, nbytes)
+    else:
+      f.truncate(nbytes)
+  return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+
+
 def convert(hf_dir: str, out: str, config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
   """HF checkpoint directory -> tidar_jax checkpoint directory; returns the written training config."""
   hf_dir = os.path.abspath(os.path.expanduser(hf_dir))
@@ -303,9 +328,16 @@ def convert(hf_dir: str, out: str, config: ml_collections.ConfigDict | None = No
 
   scratch = os.path.join(out, SCRATCH_DIR)
   os.makedirs(scratch, exist_ok=True)
+  need = 2 * sum(leaf.size * leaf.dtype.itemsize for leaf in flat.values())  # scratch + the checkpoint
   try:
-    arrays = {path: np.memmap(os.path.join(scratch, "-".join(path)), dtype=leaf.dtype, mode="w+",
-                              shape=leaf.shape) for path, leaf in flat.items()}
+    _check_disk(out, need)
+    try:
+      arrays = {path: _disk_backed(os.path.join(scratch, "-".join(path)), leaf.shape, leaf.dtype)
+                for path, leaf in flat.items()}
+    except OSError as e:
+      if e.errno != errno.ENOSPC:
+        raise
+      _check_disk(out, need, e)
     _fill(arrays, names, plan, vocab)
     tree: dict[str, Any] = {}
     for path, array in arrays.items():
@@ -331,7 +363,7 @@ def main(argv: list[str]) -> None:
   hf_dir, out = flags.FLAGS.hf_dir, flags.FLAGS.out
   try:
     config = convert(hf_dir, out, flags.FLAGS.config)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: the message says which
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   m, hf = config.model, config.hf
