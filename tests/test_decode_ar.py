@@ -99,6 +99,19 @@ def test_greedy_equals_iterated_argmax_of_full_forward(params, prompts):
   np.testing.assert_array_equal(out.stats.forward_passes, M_AR)  # prefill + one forward per further token
 
 
+def test_tight_cache_holds_every_slot_and_is_padded_only_on_a_gpu(monkeypatch, params, prompts):
+  """max_len = longest prompt + max_new_tokens + 1 exactly: the last step writes the last slot, and
+  off the GPU the cache has exactly those slots (nothing past them to hide an overrun). On a GPU
+  the allocation rounds up to the split-KV kernel's CACHE_ALIGN."""
+  tight = int(PROMPT_LENGTHS.max()) + M_AR + 1
+  out = generate_ar(params, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
+                    key=jax.random.key(0), eos_id=None, max_len=tight)
+  assert out.cache.max_len == tight
+  np.testing.assert_array_equal(out.tokens, greedy_by_full_forward(params, prompts, PROMPT_LENGTHS, M_AR))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert [loop.cache_slots(n) for n in (tight, 128, 129)] == [128, 128, 256]
+
+
 def test_eos_ends_each_row_and_pads(params, prompts):
   full = np.asarray(generate_ar(params, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
                                 key=jax.random.key(0), eos_id=None).tokens)

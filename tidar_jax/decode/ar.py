@@ -81,8 +81,9 @@ def generate_ar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
 
   config: a ModelConfig or the checkpoint's ConfigDict. key: one PRNG key, or [batch] keys (row i
   then equals the batch-of-1 run with key i). max_len: cache slots (default: prompt bucket +
-  max_new_tokens + 1; allocated rounded up to a multiple of 128). One compilation per (batch, prompt bucket, max_new_tokens, max_len,
-  sampling). Returns tokens [batch, max_new_tokens], lengths, stats and the final cache.
+  max_new_tokens + 1; allocated as `loop.cache_slots`: on a GPU rounded up to a multiple of 128).
+  One compilation per (batch, prompt bucket, max_new_tokens, max_len, sampling). Returns tokens
+  [batch, max_new_tokens], lengths, stats and the final cache.
   """
   cfg, _ = loop.resolve_config(config)
   req = loop.check_request(cfg, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,

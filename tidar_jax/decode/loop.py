@@ -24,9 +24,9 @@ from tidar_jax.decode.sampling import SamplingParams
 
 PAD_TOKEN = -1  # fills `tokens` past each row's length (never a real id)
 MIN_BUCKET = 16  # shortest compiled prompt width
-# The cache is allocated with max_len rounded up to a multiple of this many slots, so the split-KV
-# step attention's 64-slot key blocks tile it (`decode/split_kv_attention.py`: at 16-slot blocks
-# it is several times slower); slots past max_len are never written or read.
+# On a GPU the cache is allocated with max_len rounded up to a multiple of this many slots, so the
+# split-KV step attention's 64-slot key blocks tile it (`decode/split_kv_attention.py`: at 16-slot
+# blocks it is several times slower); slots past max_len are never written or read.
 CACHE_ALIGN = 128
 
 # On a GPU, XLA records the whole decode loop -- the while loop and its body -- as one CUDA graph
@@ -58,7 +58,17 @@ class Request:
   prompts: np.ndarray  # [batch, bucket] int32, right-padded with 0
   lengths: np.ndarray  # [batch] int32
   keys: jax.Array  # [batch] typed PRNG keys, one per row
-  max_len: int  # cache slots: the requested max_len rounded up to a multiple of CACHE_ALIGN
+  max_len: int  # cache slots: `cache_slots` of the requested max_len
+
+
+def cache_slots(max_len: int) -> int:
+  """Slots to allocate for a cache of `max_len`: rounded up to CACHE_ALIGN on a GPU, where "auto"
+  attention takes the split-KV kernel; elsewhere exactly max_len, since the dense attention reads
+  every slot (padding a CPU test's 17-slot cache to 128 made its decoding ~3x slower). Either way
+  the tokens are the same: slots past max_len are never written or read."""
+  if jax.default_backend() != "gpu":
+    return max_len
+  return -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
 
 
 def bucket_length(longest: int, limit: int) -> int:
@@ -137,8 +147,7 @@ def check_request(cfg: ModelConfig, prompts: Any, prompt_lengths: Any, *, max_ne
   width = min(prompts.shape[1], bucket)
   padded = np.zeros((batch, bucket), np.int32)
   padded[:, :width] = np.where(real, prompts, 0)[:, :width]
-  slots = -(-int(max_len) // CACHE_ALIGN) * CACHE_ALIGN  # never read past max_len: same tokens
-  return Request(padded, lengths.astype(np.int32), row_keys(key, batch), slots)
+  return Request(padded, lengths.astype(np.int32), row_keys(key, batch), cache_slots(int(max_len)))
 
 
 def row_keys(key: Any, batch: int) -> jax.Array:

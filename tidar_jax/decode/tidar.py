@@ -192,7 +192,8 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
   and a different block_size is an error) or a bare ModelConfig (then block_size is required).
   key: one PRNG key, or [batch] keys (row i then equals the batch-of-1 run with key i).
   mask_id: the tokenizer's mask token. max_len: cache slots (default: prompt bucket +
-  max_new_tokens + k + k², the tokens one step writes; allocated rounded up to a multiple of 128). forced_drafts: optional [batch, positions] int32; the draft for
+  max_new_tokens + k + k², the tokens one step writes; allocated as `loop.cache_slots`: on a GPU
+  rounded up to a multiple of 128). forced_drafts: optional [batch, positions] int32; the draft for
   position x becomes forced_drafts[row, x] with a one-hot q where that entry is >= 0 (-1, or past
   the table's width: the model's own draft). Tests force an oracle continuation, benchmarks force
   acceptance. `_faults`: test only, one FAULTS name per row (negative controls).
