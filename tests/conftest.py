@@ -28,3 +28,13 @@ def fast_compile():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """`-n auto` (pyproject's addopts): one worker per core, at most 4 -- each holds its own JAX,
+  torch and compiled programs (a few GB at peak) -- and one when the tests run on an accelerator,
+  which every JAX process would otherwise claim most of the memory of."""
+  del config
+  if os.environ["JAX_PLATFORMS"] != "cpu":
+    return 1
+  return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
