@@ -307,6 +307,7 @@ def test_sharded_checkpoint_converts_in_bounded_memory(tmp_path):
     original.update(load_file(os.path.join(hf_dir, f)))
   for name, file in index["weight_map"].items():
     np.testing.assert_array_equal(load_file(str(tmp_path / "back" / file))[name], original[name], err_msg=name)
+  shutil.rmtree(tmp_path)  # ~400 MB, most of the suite's disk use (pytest keeps tmp dirs); kept when a check fails
 
 
 @pytest.fixture
