@@ -273,14 +273,12 @@ def _save_params(path: str, params: Any) -> None:
     ckptr.save(path, args=ocp.args.PyTreeSave(params))
 
 
-def _check_disk(out: str, need: int, cause: OSError | None = None) -> None:
-  """Raises a clear ENOSPC error when `out`'s file system has less than `need` bytes free (or
-  when allocating already failed: `cause`)."""
+def _no_space(out: str, need: int) -> OSError:
+  """The ENOSPC error for a conversion into `out` that needs `need` bytes there."""
   free = shutil.disk_usage(out).free
-  if free < need or cause is not None:
-    raise OSError(errno.ENOSPC, f"not enough disk space in --out={out}: converting needs about {need / 1e9:.2f} GB "
-                  f"there (the fp32 scratch files and the checkpoint), {free / 1e9:.2f} GB is free; free some "
-                  "space or choose an --out on a larger disk") from cause
+  return OSError(errno.ENOSPC, f"not enough disk space in --out={out}: converting needs about {need / 1e9:.2f} GB "
+                 f"there (the fp32 scratch files and the checkpoint), {free / 1e9:.2f} GB is free; free some "
+                 "space or choose an --out on a larger disk")
 
 
 def _disk_backed(path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.memmap:
@@ -330,14 +328,15 @@ def convert(hf_dir: str, out: str, config: ml_collections.ConfigDict | None = No
   os.makedirs(scratch, exist_ok=True)
   need = 2 * sum(leaf.size * leaf.dtype.itemsize for leaf in flat.values())  # scratch + the checkpoint
   try:
-    _check_disk(out, need)
+    if shutil.disk_usage(out).free < need:
+      raise _no_space(out, need)
     try:
       arrays = {path: _disk_backed(os.path.join(scratch, "-".join(path)), leaf.shape, leaf.dtype)
                 for path, leaf in flat.items()}
     except OSError as e:
       if e.errno != errno.ENOSPC:
         raise
-      _check_disk(out, need, e)
+      raise _no_space(out, need) from e
     _fill(arrays, names, plan, vocab)
     tree: dict[str, Any] = {}
     for path, array in arrays.items():

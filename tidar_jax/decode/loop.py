@@ -64,7 +64,7 @@ class Request:
 def cache_slots(max_len: int) -> int:
   """Slots to allocate for a cache of `max_len`: rounded up to CACHE_ALIGN on a GPU, where "auto"
   attention takes the split-KV kernel; elsewhere exactly max_len, since the dense attention reads
-  every slot (padding a CPU test's 17-slot cache to 128 made its decoding ~3x slower). Either way
+  every slot (padding a CPU test's 17-slot cache to 128 made its decoding 2.5x slower). Either way
   the tokens are the same: slots past max_len are never written or read."""
   if jax.default_backend() != "gpu":
     return max_len

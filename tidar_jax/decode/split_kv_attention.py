@@ -16,7 +16,7 @@ u < prefix[t] and lo[t] <= u < hi[t]. That is AR ([[True]]) and TiDAR's `masks.d
 three int vectors in-kernel instead of reading a [T, max_len] mask per layer.
 
 Requirements (checked by `supported`): the cache's slot count is a multiple of the key block (the
-decode loop allocates max_len rounded up to `loop.CACHE_ALIGN`) and lengths + T <= max_len (the
+decode loop allocates max_len rounded up to `loop.CACHE_ALIGN` on a GPU) and lengths + T <= max_len (the
 host check of `loop.check_request`). Runs compiled on a GPU (Triton) and interpreted elsewhere
 (tests compare it with the dense attention on CPU).
 """
