@@ -32,7 +32,7 @@ import numpy as np
 
 from tidar_jax.attention import MASKED, auto_implementation
 from tidar_jax.config import ModelConfig
-from tidar_jax.decode import multi_token_attention, one_token_attention, split_kv_attention
+from tidar_jax.decode import gemv, multi_token_attention, one_token_attention, split_kv_attention
 from tidar_jax.decode.cache import KVCache, valid_slots, write_rows
 from tidar_jax.model import fp32_logits, inverse_rms, rms_norm, rope, rope_cos_sin, rope_inv_freq
 
@@ -185,12 +185,15 @@ def _matmul(x: jax.Array, w: Matrix, transposed: bool = False) -> jax.Array:
   kernel streams the weight at 2.6-2.8 TB/s on an H100 where its one-row GEMV fusion or a 16-row
   padded GEMM reached 0.3-2.3 TB/s (1.5B AR step 1.91 -> 1.77 ms, BENCHMARKS.md; the same
   reduction over a [d_in, d_out] weight was slower than either, 2.26 ms). More rows go to a GEMM,
-  which reads either layout.
+  which reads either layout. One row against an int8 matrix goes to `gemv.gemv` on a GPU (XLA's
+  int8 row reduction streams at about half its bf16 byte rate).
   """
   rows = int(np.prod(x.shape[:-1]))
   spec = "...k,nk->...n" if transposed else "...k,kn->...n"
   int8 = isinstance(w, Int8Matrix)  # the int8 -> compute-dtype convert and the scale fuse into the kernel
   m = w.q if int8 else w
+  if int8 and rows == 1 and gemv.use():
+    return gemv.gemv(x.reshape(-1), w.q, w.scale, transposed=transposed).astype(x.dtype).reshape(*x.shape[:-1], -1)
   if transposed and rows == 1:
     y = jnp.sum(x.reshape(1, -1).astype(jnp.float32) * m.astype(jnp.float32), axis=1)  # [d_out]
   elif int8:

@@ -1,0 +1,119 @@
+"""One row against an int8 layer matrix in a Pallas (Triton) kernel: the batch-1 step's matmuls
+with `model.decode_quant="int8"`.
+
+XLA's row reduction streams a bf16 matrix at 2.65 TB/s on an H100 but an int8 one at about half
+that byte rate, so the int8 option halved the weights' memory without making the AR step faster
+(1.5B: 1.66 ms vs 1.59 in bf16). Here each program streams small [block_n, block_k] tiles of the
+int8 weight, converts them in registers and accumulates x * W in fp32 (no tensor cores: one row
+has nothing to reuse), reducing over K once at the end; the per-output-channel scale is applied
+on the way out. 1.5B AR step: 1.66 -> 1.27-1.28 ms; 8B: 4.72 -> 4.43 ms (bf16 1.59 and 5.68;
+BENCHMARKS.md, 2026-11-24). The same kernel over bf16 weights lost to XLA's row reduction in the
+step (q/k/v and o through it: 1.616 vs 1.595 ms), so bf16 stays XLA's.
+
+Layouts, as the engine stores them (`engine.LayerWeights`): W^T [N, K] (q/k/v, o, down; the tile
+is `block_n` rows of `block_k` contiguous bytes) or W [K, N] (gate/up; `block_k` rows of
+`block_n` contiguous bytes). `splits` > 1 also divides K over the grid (for a matrix with few
+output tiles, like down's 1536 rows of 8960); the splits' partial sums are added by XLA, in the
+consumer's fusion. Runs compiled on a GPU (Triton) and interpreted elsewhere (tests compare it with
+the dequantised product on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from tidar_jax.decode.split_kv_attention import triton_params
+
+
+class Tiling(NamedTuple):
+  block_n: int  # output channels per program (a power of two dividing N)
+  block_k: int  # input channels per inner step (a power of two dividing K / splits)
+  splits: int = 1  # programs along K
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+  """Largest power of two <= cap dividing n."""
+  b = 1
+  while b * 2 <= cap and n % (b * 2) == 0:
+    b *= 2
+  return b
+
+
+def _splits(steps: int, max_steps: int) -> int:
+  """Fewest programs along K that leave each at most `max_steps` inner steps."""
+  return next(s for s in range(1, steps + 1) if steps % s == 0 and steps // s <= max_steps)
+
+
+def default_tiling(n: int, k: int, transposed: bool) -> Tiling:
+  """Small tiles (1-4 KB of int8), several programs per SM, at most 6-10 inner steps each.
+
+  Chosen in the 1.5B AR step on an H100 (BENCHMARKS.md, 2026-11-24; a 28-layer chain of one matrix
+  ranked tilings differently from the step, so the step decided): q/k/v and o (K = 1536) 4 x 512
+  in one program along K; down (K = 8960, whose largest power-of-two divisor is 256) 8 x 128 over 7
+  programs; gate/up ([K, N]) 32 x 128 over 8. Tiles of 8 KB and more, or single-program K loops of
+  35 steps, were up to 1.6x slower."""
+  if transposed:  # rows of W^T: block_k contiguous bytes per row
+    block_k = 512 if k % 512 == 0 else _pow2_divisor(k, 128)
+    block_n = _pow2_divisor(n, 4 if block_k == 512 else 8)
+    return Tiling(block_n, block_k, _splits(k // block_k, 10))
+  block_n = _pow2_divisor(n, 128)  # rows of W: block_n contiguous bytes per row
+  block_k = _pow2_divisor(k, 32)
+  return Tiling(block_n, block_k, _splits(k // block_k, 6))
+
+
+def use() -> bool:
+  """Whether the engine's one-row int8 matmuls take this kernel: compiled on a GPU. Elsewhere XLA's
+  product is faster than the interpreted kernel (tests switch it on to check it in the step)."""
+  return jax.default_backend() == "gpu"
+
+
+def _kernel(x_ref, w_ref, *refs, transposed: bool, block_n: int, block_k: int, steps: int):
+  # x [K]; w [N, K] (transposed) or [K, N]; s [N] fp32 (when scaled); o [splits, N] fp32
+  s_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+  outs = pl.ds(pl.multiple_of(pl.program_id(0) * block_n, block_n), block_n)
+  first = pl.program_id(1) * steps * block_k
+
+  def step(i, acc):  # acc [block_n, block_k] or [block_k, block_n] fp32
+    ins = pl.ds(pl.multiple_of(first + i * block_k, block_k), block_k)
+    x = x_ref[ins].astype(jnp.float32)
+    if transposed:
+      return acc + w_ref[outs, ins].astype(jnp.float32) * x[None, :]
+    return acc + w_ref[ins, outs].astype(jnp.float32) * x[:, None]
+
+  shape = (block_n, block_k) if transposed else (block_k, block_n)
+  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(shape, jnp.float32))
+  y = jnp.sum(acc, axis=1 if transposed else 0)  # [block_n]
+  o_ref[pl.program_id(1), outs] = y if s_ref is None else y * s_ref[outs]
+
+
+def gemv(x: jax.Array, q: jax.Array, scale: jax.Array | None, *, transposed: bool, tiling: Tiling | None = None,
+         interpret: bool | None = None) -> jax.Array:
+  """x [K] (any float dtype) against the int8 matrix q (W^T [N, K] when `transposed`, else W [K, N])
+  with one fp32 scale per output channel: (x @ (q * scale)) -> [N] fp32, accumulated in fp32."""
+  n, k = q.shape if transposed else q.shape[::-1]
+  if x.shape != (k,) or (scale is not None and scale.shape != (n,)):
+    raise ValueError(f"gemv: x {x.shape} and scale {scale.shape} do not fit a {'transposed ' * transposed}"
+                     f"matrix {q.shape} (want x ({k},), scale ({n},))")
+  t = tiling or default_tiling(n, k, transposed)
+  if n % t.block_n or k % (t.block_k * t.splits):
+    raise ValueError(f"gemv: {t} does not tile N={n}, K={k} (block_n must divide N, block_k * splits K)")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  kernel = functools.partial(_kernel, transposed=transposed, block_n=t.block_n, block_k=t.block_k,
+                             steps=k // (t.block_k * t.splits))
+  partial = pl.pallas_call(
+      kernel,
+      grid=(n // t.block_n, t.splits),
+      out_shape=jax.ShapeDtypeStruct((t.splits, n), jnp.float32),
+      compiler_params=triton_params(t.num_warps, t.num_stages, interpret),
+      interpret=interpret,
+      name="int8_gemv",
+  )(x, q, *([] if scale is None else [scale.astype(jnp.float32)]))
+  return partial[0] if t.splits == 1 else jnp.sum(partial, axis=0)
