@@ -14,12 +14,15 @@ to its jax `op_name` (e.g. `.../while/body/attn/qkv/dot_general`, the named scop
 are grouped into model parts. For decode, only the kernels of the decode while-loop body count
 (not the prefill), divided by the number of steps: the per-step kernel time beside the measured
 wall time per step shows the share lost between kernels (launch gaps, the loop's host sync).
+The profiled decode is compiled op by op (`loop_not_graphed`): inside the decoders' one-CUDA-graph
+loop a trace sees no kernels, so the tables describe the kernels, not the graph's launch savings.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import os
 import re
@@ -172,6 +175,8 @@ def categorize(op_name: str | None, kernel: str, parts=_DECODE_PARTS) -> str:
     return "split-KV attention, Pallas (unmapped)"
   if "one_token_attention" in k:  # its kernels' names (tidar_jax/decode/one_token_attention.py)
     return "one-token attention block, Pallas (unmapped)"
+  if "int8_gemv" in k:  # decode_quant="int8": one row against each layer matrix (tidar_jax/decode/gemv.py)
+    return "int8 one-row matmuls, Pallas (unmapped)"
   if "multi_token_attention" in k:  # prologue + merge (tidar_jax/decode/multi_token_attention.py)
     return "TiDAR step's RoPE/cache-write prologue + split merge, Pallas (unmapped)"
   if "cudnn" in k or "flash" in k or "fmha" in k or "sdpa" in k:
@@ -242,6 +247,23 @@ _TRAIN_PARTS = [
 # The two profiles
 
 
+@contextlib.contextmanager
+def loop_not_graphed():
+  """Decodes inside compile without `loop.GPU_COMPILER_OPTIONS` (the whole loop as one CUDA graph):
+  a trace does not see the kernels inside its conditional WHILE node (2026-11-24: 7 launches and 5%
+  of the 1.5B AR step). Naming the option in XLA_FLAGS opts out, as a user's own flags do
+  (`loop.use_gpu_compiler_options`); XLA itself read its flags when the backend started."""
+  flags = os.environ.get("XLA_FLAGS")
+  os.environ["XLA_FLAGS"] = f"{flags or ''} --xla_gpu_enable_command_buffer=".strip()
+  try:
+    yield
+  finally:
+    if flags is None:
+      del os.environ["XLA_FLAGS"]
+    else:
+      os.environ["XLA_FLAGS"] = flags
+
+
 def profile_decode(params, cfg, *, batch: int, prompt_len: int, new_tokens: int, block_size: int,
                    forced=None, dump_dir: str | None, measured: dict | None = None) -> dict[str, Any]:
   """Kernel time of one decode step (the loop body), from a trace of a full run."""
@@ -263,11 +285,12 @@ def profile_decode(params, cfg, *, batch: int, prompt_len: int, new_tokens: int,
                           key=jax.random.key(0), eos_id=None, mask_id=cfg.vocab_size - 1, max_len=max_len,
                           block_size=block_size, forced_drafts=forced)
 
-  out = jax.block_until_ready(call())  # compiled (normally already, by decode_latency)
-  steps = int(np.asarray(out.stats.forward_passes).max()) - 1
-  t = time.perf_counter()
-  kernels, notes = trace_kernels(call)
-  traced_s = time.perf_counter() - t
+  with loop_not_graphed():
+    out = jax.block_until_ready(call())  # compiled here: the op-by-op program, not decode_latency's
+    steps = int(np.asarray(out.stats.forward_passes).max()) - 1
+    t = time.perf_counter()
+    kernels, notes = trace_kernels(call)
+    traced_s = time.perf_counter() - t
   module = "jit__generate_ar" if block_size == 0 else "jit__generate_tidar"
   kernels = [k for k in kernels if (k["module"] or module) == module or k["module"] is None]
   pid = next((k["program_id"] for k in kernels if k["program_id"] is not None), None)
@@ -343,7 +366,8 @@ def render(result: dict[str, Any]) -> str:
     s = p.get("per_step") or p.get("step")
     if p["kind"] == "decode":
       step_name = "AR" if p["block_size"] == 0 else f"TiDAR k={p['block_size']}"
-      head = (f"**Decode step** ({meta.get('model', '?')}, {step_name}, "
+      quant = ", int8 weights" if meta.get("decode_quant") == "int8" else ""
+      head = (f"**Decode step** ({meta.get('model', '?')}{quant}, {step_name}, "
               f"B={p['batch']}, KV {p['prompt_len']}): {s['kernel_us_total'] / 1e3:.3f} ms of kernels in "
               f"{s['kernels']:.0f} launches per step")
       if "measured_ms_per_step" in p:
@@ -370,6 +394,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--kv", type=int, default=2048)
   p.add_argument("--block", type=int, default=16)
   p.add_argument("--new-tokens", type=int, default=128)
+  p.add_argument("--decode-quant", default=None, help="override model.decode_quant (none|int8) for the decode steps")
   p.add_argument("--train-model", default="1p5b", help="'' skips the train-step profile")
   p.add_argument("--train-seq-len", type=int, default=2048)
   p.add_argument("--train-batch", type=int, default=2)
@@ -382,9 +407,10 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   if args.smoke:
     args.model, args.kv, args.block, args.new_tokens = "tiny", 16, 4, 9
     args.train_model, args.train_seq_len, args.train_batch = "tiny", 32, 2
-  rec = common.Recorder(args.out, {**common.device_info(), "model": args.model})
+  rec = common.Recorder(args.out, {**common.device_info(), "model": args.model, "decode_quant": args.decode_quant})
   profiles = []
-  cfg = common.inference_config(args.model, dtype="float32" if args.smoke else "bfloat16")
+  cfg = common.inference_config(args.model, dtype="float32" if args.smoke else "bfloat16",
+                                decode_quant=args.decode_quant)
   params = common.get_params(cfg, on_host=args.smoke)
   # The TiDAR step (drafts forced to the AR continuation, as in decode_latency), then the AR step.
   from benchmarks.decode_latency import forced_table, measure_generate
