@@ -74,9 +74,8 @@ def use() -> bool:
   return jax.default_backend() == "gpu"
 
 
-def _kernel(x_ref, w_ref, *refs, transposed: bool, block_n: int, block_k: int, steps: int):
-  # x [K]; w [N, K] (transposed) or [K, N]; s [N] fp32 (when scaled); o [splits, N] fp32
-  s_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+def _kernel(x_ref, w_ref, s_ref, o_ref, *, transposed: bool, block_n: int, block_k: int, steps: int):
+  # x [K]; w [N, K] (transposed) or [K, N] int8; s [N] fp32; o [splits, N] fp32
   outs = pl.ds(pl.multiple_of(pl.program_id(0) * block_n, block_n), block_n)
   first = pl.program_id(1) * steps * block_k
 
@@ -90,15 +89,15 @@ def _kernel(x_ref, w_ref, *refs, transposed: bool, block_n: int, block_k: int, s
   shape = (block_n, block_k) if transposed else (block_k, block_n)
   acc = jax.lax.fori_loop(0, steps, step, jnp.zeros(shape, jnp.float32))
   y = jnp.sum(acc, axis=1 if transposed else 0)  # [block_n]
-  o_ref[pl.program_id(1), outs] = y if s_ref is None else y * s_ref[outs]
+  o_ref[pl.program_id(1), outs] = y * s_ref[outs]
 
 
-def gemv(x: jax.Array, q: jax.Array, scale: jax.Array | None, *, transposed: bool, tiling: Tiling | None = None,
+def gemv(x: jax.Array, q: jax.Array, scale: jax.Array, *, transposed: bool, tiling: Tiling | None = None,
          interpret: bool | None = None) -> jax.Array:
   """x [K] (any float dtype) against the int8 matrix q (W^T [N, K] when `transposed`, else W [K, N])
   with one fp32 scale per output channel: (x @ (q * scale)) -> [N] fp32, accumulated in fp32."""
   n, k = q.shape if transposed else q.shape[::-1]
-  if x.shape != (k,) or (scale is not None and scale.shape != (n,)):
+  if x.shape != (k,) or scale.shape != (n,):
     raise ValueError(f"gemv: x {x.shape} and scale {scale.shape} do not fit a {'transposed ' * transposed}"
                      f"matrix {q.shape} (want x ({k},), scale ({n},))")
   t = tiling or default_tiling(n, k, transposed)
@@ -115,5 +114,5 @@ def gemv(x: jax.Array, q: jax.Array, scale: jax.Array | None, *, transposed: boo
       compiler_params=triton_params(t.num_warps, t.num_stages, interpret),
       interpret=interpret,
       name="int8_gemv",
-  )(x, q, *([] if scale is None else [scale.astype(jnp.float32)]))
+  )(x, q, scale.astype(jnp.float32))
   return partial[0] if t.splits == 1 else jnp.sum(partial, axis=0)
