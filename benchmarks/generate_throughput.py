@@ -25,17 +25,18 @@ from benchmarks.decode_latency import forced_table, measure_generate, parse_ints
 
 def run(rec: common.Recorder, *, models: list[str], batch: int, prompt_len: int, new_tokens: int,
         blocks: list[int], reps: int, dtype: str, deadline: common.Deadline, on_host: bool = False,
-        accept: str = "forced") -> None:
+        accept: str = "forced", decode_quant: str | None = None) -> None:
   """accept: "forced" (drafts = the AR continuation) or "always" (the decoder's test-only
   always_accept override: every step accepts all k - 1 drafts)."""
   for name in models:
-    cfg = common.inference_config(name, dtype=dtype)
+    cfg = common.inference_config(name, dtype=dtype, decode_quant=decode_quant)
     params = common.get_params(cfg, on_host=on_host)
     max_len = common.cache_slots(prompt_len, new_tokens, blocks)
     ar = None
     ar_tokens = None
     for k in ([0] if 0 in blocks else []) + [b for b in blocks if b]:
-      label = dict(model=name, batch=batch, prompt_len=prompt_len, block_size=k, accept=accept if k else "")
+      label = dict(model=name, batch=batch, prompt_len=prompt_len, block_size=k, accept=accept if k else "",
+                   decode_quant=cfg.decode_quant)
       if deadline.spent():
         rec.add({**label, "skipped": "time budget"})
         continue
@@ -70,6 +71,7 @@ def render(result: dict[str, Any]) -> str:
   for r in result["records"]:
     name = "AR" if r["block_size"] == 0 else f"TiDAR k={r['block_size']}" + (
         " (always accept)" if r.get("accept") == "always" else " (forced drafts)")
+    name += ", int8 weights" if r.get("decode_quant") == "int8" else ""
     if "total_ms" not in r:
       rows.append([r["model"], r["batch"], r["prompt_len"], name, r.get("skipped", r.get("error", ""))] + [None] * 8)
       continue
@@ -100,6 +102,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                  help="forced: drafts = the AR continuation; always: the test-only always_accept override")
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--decode-quant", default=None, help="override model.decode_quant (none|int8)")
   p.add_argument("--budget-s", type=float, default=0)
 
 
@@ -111,7 +114,8 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   t = time.perf_counter()
   run(rec, models=args.models.split(","), batch=args.batch, prompt_len=args.prompt_len,
       new_tokens=args.new_tokens, blocks=parse_ints(args.blocks), reps=args.reps, dtype=args.dtype,
-      deadline=common.Deadline(args.budget_s), on_host=args.smoke, accept=args.accept)
+      deadline=common.Deadline(args.budget_s), on_host=args.smoke, accept=args.accept,
+      decode_quant=args.decode_quant)
   print(f"[throughput] done in {time.perf_counter() - t:.1f}s", flush=True)
   return rec.result
 

@@ -48,6 +48,9 @@ def test_generate_throughput(out):
   ar, tidar = result["records"]
   assert ar["generated"] == tidar["generated"] == 9
   assert tidar["e2e_tokens_per_s"] > 0 and "speedup_decode" in tidar
+  path, md = str(out / "throughput_int8.json"), str(out / "throughput_int8.md")
+  int8 = generate_throughput.main(["--smoke", "--decode-quant", "int8", "--out", path, "--markdown", md])
+  assert {r["decode_quant"] for r in int8["records"]} == {"int8"} and "AR, int8 weights" in open(md).read()
 
 
 def test_train_step(out):
