@@ -4,7 +4,7 @@ import os
 
 # The suite is written for the CPU (8 fake devices for the mesh tests, Pallas kernels interpreted),
 # so it runs there on any machine, GPU hosts included, as CI runs it. To run the decoders' tests on a
-# GPU (the Triton kernels compiled): JAX_PLATFORMS=cuda pytest tests/test_decode_ar.py tests/test_decode_tidar.py
+# GPU (the Triton kernels compiled): the README's JAX_PLATFORMS=cuda command
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 

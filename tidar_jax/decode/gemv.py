@@ -21,6 +21,7 @@ the dequantised product on CPU).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -38,14 +39,6 @@ class Tiling(NamedTuple):
   num_stages: int = 2
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
-  """Largest power of two <= cap dividing n."""
-  b = 1
-  while b * 2 <= cap and n % (b * 2) == 0:
-    b *= 2
-  return b
-
-
 def _splits(steps: int, max_steps: int) -> int:
   """Fewest programs along K that leave each at most `max_steps` inner steps."""
   return next(s for s in range(1, steps + 1) if steps % s == 0 and steps // s <= max_steps)
@@ -59,12 +52,13 @@ def default_tiling(n: int, k: int, transposed: bool) -> Tiling:
   in one program along K; down (K = 8960, whose largest power-of-two divisor is 256) 8 x 128 over 7
   programs; gate/up ([K, N]) 32 x 128 over 8. Tiles of 8 KB and more, or single-program K loops of
   35 steps, were up to 1.6x slower."""
+  # gcd(n, a power of two): the largest power of two up to it that divides n (Triton's sizes)
   if transposed:  # rows of W^T: block_k contiguous bytes per row
-    block_k = 512 if k % 512 == 0 else _pow2_divisor(k, 128)
-    block_n = _pow2_divisor(n, 4 if block_k == 512 else 8)
+    block_k = 512 if k % 512 == 0 else math.gcd(k, 128)
+    block_n = math.gcd(n, 4 if block_k == 512 else 8)
     return Tiling(block_n, block_k, _splits(k // block_k, 10))
-  block_n = _pow2_divisor(n, 128)  # rows of W: block_n contiguous bytes per row
-  block_k = _pow2_divisor(k, 32)
+  block_n = math.gcd(n, 128)  # rows of W: block_n contiguous bytes per row
+  block_k = math.gcd(k, 32)
   return Tiling(block_n, block_k, _splits(k // block_k, 6))
 
 
