@@ -9,8 +9,9 @@ The step is the trainer's own (`tidar_jax.train.create_train_state` + `make_trai
 clipping, the config's remat/attention/scan settings), jitted with the state donated, on random
 tokens. Time = median wall time of single steps after two warm-up steps. MFU = model FLOPs
 (6 x matmul params x tokens through the model, LM head included, + 12 x layers x heads x head_dim x
-attended (query, key) pairs; no remat recompute) / step time / peak; the peak is the H100 SXM dense
-bf16 datasheet figure (989 TFLOP/s) and the bf16 matmul rate measured in the same run is given too.
+attended (query, key) pairs; no remat recompute) / step time / peak; the peak is the device's dense
+bf16 datasheet figure (common.BF16_PEAK_TFLOPS: 989 TFLOP/s on an H100 SXM or H200) and the bf16
+matmul rate measured in the same run is given too.
 TiDAR feeds 2L tokens per row (clean + mask halves), AR feeds L.
 """
 
@@ -91,6 +92,7 @@ def measure(name: str, *, seq_len: int, batch: int, objective: str, steps: int, 
     LAST[run_key(name, seq_len, batch, objective, overrides)] = (step, state, tokens, model_cfg)
   del state
   med = statistics.median(times)
+  peak = common.bf16_peak_tflops(jax.devices()[0].device_kind)
   flops = common.train_step_flops(model_cfg, batch, seq_len, objective, config.tidar.block_size)
   return {
       "model": name, "objective": objective, "seq_len": seq_len, "batch": batch,
@@ -100,9 +102,20 @@ def measure(name: str, *, seq_len: int, batch: int, objective: str, steps: int, 
       "clean_tokens_per_s": batch * seq_len / med, "model_tokens_per_s": flops["model_tokens"] / med,
       "model_tflop_per_step": flops["total"] / 1e12, "attention_tflop_per_step": flops["attention"] / 1e12,
       "achieved_tflops": flops["total"] / med / 1e12,
-      "mfu_pct": 100 * flops["total"] / med / (common.H100_BF16_PEAK_TFLOPS * 1e12),
+      "mfu_pct": None if peak is None else 100 * flops["total"] / med / (peak * 1e12),
       "memory_gib": mem,
   }
+
+
+def _pct(x: float | None) -> str:
+  return "n/a" if x is None else f"{x:.1f}%"
+
+
+def _peak_words(meta: dict[str, Any]) -> str:
+  peak = meta.get("peak_tflops", 989.0)  # results written before the table quoted the H100 SXM's
+  if peak is None:
+    return f"the device's bf16 peak (not in common.BF16_PEAK_TFLOPS for {meta.get('device', '?')}: no MFU)"
+  return f"{peak:.0f} TFLOP/s ({meta.get('device', '?')} dense bf16 datasheet peak)"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -119,7 +132,7 @@ def render(result: dict[str, Any]) -> str:
     ratio = f"{r['step_s'] / ar['step_s']:.2f}" if (r["objective"] == "tidar" and ar and "step_s" in ar) else ""
     rows.append([r["model"], r["objective"], r["seq_len"], r["batch"], f"{r['remat']}/{r['attention']}",
                  round(r["step_s"] * 1e3, 1), round(r["clean_tokens_per_s"]), round(r["model_tokens_per_s"]),
-                 round(r["model_tflop_per_step"], 2), round(r["achieved_tflops"], 1), f"{r['mfu_pct']:.1f}%", ratio,
+                 round(r["model_tflop_per_step"], 2), round(r["achieved_tflops"], 1), _pct(r["mfu_pct"]), ratio,
                  round(r["memory_gib"].get("peak_bytes_in_use", float("nan")), 1)])
   table = common.md_table(["model", "objective", "seq_len", "batch", "remat/attention", "step ms",
                            "clean tok/s", "model tok/s", "model TFLOP/step", "TFLOP/s", "MFU", "TiDAR ÷ AR",
@@ -127,7 +140,7 @@ def render(result: dict[str, Any]) -> str:
   return (f"### train_step ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. One device, the trainer's "
           f"jitted step (AdamW, state donated), random tokens, median of {meta.get('steps', '?')} steps after "
           f"2 warm-up steps. MFU = model FLOPs (matmuls incl. LM head + attended pairs, no remat recompute) ÷ "
-          f"{common.H100_BF16_PEAK_TFLOPS:.0f} TFLOP/s (H100 SXM dense bf16 peak). TiDAR feeds 2 x seq_len "
+          f"{_peak_words(meta)}. TiDAR feeds 2 x seq_len "
           f"tokens per row.\n\n{table}\n")
 
 
@@ -153,7 +166,8 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   batches = [int(x) for x in args.batch.split(",")] if args.batch else [defaults.get(m, (2048, 2))[1] for m in models]
   seqs += seqs[-1:] * (len(models) - len(seqs))
   batches += batches[-1:] * (len(models) - len(batches))
-  meta = {**common.device_info(), "steps": args.steps, "peak_tflops": common.H100_BF16_PEAK_TFLOPS}
+  meta = {**common.device_info(), "steps": args.steps}
+  meta["peak_tflops"] = common.bf16_peak_tflops(meta["device"])
   if not args.no_ceilings and not args.smoke:
     meta["matmul"] = common.matmul_rate()
   rec = common.Recorder(args.out, meta)
@@ -206,7 +220,7 @@ def run(rec: common.Recorder, *, models: list[str], seqs: list[int], batches: li
           continue
       rec.add(r)
       print(f"[train] {name} {objective} L={seq_len} B={batch}: {r['step_s'] * 1e3:.1f} ms/step, "
-            f"{r['clean_tokens_per_s']:,.0f} clean tok/s, {r['achieved_tflops']:.0f} TFLOP/s, MFU {r['mfu_pct']:.1f}%, "
+            f"{r['clean_tokens_per_s']:,.0f} clean tok/s, {r['achieved_tflops']:.0f} TFLOP/s, MFU {_pct(r['mfu_pct'])}, "
             f"first step {r['first_step_s']:.1f}s, peak {r['memory_gib'].get('peak_bytes_in_use', float('nan')):.1f} GiB",
             flush=True)
 

@@ -59,6 +59,20 @@ def test_train_step(out):
   assert r["objective"] == "tidar" and np.isfinite(r["loss"]) and r["step_s"] > 0
   flops = common.train_step_flops(common.model_config("tiny"), 2, 32, "tidar", 8)
   assert r["model_tflop_per_step"] == pytest.approx(flops["total"] / 1e12)
+  # MFU is against the device's own datasheet peak: a CPU is not in the table, so none is claimed.
+  assert result["meta"]["peak_tflops"] is None and r["mfu_pct"] is None
+  assert "no MFU" in open(out / "train_step.md").read()
+  h200 = train_step.render({"meta": {"device": "NVIDIA H200", "peak_tflops": 989.0},
+                            "records": [{**r, "mfu_pct": 41.25}]})
+  assert "41.2%" in h200 and "989 TFLOP/s (NVIDIA H200 dense bf16 datasheet peak)" in h200
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("TPU v5 lite", 197.0),
+    ("TPU v5p", 459.0), ("cpu", None), ("NVIDIA H20", None)])
+def test_bf16_peak_by_device_kind(kind, peak):
+  assert common.bf16_peak_tflops(kind) == peak
 
 
 def test_profile_step(out):
