@@ -151,7 +151,7 @@ def run_grid(rec: common.Recorder, *, models: list[str], batches: list[int], kvs
     params = common.get_params(cfg, on_host=on_host)
     for batch in batches:
       for kv in kvs:
-        max_len = common.cache_slots(kv, max_new_tokens, blocks)
+        max_len = common.shared_max_len(kv, max_new_tokens, blocks)
         group = (name, batch, kv, cfg.scan_layers, cfg.attention, cfg.decode_quant)
         ar_ms, ar_tokens = LAST_AR.get(group, (None, None))
         order = ([0] if 0 in blocks else []) + [k for k in blocks if k != 0]

@@ -31,7 +31,7 @@ def run(rec: common.Recorder, *, models: list[str], batch: int, prompt_len: int,
   for name in models:
     cfg = common.inference_config(name, dtype=dtype, decode_quant=decode_quant)
     params = common.get_params(cfg, on_host=on_host)
-    max_len = common.cache_slots(prompt_len, new_tokens, blocks)
+    max_len = common.shared_max_len(prompt_len, new_tokens, blocks)
     ar = None
     ar_tokens = None
     for k in ([0] if 0 in blocks else []) + [b for b in blocks if b]:

@@ -275,7 +275,7 @@ def profile_decode(params, cfg, *, batch: int, prompt_len: int, new_tokens: int,
   from tidar_jax.decode.tidar import generate_tidar
 
   prompts, lengths = make_prompts(cfg, batch, prompt_len)
-  max_len = (measured or {}).get("max_len", common.cache_slots(prompt_len, new_tokens, [block_size]))
+  max_len = (measured or {}).get("max_len", common.shared_max_len(prompt_len, new_tokens, [block_size]))
 
   def call():
     if block_size == 0:
@@ -414,7 +414,7 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   params = common.get_params(cfg, on_host=args.smoke)
   # The TiDAR step (drafts forced to the AR continuation, as in decode_latency), then the AR step.
   from benchmarks.decode_latency import forced_table, measure_generate
-  max_len = common.cache_slots(args.kv, args.new_tokens, [args.block])
+  max_len = common.shared_max_len(args.kv, args.new_tokens, [args.block])
   ar_measured, ar_tokens = measure_generate(params, cfg, batch=args.batch, prompt_len=args.kv,
                                             max_new_tokens=args.new_tokens, block_size=0, max_len=max_len,
                                             reps=1 if args.smoke else 3)
