@@ -9,13 +9,14 @@ Every benchmark is `python -m benchmarks.<name> [--smoke] [--out result.json] [-
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import datetime
 import importlib
 import json
 import os
 import platform
-import re
+
 import statistics
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -27,7 +28,8 @@ import numpy as np
 
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode.loop import step_tokens
-from tidar_jax.model import Transformer
+from tidar_jax.flops import count_params
+from tidar_jax.model import init_variables
 
 # Cache slots past the prompt and the new tokens: what a step of the largest block size benchmarked
 # writes (k + k²), so every block size (and AR) of one (batch, kv) group runs on the same cache shape.
@@ -38,26 +40,6 @@ def shared_max_len(prompt_len: int, new_tokens: int, blocks) -> int:
   """The max_len every decoder of one (batch, kv) group is asked for (the decoders allocate
   `loop.cache_slots` of it)."""
   return prompt_len + new_tokens + max(step_tokens(k) for k in [LOOKAHEAD_PAD, *blocks])
-
-
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity), matched
-# against the device_kind jax reports, most specific name first ("NVIDIA H100 PCIe" before "H100").
-# MFU is quoted against the device's own peak; the matmul rate measured in the same run is reported
-# beside it. The H200 has the H100 SXM's tensor cores (and 1.4x its memory bandwidth).
-BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-    ("A100", 312.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5p", 459.0), ("TPU v6 lite", 918.0),
-)
-
-
-def bf16_peak_tflops(device_kind: str) -> float | None:
-  """The datasheet bf16 peak of a device_kind such as "NVIDIA H100 80GB HBM3", or None when the
-  table does not know the device (then no MFU is reported, rather than one against another chip)."""
-  kind = device_kind.upper()
-  for name, tflops in BF16_PEAK_TFLOPS:
-    if re.search(rf"(^|\W){re.escape(name.upper())}(\W|$)", kind):
-      return tflops
-  return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,9 +71,7 @@ def random_params(cfg: ModelConfig, seed: int = 0, on_host: bool = False) -> Any
   cfg.param_dtype by one jitted init: no host copy, no fp32 replica. on_host: drawn with numpy into
   the abstract shapes instead (no compilation: for the CPU smoke runs; norm gains stay 1)."""
   if on_host:
-    tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    shapes = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(seed), tokens, tokens,
-                                     jax.ShapeDtypeStruct((1, 2, 2), jnp.bool_)))
+    shapes = nn.unbox(jax.eval_shape(functools.partial(init_variables, cfg), jax.random.key(seed)))
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -101,11 +81,7 @@ def random_params(cfg: ModelConfig, seed: int = 0, on_host: bool = False) -> Any
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
-  def init(key):
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    return nn.unbox(Transformer(cfg).init(key, tokens, tokens, jnp.ones((1, 2, 2), bool)))
-
-  return jax.block_until_ready(jax.jit(init)(jax.random.key(seed)))
+  return jax.block_until_ready(jax.jit(lambda key: nn.unbox(init_variables(cfg, key)))(jax.random.key(seed)))
 
 
 _PARAMS: dict[tuple, Any] = {}
@@ -131,22 +107,6 @@ def drop_params() -> None:
 
 def tree_bytes(tree: Any) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-  """Parameter counts from the shape alone: total, per-token matmul weights (layers + LM head)."""
-  d, H, Hkv, D, F, L, V = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim,
-                           cfg.num_layers, cfg.vocab_size)
-  layer_matmul = d * H * D + 2 * d * Hkv * D + H * D * d + 3 * d * F
-  layer_other = 2 * d + (H * D + 2 * Hkv * D if cfg.qkv_bias else 0) + (2 * D if cfg.qk_norm else 0)
-  embed = V * d
-  head = 0 if cfg.tie_embeddings else V * d
-  return {
-      "total": L * (layer_matmul + layer_other) + embed + head + d,
-      "layer_matmul": L * layer_matmul,  # per token through the layers
-      "lm_head": V * d,  # per row the LM head runs on
-      "embedding_table": embed,
-  }
 
 
 def weight_bytes_read_per_step(cfg: ModelConfig, bytes_per_param: int = 2) -> int:
@@ -182,22 +142,6 @@ def decode_step_flops(cfg: ModelConfig, batch: int, block_size: int, kv_len: flo
   pairs = T * kv_len + new_pairs
   attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
   return float(batch * (2 * c["layer_matmul"] * T + 2 * c["lm_head"] * head_rows + attn))
-
-
-def train_step_flops(cfg: ModelConfig, batch: int, seq_len: int, objective: str, block_size: int) -> dict[str, float]:
-  """Model FLOPs of one training step (forward + backward = 3x forward), no remat recompute.
-
-  Tokens through the model: L (AR) or 2L (TiDAR, clean + mask halves); the LM head runs on all of
-  them. Attention counts the (query, key) pairs the mask allows (causal: L(L+1)/2)."""
-  from tidar_jax import masks
-  c = count_params(cfg)
-  if objective == "ar":
-    tokens, pairs = seq_len, seq_len * (seq_len + 1) // 2
-  else:
-    tokens, pairs = 2 * seq_len, int(masks.training_mask(seq_len, block_size).sum())
-  dense = 6.0 * (c["layer_matmul"] + c["lm_head"]) * tokens * batch
-  attn = 3.0 * 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs * batch
-  return {"dense": dense, "attention": attn, "total": dense + attn, "model_tokens": tokens * batch}
 
 
 # ----------------------------------------------------------------------------------------------

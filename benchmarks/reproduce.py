@@ -57,7 +57,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks import common
-from tidar_jax import data, metrics, sharding, train
+from tidar_jax import data, metrics, sharding, train, train_step
 from tidar_jax.config import validate
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.loop import bucket_length
@@ -323,7 +323,7 @@ def _eval_step(model_cfg, objective: str, block_size: int, loss_alpha: float, ma
   """The trainer's eval step, jitted once per key, so that every run of one process (same model
   shape) shares the compilation of its AR-mode evaluation."""
   tidar = ml_collections.ConfigDict(dict(objective=objective, block_size=block_size, loss_alpha=loss_alpha))
-  return jax.jit(train.make_eval_step(model_cfg, ml_collections.ConfigDict({"tidar": tidar}), mask_id))
+  return jax.jit(train_step.make_eval_step(model_cfg, ml_collections.ConfigDict({"tidar": tidar}), mask_id))
 
 
 def likelihood(params, config, tokenizer, batches: list[np.ndarray]) -> dict[str, Any]:

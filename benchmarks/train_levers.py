@@ -155,7 +155,7 @@ def optimizer_cases(cfg, train_cfg):
   import optax
 
   from tidar_jax.optimizer import _decay_mask, learning_rate_schedule, make_optimizer
-  from tidar_jax.train import create_train_state
+  from tidar_jax.train_step import create_train_state
   tx = make_optimizer(train_cfg)
   state = create_train_state(cfg, tx, 0, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state["params"])

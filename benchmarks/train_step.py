@@ -5,12 +5,12 @@ the same seq_len, on one device.
         --out runs/bench/train.json --markdown BENCHMARKS.md
     python -m benchmarks.train_step --smoke
 
-The step is the trainer's own (`tidar_jax.train.create_train_state` + `make_train_step`: AdamW,
+The step is the trainer's own (`tidar_jax.train_step.create_train_state` + `make_train_step`: AdamW,
 clipping, the config's remat/attention/scan settings), jitted with the state donated, on random
 tokens. Time = median wall time of single steps after two warm-up steps. MFU = model FLOPs
 (6 x matmul params x tokens through the model, LM head included, + 12 x layers x heads x head_dim x
 attended (query, key) pairs; no remat recompute) / step time / peak; the peak is the device's dense
-bf16 datasheet figure (common.BF16_PEAK_TFLOPS: 989 TFLOP/s on an H100 SXM or H200) and the bf16
+bf16 datasheet figure (flops.BF16_PEAK_TFLOPS: 989 TFLOP/s on an H100 SXM or H200) and the bf16
 matmul rate measured in the same run is given too.
 TiDAR feeds 2L tokens per row (clean + mask halves), AR feeds L.
 """
@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from tidar_jax import flops
 
 
 def build(name: str, *, seq_len: int, batch: int, objective: str, overrides: dict[str, Any]):
@@ -55,7 +56,7 @@ def run_key(name, seq_len, batch, objective, overrides) -> tuple:
 def setup(name: str, *, seq_len: int, batch: int, objective: str, overrides: dict[str, Any]):
   """(model_cfg, config, jitted train step, fresh state, tokens, init seconds)."""
   from tidar_jax.optimizer import make_optimizer
-  from tidar_jax.train import create_train_state, make_train_step
+  from tidar_jax.train_step import create_train_state, make_train_step
 
   LAST.clear()
   model_cfg, config = build(name, seq_len=seq_len, batch=batch, objective=objective, overrides=overrides)
@@ -92,17 +93,17 @@ def measure(name: str, *, seq_len: int, batch: int, objective: str, steps: int, 
     LAST[run_key(name, seq_len, batch, objective, overrides)] = (step, state, tokens, model_cfg)
   del state
   med = statistics.median(times)
-  peak = common.bf16_peak_tflops(jax.devices()[0].device_kind)
-  flops = common.train_step_flops(model_cfg, batch, seq_len, objective, config.tidar.block_size)
+  peak = flops.bf16_peak_tflops(jax.devices()[0].device_kind)
+  step_flops = flops.train_step_flops(model_cfg, batch, seq_len, objective, config.tidar.block_size)
   return {
       "model": name, "objective": objective, "seq_len": seq_len, "batch": batch,
       "block_size": config.tidar.block_size, "remat": model_cfg.remat, "attention": model_cfg.attention,
       "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype, "scan_layers": model_cfg.scan_layers,
       "step_s": med, "step_s_all": times, "init_s": init_s, "first_step_s": first_s, "loss": loss,
-      "clean_tokens_per_s": batch * seq_len / med, "model_tokens_per_s": flops["model_tokens"] / med,
-      "model_tflop_per_step": flops["total"] / 1e12, "attention_tflop_per_step": flops["attention"] / 1e12,
-      "achieved_tflops": flops["total"] / med / 1e12,
-      "mfu_pct": None if peak is None else 100 * flops["total"] / med / (peak * 1e12),
+      "clean_tokens_per_s": batch * seq_len / med, "model_tokens_per_s": step_flops["model_tokens"] / med,
+      "model_tflop_per_step": step_flops["total"] / 1e12, "attention_tflop_per_step": step_flops["attention"] / 1e12,
+      "achieved_tflops": step_flops["total"] / med / 1e12,
+      "mfu_pct": None if peak is None else 100 * step_flops["total"] / med / (peak * 1e12),
       "memory_gib": mem,
   }
 
@@ -114,7 +115,7 @@ def _pct(x: float | None) -> str:
 def _peak_words(meta: dict[str, Any]) -> str:
   peak = meta.get("peak_tflops", 989.0)  # results written before the table quoted the H100 SXM's
   if peak is None:
-    return f"the device's bf16 peak (not in common.BF16_PEAK_TFLOPS for {meta.get('device', '?')}: no MFU)"
+    return f"the device's bf16 peak (not in flops.BF16_PEAK_TFLOPS for {meta.get('device', '?')}: no MFU)"
   return f"{peak:.0f} TFLOP/s ({meta.get('device', '?')} dense bf16 datasheet peak)"
 
 
@@ -167,7 +168,7 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   seqs += seqs[-1:] * (len(models) - len(seqs))
   batches += batches[-1:] * (len(models) - len(batches))
   meta = {**common.device_info(), "steps": args.steps}
-  meta["peak_tflops"] = common.bf16_peak_tflops(meta["device"])
+  meta["peak_tflops"] = flops.bf16_peak_tflops(meta["device"])
   if not args.no_ceilings and not args.smoke:
     meta["matmul"] = common.matmul_rate()
   rec = common.Recorder(args.out, meta)

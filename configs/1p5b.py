@@ -41,6 +41,7 @@ def get_config() -> ConfigDict:
   t = c.train
   t.seq_len = 4096  # max length 4096 (the model sees 8192 tokens: clean + mask halves)
   t.batch_size = 512  # 512 x 4096 = 2M tokens per step, as in the paper
+  t.micro_batch_per_device = "auto"  # the largest that fits the device; grad_accum follows
   t.steps = 23842  # 50B tokens / 2.1M tokens per step
   t.learning_rate = 1e-5  # cosine 1e-5 -> 3e-6
   t.min_learning_rate = 3e-6

@@ -39,6 +39,7 @@ def get_config() -> ConfigDict:
   t = c.train
   t.seq_len = 4096
   t.batch_size = 512  # 2M tokens per step
+  t.micro_batch_per_device = "auto"  # the largest that fits the device; grad_accum follows
   t.steps = 71526  # 150B tokens
   t.learning_rate = 1e-5
   t.min_learning_rate = 3e-6

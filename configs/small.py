@@ -54,7 +54,6 @@ def get_config() -> ConfigDict:
   t.warmup_steps = 80
   t.weight_decay = 0.1
   t.grad_clip = 1.0
-  t.grad_accum = 1
   t.log_every = 20
   t.eval_every = 200
   t.eval_batches = 8  # in-training validation (the reproduction script evaluates more batches at the end)

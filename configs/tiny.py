@@ -3,7 +3,7 @@
     python -m tidar_jax.train --config=configs/tiny.py [--config.train.steps=100] [--workdir=DIR]
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 
 def get_config() -> ConfigDict:
@@ -55,7 +55,6 @@ def get_config() -> ConfigDict:
 
   c.train = ConfigDict()
   c.train.seq_len = 256  # clean tokens per training window (the TiDAR input is 2 * seq_len)
-  c.train.batch_size = 8  # global batch size in windows
   c.train.steps = 300  # optimizer steps (about 7 minutes on 2 CPU cores)
   c.train.learning_rate = 3e-3  # peak learning rate
   c.train.min_learning_rate = 1e-4  # end of the cosine decay
@@ -64,7 +63,12 @@ def get_config() -> ConfigDict:
   c.train.adam_b1 = 0.9  # AdamW beta1
   c.train.adam_b2 = 0.95  # AdamW beta2
   c.train.grad_clip = 1.0  # global-norm gradient clipping (0 disables)
-  c.train.grad_accum = 1  # micro-batches per optimizer step (batch_size must divide by it)
+  c.train.batch_size = 8  # global batch size in windows (the recipe), split over the data x fsdp devices
+  # sequences per device per forward: a number, "auto" (the largest whose compiled step fits the
+  # device's memory) or None (per-device batch / grad_accum); gradients accumulate over the rest
+  c.train.micro_batch_per_device = config_dict.FieldReference(None, field_type=object)
+  c.train.grad_accum = 0  # micro-batches per optimizer step; 0 = derived from micro_batch_per_device
+  c.train.loss_chunk = 1024  # sequence positions whose fp32 LM-head logits exist at once (the loss)
   c.train.log_every = 10  # steps between metric lines
   c.train.eval_every = 100  # steps between validation evals
   c.train.eval_batches = 8  # validation batches per eval

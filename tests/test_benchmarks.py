@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks import common, decode_latency, generate_throughput, profile_step, train_levers, train_step
+from tidar_jax import flops
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,8 @@ def test_train_step(out):
   result = run(train_step, out, "train_step")
   (r,) = result["records"]
   assert r["objective"] == "tidar" and np.isfinite(r["loss"]) and r["step_s"] > 0
-  flops = common.train_step_flops(common.model_config("tiny"), 2, 32, "tidar", 8)
-  assert r["model_tflop_per_step"] == pytest.approx(flops["total"] / 1e12)
+  step_flops = flops.train_step_flops(common.model_config("tiny"), 2, 32, "tidar", 8)
+  assert r["model_tflop_per_step"] == pytest.approx(step_flops["total"] / 1e12)
   # MFU is against the device's own datasheet peak: a CPU is not in the table, so none is claimed.
   assert result["meta"]["peak_tflops"] is None and r["mfu_pct"] is None
   assert "no MFU" in open(out / "train_step.md").read()
@@ -72,7 +73,7 @@ def test_train_step(out):
     ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("TPU v5 lite", 197.0),
     ("TPU v5p", 459.0), ("cpu", None), ("NVIDIA H20", None)])
 def test_bf16_peak_by_device_kind(kind, peak):
-  assert common.bf16_peak_tflops(kind) == peak
+  assert flops.bf16_peak_tflops(kind) == peak
 
 
 def test_profile_step(out):
@@ -91,10 +92,10 @@ def test_flop_and_byte_counts():
   """The shape arithmetic behind MFU and the roofline, against the real parameter count."""
   cfg = common.model_config("tiny")
   params = common.random_params(cfg, on_host=True)
-  assert common.count_params(cfg)["total"] == sum(x.size for x in __import__("jax").tree.leaves(params))
-  c15 = common.count_params(common.model_config("1p5b"))
+  assert flops.count_params(cfg)["total"] == sum(x.size for x in __import__("jax").tree.leaves(params))
+  c15 = flops.count_params(common.model_config("1p5b"))
   assert 1.50e9 < c15["total"] < 1.56e9  # Qwen2.5-1.5B: 1.54B
-  c8 = common.count_params(common.model_config("8b"))
+  c8 = flops.count_params(common.model_config("8b"))
   assert 8.1e9 < c8["total"] < 8.3e9  # Qwen3-8B: 8.19B
   # Decode flops grow with the tokens fed: a k=16 step feeds 272 tokens.
   c = common.model_config("1p5b")

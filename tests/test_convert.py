@@ -27,7 +27,7 @@ from ml_collections.config_flags import config_flags
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models as tok_models
 
-from tidar_jax import checkpoint, sharding, train
+from tidar_jax import checkpoint, sharding, train_step
 from tidar_jax.config import ModelConfig, validate
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.sampling import SamplingParams
@@ -241,7 +241,7 @@ def test_generated_config_is_a_training_start(hf):
   assert Tokenizer.load(config.data.tokenizer).vocab_size <= cfg.vocab_size
   mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config.mesh)
   with mesh, nn.logical_axis_rules(rules):  # train.train_and_evaluate's restore target, step by step
-    abstract = train.abstract_train_state(cfg, make_optimizer(config.train), config.seed)
+    abstract = train_step.abstract_train_state(cfg, make_optimizer(config.train), config.seed)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract),
                           sharding.param_shardings(abstract, mesh, rules))
     restored = checkpoint.load_params(config.init_from, target["params"])

@@ -4,6 +4,8 @@ The model, prompts and `max_new_tokens` here are shared with test_decode_tidar.p
 them), so both files reuse the same compiled decoders within one pytest process.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ from tidar_jax.config import ModelConfig
 from tidar_jax.decode import loop
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.sampling import SamplingParams
-from tidar_jax.model import Transformer
+from tidar_jax.model import Transformer, init_variables
 
 CFG = ModelConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                   mlp_dim=64, qkv_bias=True)
@@ -31,9 +33,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 def random_params(cfg: ModelConfig, seed: int, std: float):
   """Random weights with a large std so logits are peaked and context dependent (init's 0.02 is
   ~uniform). Drawn with numpy into the abstract init shapes: compiling `init` costs seconds."""
-  tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-  shapes = nn.unbox(jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens, tokens,
-                                   jax.ShapeDtypeStruct((1, 2, 2), jnp.bool_)))
+  shapes = nn.unbox(jax.eval_shape(functools.partial(init_variables, cfg), jax.random.key(0)))
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):

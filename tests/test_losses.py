@@ -38,8 +38,10 @@ def test_combined_loss_matches_hand_computation(alpha):
   ar_terms = [(-lp[b, i, tokens[b, i + 1]]) for b in range(B) for i in range(L - 1) if weights[b, i + 1]]
   diff_terms = [(-lp[b, L + i, tokens[b, i]]) for b in range(B) for i in range(L) if weights[b, i]]
   expected = (alpha * np.mean(ar_terms) + np.mean(diff_terms)) / (1 + alpha)
-  loss, m = losses.loss_from_logits(jnp.asarray(logits, jnp.float32), jnp.asarray(tokens),
-                                    jnp.asarray(weights), "tidar", alpha)
+  targets = np.asarray(losses.targets(jnp.asarray(tokens), "tidar"))  # [B, 2L]
+  nll = -np.take_along_axis(lp, targets[..., None], -1)[..., 0]
+  loss, m = losses.loss_from_nll(jnp.asarray(nll, jnp.float32), jnp.asarray(tokens), jnp.asarray(weights),
+                                 "tidar", alpha)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(m["ar_loss"], np.mean(ar_terms), rtol=1e-5)
   np.testing.assert_allclose(m["diffusion_loss"], np.mean(diff_terms), rtol=1e-5)
@@ -54,7 +56,7 @@ def test_ar_objective_is_plain_next_token_loss():
   model = Transformer(CFG)
   tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, 39)
   loss, _ = jax.jit(lambda p, t: losses.compute_loss(CFG, p, t, None, mask_id=39, objective="ar",
-                                                     block_size=4, alpha=1.0))(params, tokens)
+                                                     block_size=4, alpha=1.0, loss_chunk=5))(params, tokens)
   pos = jnp.broadcast_to(jnp.arange(16)[None], (3, 16))
   logits, _ = jax.jit(model.apply)(params, tokens, pos, jnp.tril(jnp.ones((16, 16), bool)))
   expected = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
@@ -125,7 +127,7 @@ def test_structured_model_loss_and_gradients_equal_the_dense_mask():
 
   def f(p, structured):
     return losses.compute_loss(cfg, p, tokens, None, mask_id=39, objective="tidar", block_size=4,
-                               alpha=1.0, structured_attention=structured)
+                               alpha=1.0, loss_chunk=1024, structured_attention=structured)
 
   grad = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=1)
   (loss_s, m_s), g_s = grad(params, True)

@@ -1,8 +1,8 @@
 """The sharded train step on the 8 fake CPU devices: the same loss and update as one device on every
 mesh, parameters really split, reshard-on-restore, and bad meshes rejected before anything compiles.
 
-Goes through train.py's own functions (abstract_train_state -> param_shardings -> create_train_state
--> make_train_step under jax.jit with in/out shardings and donation), with synthetic token batches.
+Goes through the trainer's own functions (tidar_jax.train_step: abstract_train_state -> param_shardings ->
+create_train_state -> make_train_step under jax.jit with in/out shardings and donation), with synthetic token batches.
 """
 
 import math
@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
-from tidar_jax import checkpoint, sharding, train
+from tidar_jax import checkpoint, sharding, train, train_step
 from tidar_jax.config import validate
 from tidar_jax.optimizer import make_optimizer
 
@@ -54,7 +54,7 @@ def setup(config, devices=None):
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_divisibility(model_cfg, mesh, config.train.batch_size, rules)
-  abstract = train.abstract_train_state(model_cfg, tx, config.seed)
+  abstract = train_step.abstract_train_state(model_cfg, tx, config.seed)
   return model_cfg, tx, mesh, rules, abstract, sharding.param_shardings(abstract, mesh, rules)
 
 
@@ -64,7 +64,7 @@ def one_step(config, state, devices=None):
   state = jax.device_put(state, shardings)  # the params/optimizer layout the rules give on this mesh
   batch_sharding = sharding.batch_sharding(mesh)
   with sharding.activate(mesh, rules):
-    step = jax.jit(train.make_train_step(model_cfg, config, tx, mask_id=config.model.vocab_size - 1),
+    step = jax.jit(train_step.make_train_step(model_cfg, config, tx, mask_id=config.model.vocab_size - 1),
                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                    donate_argnums=(0,), compiler_options=FAST_COMPILE)
     tokens = jax.make_array_from_process_local_data(batch_sharding, tokens_for(config))
@@ -81,7 +81,7 @@ def single_device():
   """The reference: initial state and one step on a 1x1x1 mesh over the first device."""
   config = mesh_config()
   model_cfg, tx, _, _, _, shardings = setup(config, jax.devices()[:1])
-  init = host(train.create_train_state(model_cfg, tx, config.seed, shardings))
+  init = host(train_step.create_train_state(model_cfg, tx, config.seed, shardings))
   state, metrics, _ = one_step(config, init, jax.devices()[:1])
   return init, host(state), metrics
 
@@ -166,7 +166,7 @@ def test_sharded_init_and_reshard_on_restore(single_device, tmp_path):
   ref_init = single_device[0]
   config = mesh_config(1, 8, 1)
   model_cfg, tx, _, rules, abstract, src_shardings = setup(config)
-  state = train.create_train_state(model_cfg, tx, config.seed, src_shardings)
+  state = train_step.create_train_state(model_cfg, tx, config.seed, src_shardings)
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(ref_init)):
     np.testing.assert_array_equal(np.asarray(x), y, err_msg=jax.tree_util.keystr(path))
   assert state["params"]["params"]["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tidar_jax import checkpoint, data, sharding, train
+from tidar_jax import checkpoint, data, sharding, train, train_step
 from tidar_jax.config import validate
 from tidar_jax.optimizer import make_optimizer
 from tidar_jax.tokenizer import Tokenizer
@@ -90,7 +90,7 @@ def _restore(workdir, sizes, devices=None):
   tx = make_optimizer(config.train)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.mesh)
-  abstract = train.abstract_train_state(model_cfg, tx, config.seed)
+  abstract = train_step.abstract_train_state(model_cfg, tx, config.seed)
   shardings = sharding.param_shardings(abstract, mesh, rules)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(abstract),
                         shardings)
@@ -128,7 +128,7 @@ def test_single_process_restores_on_other_meshes(multiprocess_run):
       num_batches=config.train.eval_batches, process_index=0, process_count=1)]
   batch_sharding = sharding.batch_sharding(mesh)
   with sharding.activate(mesh, rules):
-    eval_step = jax.jit(train.make_eval_step(validate(config), config, tokenizer.mask_id),
+    eval_step = jax.jit(train_step.make_eval_step(validate(config), config, tokenizer.mask_id),
                         in_shardings=(shardings["params"], batch_sharding), compiler_options=FAST_COMPILE)
     ev = train.evaluate(eval_step, state["params"], batches, lambda b: jax.device_put(b, batch_sharding))
   assert ev["eval_ar_loss"] == pytest.approx(logged["eval_ar_loss"], abs=1e-5)

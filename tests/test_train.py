@@ -106,13 +106,19 @@ def test_export_and_load_for_inference(uninterrupted, tmp_path):
   _assert_trees_equal(_params(out["state"]), jax.tree.map(np.asarray, params2))
 
 
-def test_grad_accumulation_matches_full_batch(uninterrupted, tmp_path):
-  """The same 4 steps with 2 micro-batches per step end at the uninterrupted (full-batch) run's params."""
-  base, config, out = uninterrupted
-  two = train.train_and_evaluate(small_config(str(base / "data"), grad_accum=2, checkpoint_every=100),
-                                 str(tmp_path / "b"))
-  assert (two["step"], config.train.grad_accum) == (out["step"], 1)
-  for x, y in zip(jax.tree.leaves(_params(out["state"])), jax.tree.leaves(_params(two["state"]))):
+def test_grad_accumulation_matches_full_batch(uninterrupted, tmp_path, capsys):
+  """Two steps of a 16-window batch on the 8 fake devices: 2 windows per device at once, then
+  micro-batches of 1 (derived grad_accum 2), end at the same params; the plan is printed once."""
+  base, _, _ = uninterrupted
+  runs = {}
+  for micro in (None, 1):
+    config = small_config(str(base / "data"), batch_size=16, steps=2, checkpoint_every=100,
+                          micro_batch_per_device=micro)
+    runs[micro] = train.train_and_evaluate(config, str(tmp_path / f"micro{micro}"))
+  printed = capsys.readouterr().out
+  assert "batch plan: global 16 x 32 = 8 devices x micro 2 x accum 1 (train.grad_accum=1)" in printed
+  assert "batch plan: global 16 x 32 = 8 devices x micro 1 x accum 2 (train.micro_batch_per_device=1)" in printed
+  for x, y in zip(jax.tree.leaves(_params(runs[None]["state"])), jax.tree.leaves(_params(runs[1]["state"]))):
     np.testing.assert_allclose(x, y, atol=2e-5)
 
 

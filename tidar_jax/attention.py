@@ -40,6 +40,8 @@ def dot_product_attention(
     return tidar_training_attention(q, k, v, tidar_block, implementation)
   if implementation == "cudnn" and cache_k is None:
     return _cudnn_attention(q, k, v, mask)
+  if implementation == FLASH_FOOTPRINT and cache_k is None:
+    return flash_footprint(q, k, v)
   return _dense_attention(q, k, v, mask, cache_k, cache_v, cache_lengths)
 
 
@@ -63,6 +65,39 @@ def _dense_attention(q, k, v, mask, cache_k, cache_v, cache_lengths):
   return out.reshape(B, Q, H, D)
 
 
+# Memory estimates only (`dry_run` on a machine without the target's flash kernel).
+FLASH_FOOTPRINT = "flash_footprint"
+
+
+@jax.custom_vjp
+def flash_footprint(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Not attention: a stand-in with a flash kernel's memory footprint, for compiling a step whose
+  memory is estimated where the kernel does not exist. Output [batch, q_len, heads, head_dim]; the
+  backward keeps what flash attention keeps (q, k, v, the output and an fp32 log-sum-exp per query
+  row) and no [q_len, k_len] scores. Its values mean nothing."""
+  return _footprint_fwd(q, k, v)[0]
+
+
+def _footprint_fwd(q, k, v):
+  B, Q, H, D = q.shape
+  kv = jnp.sum(k + v, axis=1, keepdims=True)  # [batch, 1, kv_heads, head_dim]
+  out = q + jnp.repeat(kv, H // k.shape[2], axis=2)  # [batch, q_len, heads, head_dim]
+  lse = jnp.sum(q.astype(jnp.float32), axis=-1)  # [batch, q_len, heads]
+  return out, (q, k, v, out, lse)
+
+
+def _footprint_bwd(res, g):
+  q, k, v, out, lse = res
+  B, Q, H, D = q.shape
+  Hkv = k.shape[2]
+  dq = ((g + out).astype(jnp.float32) * lse[..., None]).astype(q.dtype)
+  t = jnp.sum(g, axis=1).reshape(B, 1, Hkv, H // Hkv, D).sum(axis=3)  # [batch, 1, kv_heads, head_dim]
+  return dq, k * t, v * t
+
+
+flash_footprint.defvjp(_footprint_fwd, _footprint_bwd)
+
+
 def _cudnn_attention(q, k, v, mask):
   """GPU fast path (training and prefill): cuDNN flash attention with the boolean mask."""
   B, Q = q.shape[:2]
@@ -83,11 +118,14 @@ def tidar_training_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_siz
   """
   B, Q, H, D = q.shape
   L = Q // 2
-  kernel = "cudnn" if implementation == "cudnn" else "xla"
-  clean = jax.nn.dot_product_attention(q[:, :L], k[:, :L], v[:, :L], is_causal=True, implementation=kernel)
-  if implementation == "cudnn":
+  if implementation in ("cudnn", FLASH_FOOTPRINT):
+    if implementation == "cudnn":
+      clean = jax.nn.dot_product_attention(q[:, :L], k[:, :L], v[:, :L], is_causal=True, implementation="cudnn")
+    else:
+      clean = flash_footprint(q[:, :L], k[:, :L], v[:, :L])
     chunk = chunk or masks.mask_half_chunk(L, block_size)
-    return jnp.concatenate([clean, mask_half_attention(q, k, v, block_size, chunk, "cudnn")], axis=1)
+    return jnp.concatenate([clean, mask_half_attention(q, k, v, block_size, chunk, implementation)], axis=1)
+  clean = jax.nn.dot_product_attention(q[:, :L], k[:, :L], v[:, :L], is_causal=True, implementation="xla")
   prefix, own = masks.training_blocks(L, block_size)  # [nb, L], [k, k] numpy
   nb, kb, Hkv = L // block_size, block_size, k.shape[2]
   qm = q[:, L:].reshape(B, nb, kb, Hkv, H // Hkv, D)  # [batch, block, offset, kv_heads, group, head_dim]
@@ -129,7 +167,10 @@ def mask_half_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: in
 
   q_chunks = q[:, L:].reshape(B * n, C, H, D)
   mask_BNCS = jnp.broadcast_to(jnp.asarray(mask)[None, :, None], (B, n, 1, C, L + C)).reshape(B * n, 1, C, L + C)
-  out = jax.nn.dot_product_attention(q_chunks, chunk_keys(k), chunk_keys(v), mask=mask_BNCS,
-                                     key_value_seq_lengths=jnp.asarray(np.tile(lengths, B)),
-                                     implementation=implementation)
+  if implementation == FLASH_FOOTPRINT:
+    out = flash_footprint(q_chunks, chunk_keys(k), chunk_keys(v))
+  else:
+    out = jax.nn.dot_product_attention(q_chunks, chunk_keys(k), chunk_keys(v), mask=mask_BNCS,
+                                       key_value_seq_lengths=jnp.asarray(np.tile(lengths, B)),
+                                       implementation=implementation)
   return out.reshape(B, L, H, D)

@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from tidar_jax import batch_plan
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("dense", "cudnn", "auto")
@@ -144,13 +146,23 @@ def config_errors(config: Any) -> list[str]:
     errors.append(f"tidar.loss_alpha={t.loss_alpha!r}: must be >= 0")
   if not 0.0 <= t.verify_beta <= 1.0:
     errors.append(f"tidar.verify_beta={t.verify_beta!r}: must lie in [0, 1] (1 = exact AR verification)")
-  for name in ("seq_len", "batch_size", "steps", "grad_accum"):
+  for name in ("seq_len", "batch_size", "steps"):
     value = getattr(tr, name)
     if not isinstance(value, int) or value < 1:
       errors.append(f"train.{name}={value!r}: must be a positive integer")
-  if (isinstance(tr.batch_size, int) and isinstance(tr.grad_accum, int) and tr.grad_accum >= 1
-      and tr.batch_size % tr.grad_accum):
-    errors.append(f"train.batch_size={tr.batch_size} is not a multiple of train.grad_accum={tr.grad_accum}")
+  accum = tr.get("grad_accum", 0)
+  if not isinstance(accum, int) or isinstance(accum, bool) or accum < 0:
+    errors.append(f"train.grad_accum={accum!r}: must be an integer >= 0 (0: derived from train.micro_batch_per_device)")
+  elif isinstance(tr.batch_size, int) and accum and tr.batch_size % accum:
+    errors.append(f"train.batch_size={tr.batch_size} is not a multiple of train.grad_accum={accum}")
+  try:
+    batch_plan.requested_micro_batch(tr)
+  except ValueError as e:
+    errors.append(str(e))
+  chunk = tr.get("loss_chunk", 1024)
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+    errors.append(f"train.loss_chunk={chunk!r}: must be a positive integer (sequence positions whose logits "
+                  "exist at once; e.g. 1024)")
   if not tr.learning_rate > 0:
     errors.append(f"train.learning_rate={tr.learning_rate!r}: must be > 0")
   if tr.warmup_steps < 0 or (isinstance(tr.steps, int) and tr.warmup_steps > tr.steps):

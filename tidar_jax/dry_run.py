@@ -44,11 +44,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
-from tidar_jax import sharding, train
+from tidar_jax import batch_plan, memory_fit, sharding, train_step
 from tidar_jax.config import ModelConfig, validate
 from tidar_jax.optimizer import make_optimizer
 
@@ -152,38 +151,46 @@ def _gib(n: float | None) -> str:
 
 
 def _measure(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules: Any,
-             shape: tuple[int, int, int], per_device_batch: int) -> dict[str, Any]:
+             shape: tuple[int, int, int], per_device_batch: int, grad_accum: int) -> dict[str, Any]:
   """Lowers and compiles the real train step on `shape` (over the first devices); no allocation."""
   n = math.prod(shape)
   mesh = sharding.make_mesh(SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]),
                             devices=jax.devices()[:n])
   cfg = model_cfg if model_cfg.scan_layers else dataclasses.replace(model_cfg, scan_layers=True)
+  cfg = dataclasses.replace(cfg, attention=_compiled_attention(cfg))
   global_batch = per_device_batch * shape[0] * shape[1]
   sharding.check_divisibility(cfg, mesh, global_batch, rules)
-  state_shardings = sharding.param_shardings(abstract, mesh, rules)
-  batch_sharding = sharding.batch_sharding(mesh)
-  args = (jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       nn.unbox(abstract), state_shardings),
-          jax.ShapeDtypeStruct((global_batch, config.train.seq_len), jnp.int32, sharding=batch_sharding))
-  t0 = time.perf_counter()
-  with sharding.activate(mesh, rules):
-    step = jax.jit(train.make_train_step(cfg, config, tx, mask_id=cfg.vocab_size - 1),
-                   in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                   donate_argnums=(0,))
-    lowered = step.lower(*args)
+  standin = config.copy_and_resolve_references()
+  standin.train.batch_size = global_batch
   # Buffer assignment does not depend on LLVM's optimisation level; skipping it saves ~30% on CPU.
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  compiled = lowered.compile(compiler_options=options)
+  t0 = time.perf_counter()
+  compiled, memory = memory_fit.compile_train_step(standin, cfg, tx, abstract, mesh, rules, grad_accum,
+                                                   cfg.vocab_size - 1, compiler_options=options)
   seconds = time.perf_counter() - t0
   ma = compiled.memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")
   analysis = {f: int(getattr(ma, f)) for f in fields if ma is not None and hasattr(ma, f)}
+  state_shardings = sharding.param_shardings(abstract, mesh, rules)
   return {"mesh_shape": shape, "global_batch": global_batch, "compile_seconds": seconds,
-          "memory_analysis": analysis,
+          "memory_analysis": analysis, "step_memory": memory,
           "analytic_argument_bytes": _device_bytes(abstract, state_shardings)
           + per_device_batch * config.train.seq_len * 4,
           "grad_bytes": _device_bytes(abstract["params"], state_shardings["params"])}
+
+
+def _compiled_attention(m: ModelConfig) -> str:
+  """The attention to compile for the memory estimate: the target platform's kernel.
+
+  A bf16 model's "auto" is cuDNN flash attention on a GPU. On a machine without one (a CPU dry
+  run), its memory is modelled by `attention.flash_footprint` (the tensors a flash kernel keeps,
+  no [q, k] scores) rather than by the dense reference, whose scores a GPU never materialises.
+  """
+  flash = m.attention == "cudnn" or (m.attention == "auto" and m.dtype in ("bfloat16", "float16"))
+  if flash and jax.default_backend() != "gpu":
+    return "flash_footprint"
+  return m.attention
 
 
 def _dense_attention(m: ModelConfig) -> bool:
@@ -192,20 +199,38 @@ def _dense_attention(m: ModelConfig) -> bool:
   return m.attention == "dense"
 
 
+def verdict(total: int | None, budget: int, device_gb: float, plan: batch_plan.BatchPlan, model_cfg: ModelConfig
+            ) -> tuple[bool | None, str]:
+  """(fits?, the one line that says so, with the remedy when it does not)."""
+  if total is None:
+    return None, "verdict: unknown (the step was not compiled; run without measure=False for a verdict)"
+  head = f"{_gib(total)} GiB per device of {device_gb:.1f} GiB (budget {_gib(budget)} GiB)"
+  if total <= budget:
+    return True, f"verdict: fits: {head}, {plan.describe()}"
+  remedies = []
+  if plan.micro_batch > 1:
+    remedies.append("a smaller train.micro_batch_per_device (or \"auto\")")
+  if model_cfg.remat == "none":
+    remedies.append("model.remat=dots or full")
+  elif model_cfg.remat == "dots":
+    remedies.append("model.remat=full")
+  remedies.append("more devices on mesh.fsdp (shards params and optimizer state: --dry_run_mesh=1,N,1)")
+  remedies.append("a shorter train.seq_len")
+  return False, f"verdict: does NOT fit: {head}; try " + "; or ".join(remedies)
+
+
 def _activations(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules: Any,
-                 target: tuple[int, int, int], hypothetical: bool, per_device_batch: int, grad_bytes: int,
-                 p: Any) -> tuple[int | None, str, str, dict[str, Any] | None]:
+                 target: tuple[int, int, int], hypothetical: bool, per_device_batch: int, grad_accum: int,
+                 grad_bytes: int, p: Any) -> tuple[int | None, str, str, dict[str, Any] | None]:
   # grad_bytes: the target's gradient buffer per device (sharded like the fp32 params)
   """(temp bytes per device, "measured" | "extrapolated" | "skipped", explanation, compile details)."""
   shape = _standin_shape(target, jax.device_count()) if hypothetical else target
   if jax.process_count() > 1 and math.prod(shape) != jax.device_count():
     return None, "skipped", "with several processes only a mesh over all devices is compiled", None
-  if per_device_batch * shape[0] * shape[1] % config.train.grad_accum:
-    return None, "skipped", "the stand-in batch does not divide by train.grad_accum", None
   d, f, t = shape
   where = "the target mesh" if not hypothetical else f"a stand-in mesh data={d} fsdp={f} tensor={t}"
-  p(f"compiling the train step on {where} ...")
-  measured = _measure(config, model_cfg, tx, abstract, rules, shape, per_device_batch)
+  p(f"compiling the train step on {where} (micro-batch {per_device_batch // grad_accum} x accum {grad_accum}) ...")
+  measured = _measure(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum)
   temp = measured["memory_analysis"].get("temp_size_in_bytes")
   secs = measured["compile_seconds"]
   if temp is None:
@@ -214,7 +239,7 @@ def _activations(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, ru
     method, note = "measured", f"XLA memory_analysis of the train step compiled on the target mesh ({secs:.0f} s)"
   else:
     method = "extrapolated"
-    k = 1 if config.train.grad_accum == 1 else 2  # gradient-sized buffers: see the module docstring
+    k = 1 if grad_accum == 1 else 2  # gradient-sized buffers: see the module docstring
     buffers = "its gradient buffer" if k == 1 else "its 2 gradient-sized buffers (accumulator + micro-batch) of"
     each = " each" if k > 1 else ""
     note = (f"{_gib(temp)} GiB measured on stand-in mesh data={d} fsdp={f} tensor={t} with the same "
@@ -230,12 +255,15 @@ def _activations(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, ru
 
 
 def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
-           measure: bool = True) -> dict[str, Any]:
-  """Prints (and returns) parameter count, per-device memory and parameter shardings.
+           measure: bool = True, device_gb: float | None = None) -> dict[str, Any]:
+  """Prints (and returns) parameter count, per-device memory, the batch plan, parameter shardings
+  and a verdict: fits / does not fit on the device, with the remedy.
 
   mesh_shape: (data, fsdp, tensor) of a hypothetical mesh (any size); default: `config.mesh`,
   resolved against the current devices (explicit sizes beyond them count as hypothetical).
   measure: compile the train step for activations/temporaries (False: analytic numbers only).
+  device_gb: memory per device in GiB (default: this accelerator's, else 80); the plan may use
+  `memory_fit.MARGIN` of it.
   """
   model_cfg = validate(config)
   rules = sharding.logical_rules(config.mesh)
@@ -249,7 +277,7 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
   sharding.check_divisibility(model_cfg, mesh, batch, rules)
 
   tx = make_optimizer(config.train)
-  abstract = train.abstract_train_state(model_cfg, tx, config.seed)  # shapes only, nothing allocated
+  abstract = train_step.abstract_train_state(model_cfg, tx, config.seed)  # shapes only, nothing allocated
   state_shardings = sharding.param_shardings(abstract, mesh, rules)
   params, opt = abstract["params"], abstract["opt_state"]
   param_count = _count(params)
@@ -293,13 +321,46 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
            else f"on the current {jax.default_backend()} devices")
   p(f"mesh: data={d} fsdp={f} tensor={t} = {n} devices ({where})")
   length = 2 * seq_len if config.tidar.objective == "tidar" else seq_len  # the model's input length
+  if device_gb is None:
+    local = memory_fit.device_memory_bytes() if jax.default_backend() != "cpu" else None
+    device_gb = local / GiB if local else 80.0
+  budget = int(memory_fit.MARGIN * device_gb * GiB)
+  out["device_gb"], out["budget_bytes"] = device_gb, budget
+  attn = _compiled_attention(model_cfg)
   p(f"batch: {batch} x {seq_len} tokens (the TiDAR input is {length} long) -> {per_device_batch} sequence(s) "
-    f"per device, grad_accum {config.train.grad_accum}")
+    f"per device; device memory {device_gb:.1f} GiB (budget {memory_fit.MARGIN:.0%}: {_gib(budget)} GiB); "
+    f"attention compiled as {attn!r}" + (" (cuDNN flash attention's memory, modelled on this machine)"
+                                         if attn == "flash_footprint" else ""))
+
+  runs: dict[int, tuple] = {}
+
+  def run_at(micro: int) -> tuple:
+    if micro not in runs:
+      runs[micro] = _activations(config, model_cfg, tx, abstract, rules, target, hypothetical, per_device_batch,
+                                 per_device_batch // micro, bytes_["params"], p)
+    return runs[micro]
+
+  def total_at(micro: int) -> int:
+    temp = run_at(micro)[0]
+    if temp is None:
+      raise ValueError(f"train.micro_batch_per_device=auto: {run_at(micro)[2]}; give the micro-batch as a number")
+    return bytes_["params"] + bytes_["opt_state"] + bytes_["batch"] + temp
+
+  requested = batch_plan.requested_micro_batch(config.train)
+  if requested == batch_plan.AUTO and measure:
+    micro, tried = memory_fit.choose_micro_batch(per_device_batch, total_at, budget, lambda b: f"{_gib(b)} GiB")
+    plan = batch_plan.plan(config.train, d * f, micro, "auto: compiled at " + ", ".join(
+        f"micro {m}: {_gib(b)} GiB" for m, b in sorted(tried.items())))
+  elif requested == batch_plan.AUTO:
+    plan = batch_plan.plan(config.train, d * f, 1, "auto, not compiled (measure=False): micro 1 shown")
+  else:
+    plan = batch_plan.plan(config.train, d * f)
+  out["plan"] = plan
+  p(f"batch plan: {plan.describe()}")
 
   temp, method, note, measured = None, "skipped", "not compiled (measure=False)", None
   if measure:
-    temp, method, note, measured = _activations(config, model_cfg, tx, abstract, rules, target, hypothetical,
-                                                per_device_batch, bytes_["params"], p)
+    temp, method, note, measured = run_at(plan.micro_batch)
   bytes_["activations_and_temporaries"] = temp
   bytes_["total"] = None if temp is None else sum(bytes_.values())
   out["per_device_bytes"] = bytes_
@@ -319,17 +380,17 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
     p(f"  check on the compiled mesh: XLA's argument bytes {_gib(arg)} GiB = analytic {_gib(ana)} GiB "
       "(params + optimizer + batch)" if arg == ana else
       f"  check on the compiled mesh: XLA's argument bytes {_gib(arg)} GiB vs analytic {_gib(ana)} GiB")
-  micro = per_device_batch // config.train.grad_accum
-  logits = micro * length * (m.vocab_size // t) * 4
+  micro, chunk = plan.micro_batch, min(train_step.loss_chunk(config), length)
+  logits = micro * chunk * (m.vocab_size // t) * 4
   out["logits_bytes"] = logits
-  line = (f"  largest activations (micro-batch of {micro}): fp32 logits [{micro}, {length}, {m.vocab_size // t}] "
-          f"{_gib(logits)} GiB/device")
-  if _dense_attention(m):
+  line = (f"  largest activations (micro-batch of {micro}): one loss chunk's fp32 logits [{micro}, {chunk}, "
+          f"{m.vocab_size // t}] {_gib(logits)} GiB/device (train.loss_chunk={chunk}; the full [{micro}, {length}, "
+          f"{m.vocab_size // t}] would be {_gib(micro * length * (m.vocab_size // t) * 4)} GiB)")
+  if _dense_attention(dataclasses.replace(m, attention=attn)):
     scores = micro * (m.num_heads // t) * length**2 * 4
     out["dense_attention_scores_bytes"] = scores
     line += (f"; dense attention ({m.attention!r} on {jax.default_backend()}) fp32 scores [{micro}, "
-             f"{m.num_heads // t}, {length}, {length}] {_gib(scores)} GiB/device per layer in flight; cuDNN "
-             "flash attention (GPU, bf16) never materialises them")
+             f"{m.num_heads // t}, {length}, {length}] {_gib(scores)} GiB/device per layer in flight")
   p(line)
   if mesh_shape is None:
     p("  (sizes for another mesh: --dry_run_mesh=data,fsdp,tensor, e.g. --dry_run_mesh=1,64,1)")
@@ -352,4 +413,6 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
     cols = (r["path"], "(" + ", ".join(str(nm) for nm in r["logical"]) + ")",
             _fmt_spec(r["spec"], len(r["shape"])), str(r["shape"]), str(r["per_device_shape"]))
     p("  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths + [0])))
+  out["fits"], line = verdict(bytes_["total"], budget, device_gb, plan, model_cfg)
+  p(line)
   return out

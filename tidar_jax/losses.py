@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tidar_jax import masks
+from tidar_jax import head_loss, masks
 from tidar_jax.config import ModelConfig
-from tidar_jax.model import Transformer
+from tidar_jax.model import Transformer, head_table
 
 
 def tidar_inputs(tokens: jax.Array, mask_id: int) -> tuple[jax.Array, jax.Array]:
@@ -26,25 +26,14 @@ def tidar_inputs(tokens: jax.Array, mask_id: int) -> tuple[jax.Array, jax.Array]
   return inputs, positions
 
 
-def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """[..., V] fp32 logits, [...] int targets -> [...] negative log-likelihood."""
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return logz - picked
+def targets(tokens: jax.Array, objective: str) -> jax.Array:
+  """[batch, L] clean tokens -> [batch, L or 2L] the id each model position is scored against.
 
-
-def ar_loss_terms(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Sum and count of next-token NLL: logits at i [batch, L, V] predict tokens[:, i+1] (i < L-1)."""
-  nll = _token_nll(logits[:, :-1].astype(jnp.float32), tokens[:, 1:])  # [batch, L-1]
-  w = weights[:, 1:].astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w)
-
-
-def diffusion_loss_terms(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Sum and count of same-position NLL: the mask token at position i predicts tokens[:, i]."""
-  nll = _token_nll(logits.astype(jnp.float32), tokens)  # [batch, L]
-  w = weights.astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w)
+  Clean position i predicts x_{i+1} (the last one has no target: id 0, weight 0); the mask token at
+  position i (TiDAR's second half) predicts x_i.
+  """
+  ar = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  return ar if objective == "ar" else jnp.concatenate([ar, tokens], axis=1)
 
 
 def combine(ar_sum, ar_count, diff_sum, diff_count, alpha: float) -> jax.Array:
@@ -65,27 +54,32 @@ def model_inputs(tokens: jax.Array, mask_id: int, objective: str, block_size: in
   return inputs, positions, masks.training_mask(L, block_size)
 
 
-def loss_from_logits(logits: jax.Array, tokens: jax.Array, weights: jax.Array, objective: str,
-                     alpha: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Training loss and per-term metrics from the model's logits on `model_inputs`.
+def loss_from_nll(nll: jax.Array, tokens: jax.Array, weights: jax.Array, objective: str,
+                  alpha: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Training loss and per-term metrics from each position's NLL against `targets(tokens)`.
 
-  logits: [batch, L, V] (objective "ar") or [batch, 2L, V] (objective "tidar").
+  nll: [batch, L] (objective "ar") or [batch, 2L] (objective "tidar") fp32; weights: [batch, L]
+  per clean token (0 = padding, excluded from both means).
   """
   L = tokens.shape[1]
-  ar_sum, ar_n = ar_loss_terms(logits[:, :L], tokens, weights)
+  w = weights.astype(jnp.float32)
+  w_ar = w[:, 1:]  # clean position i is weighted by its target x_{i+1}
+  ar_sum, ar_n = jnp.sum(nll[:, :L - 1] * w_ar), jnp.sum(w_ar)
   metrics = {"ar_loss": ar_sum / jnp.maximum(ar_n, 1.0), "ar_tokens": ar_n}
   if objective == "ar":
     return metrics["ar_loss"], metrics
-  diff_sum, diff_n = diffusion_loss_terms(logits[:, L:], tokens, weights)
+  diff_sum, diff_n = jnp.sum(nll[:, L:] * w), jnp.sum(w)
   metrics |= {"diffusion_loss": diff_sum / jnp.maximum(diff_n, 1.0), "diffusion_tokens": diff_n}
   return combine(ar_sum, ar_n, diff_sum, diff_n, alpha), metrics
 
 
 def compute_loss(model_cfg: ModelConfig, params: Any, tokens: jax.Array, weights: jax.Array | None,
-                 *, mask_id: int, objective: str, block_size: int, alpha: float,
+                 *, mask_id: int, objective: str, block_size: int, alpha: float, loss_chunk: int,
                  structured_attention: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One training forward: doubled input (or plain for "ar"), static mask, model, loss.
 
+  loss_chunk: sequence positions whose logits exist at once (`head_loss.token_nll`): the
+  `[batch, 2L, vocab]` fp32 logits are never materialised, in the forward or the backward.
   structured_attention: for "tidar", attend block by block (`Transformer(tidar_block=k)`, about
   half the score entries of the dense [2L, 2L] mask); False applies the dense mask (the reference).
   """
@@ -96,7 +90,10 @@ def compute_loss(model_cfg: ModelConfig, params: Any, tokens: jax.Array, weights
     model, mask = Transformer(model_cfg, tidar_block=block_size), None
   else:
     model, mask = Transformer(model_cfg), jnp.asarray(mask)
-  logits, _ = model.apply(params, inputs, positions, mask)
-  loss, metrics = loss_from_logits(logits, tokens, weights, objective, alpha)
+  hidden, _ = model.apply(params, inputs, positions, mask, return_hidden=True)  # [batch, L or 2L, d_model]
+  table, vocab_major = head_table(model_cfg, params)
+  nll = head_loss.token_nll(hidden, table, targets(tokens, objective), vocab_major=vocab_major,
+                            chunk=loss_chunk)
+  loss, metrics = loss_from_nll(nll, tokens, weights, objective, alpha)
   metrics["loss"] = loss
   return loss, metrics

@@ -315,10 +315,25 @@ class Transformer(nn.Module):
     return self.lm_head(hidden)
 
 
-def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
-  """Boxed (logically partitioned) params for a short dummy input."""
+def head_table(cfg: ModelConfig, params: Any) -> tuple[jax.Array, bool]:
+  """The LM head's matrix, as `Transformer.logits` uses it, from (boxed or plain) params: (table in the
+  compute dtype, vocab_major) — [vocab, d_model] for a tied embedding, else [d_model, vocab]."""
+  p = params["params"]
+  if cfg.tie_embeddings:
+    return jnp.asarray(nn.unbox(p["embed"]["embedding"]), cfg.compute_dtype), True
+  return jnp.asarray(nn.unbox(p["lm_head"]["kernel"]), cfg.compute_dtype), False
+
+
+def init_variables(cfg: ModelConfig, key: jax.Array) -> Any:
+  """Boxed (logically partitioned) params, traced on a 2-token dummy input (their shapes do not
+  depend on it). Wrap in `jax.eval_shape` for shapes only, or in `jax.jit` with out_shardings."""
   tokens = jnp.zeros((1, 2), jnp.int32)
-  return jax.jit(Transformer(cfg).init)(key, tokens, tokens, jnp.ones((1, 2, 2), bool))
+  return Transformer(cfg).init(key, tokens, tokens, jnp.ones((1, 2, 2), bool))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Any:
+  """`init_variables`, compiled."""
+  return jax.jit(init_variables, static_argnums=0)(cfg, key)
 
 
 def count_params(params: Any) -> int:

@@ -16,20 +16,16 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from tidar_jax import checkpoint, losses, sharding
+from tidar_jax import batch_plan, checkpoint, flops, memory_fit, sharding, train_step
 from tidar_jax.config import ModelConfig, validate
 from tidar_jax.metrics import MetricsWriter
-from tidar_jax.model import Transformer
 from tidar_jax.optimizer import make_optimizer
-
-TrainState = dict  # {"step": int32 [], "params": pytree, "opt_state": pytree}
 
 
 def check_workdir(workdir: str) -> str:
@@ -43,78 +39,6 @@ def check_workdir(workdir: str) -> str:
   except OSError as e:
     raise ValueError(f"--workdir={workdir}: not writable ({e.strerror}); pass a directory you can write to") from e
   return path
-
-
-def abstract_train_state(model_cfg: ModelConfig, tx, seed: int) -> Any:
-  """Boxed abstract state (carries logical axis names for every param and optimizer slot)."""
-
-  def init(key):
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    params = Transformer(model_cfg).init(key, tokens, tokens, jnp.ones((1, 2, 2), bool))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-  return jax.eval_shape(init, jax.random.key(seed))
-
-
-def create_train_state(model_cfg: ModelConfig, tx, seed: int, shardings: Any) -> TrainState:
-  """Initialises directly into the target shardings: no full replica on any one device."""
-
-  def init(key):
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    params = nn.unbox(Transformer(model_cfg).init(key, tokens, tokens, jnp.ones((1, 2, 2), bool)))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-
-
-def loss_fn(params, tokens, *, model_cfg: ModelConfig, tidar_cfg: Any, mask_id: int, objective: str):
-  return losses.compute_loss(model_cfg, params, tokens, None, mask_id=mask_id,
-                             objective=objective, block_size=tidar_cfg.block_size, alpha=tidar_cfg.loss_alpha)
-
-
-def make_train_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, tx, mask_id: int
-                    ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
-  grad_fn = jax.value_and_grad(
-      functools.partial(loss_fn, model_cfg=model_cfg, tidar_cfg=config.tidar, mask_id=mask_id,
-                        objective=config.tidar.objective), has_aux=True)
-  accum = config.train.grad_accum
-
-  def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict]:  # tokens [batch, L]
-    if accum == 1:
-      (_, metrics), grads = grad_fn(state["params"], tokens)
-    else:
-      # Micro-batches in a scan: activation memory of one micro-batch, same update as the full batch.
-      micro = tokens.reshape(accum, tokens.shape[0] // accum, tokens.shape[1])
-
-      def body(carry, mb):
-        (_, m), g = grad_fn(state["params"], mb)
-        return jax.tree.map(jnp.add, carry, (g, m)), None
-
-      zeros = jax.tree.map(jnp.zeros_like, (state["params"], jax.eval_shape(grad_fn, state["params"], micro[0])[0][1]))
-      (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      metrics = jax.tree.map(lambda m: m / accum, metrics)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = jax.tree.map(jnp.add, state["params"], updates)
-    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-  return train_step
-
-
-def make_eval_step(model_cfg: ModelConfig, config: ml_collections.ConfigDict, mask_id: int):
-  """Validation AR loss (and diffusion loss for TiDAR) of one batch, as sums for exact averaging."""
-  objective = config.tidar.objective
-
-  def eval_step(params, tokens):
-    _, m = loss_fn(params, tokens, model_cfg=model_cfg, tidar_cfg=config.tidar, mask_id=mask_id,
-                   objective=objective)
-    out = {"ar_sum": m["ar_loss"] * m["ar_tokens"], "ar_n": m["ar_tokens"]}
-    if objective == "tidar":
-      out |= {"diff_sum": m["diffusion_loss"] * m["diffusion_tokens"], "diff_n": m["diffusion_tokens"]}
-    return out
-
-  return eval_step
 
 
 def evaluate(eval_step, params, batches: list[np.ndarray], to_device: Callable) -> dict[str, float]:
@@ -185,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = make_optimizer(config.train)
   batch_sharding = sharding.batch_sharding(mesh)
   # Traced outside the mesh context: flax would otherwise attach sharding constraints while boxing.
-  abstract = abstract_train_state(model_cfg, tx, config.seed)
+  abstract = train_step.abstract_train_state(model_cfg, tx, config.seed)
   state_shardings = sharding.param_shardings(abstract, mesh, rules)
   abstract_unboxed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   nn.unbox(abstract), state_shardings)
@@ -200,15 +124,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f"Resumed from {workdir} at step {start_step}")
   else:
     start_step = 0
-    state = create_train_state(model_cfg, tx, config.seed, state_shardings)
+    state = train_step.create_train_state(model_cfg, tx, config.seed, state_shardings)
     if config.get("init_from"):
       params = checkpoint.load_params(config.init_from, abstract_unboxed["params"])
       state = {**state, "params": params, "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)}
+  plan, step_fn, memory = plan_and_compile(config, model_cfg, tx, abstract, mesh, rules, tokenizer.mask_id)
+  if is_main:
+    print(f"batch plan: {plan.describe()}" + (f"; compiled step {memory.total / 2**30:.2f} GiB per device "
+                                              "(XLA's estimate)" if memory else ""), flush=True)
   with sharding.activate(mesh, rules):
-    train_step = jax.jit(make_train_step(model_cfg, config, tx, tokenizer.mask_id),
-                         in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=(state_shardings, None), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(model_cfg, config, tokenizer.mask_id),
+    eval_step = jax.jit(train_step.make_eval_step(model_cfg, config, tokenizer.mask_id, plan.grad_accum),
                         in_shardings=(state_shardings["params"], batch_sharding))
     to_device = functools.partial(data.to_global_array, sharding=batch_sharding)
 
@@ -220,18 +145,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(0, first_eval)
       _print_eval("initial", 0, first_eval, is_main)
     tokens_per_step = config.train.batch_size * config.train.seq_len
+    speed = _Speedometer(model_cfg, config, jax.device_count())
     bar = tqdm(total=config.train.steps, initial=start_step, disable=not is_main, desc="train", unit="step")
     last_eval, last_loss, step, t0 = None, None, start_step, time.perf_counter()
     try:
       for step in range(start_step + 1, config.train.steps + 1):
         tokens = to_device(next(train_iter)["tokens"])
-        state, metrics = train_step(state, tokens)
+        state, metrics = step_fn(state, tokens)
         if step % config.train.log_every == 0 or step == config.train.steps:
           metrics = jax.device_get(metrics)
           last_loss = float(metrics["loss"])
           dt = time.perf_counter() - t0
-          rate = tokens_per_step * config.train.log_every / max(dt, 1e-9)
-          writer.write(step, {**metrics, "tokens_per_s": rate})
+          steps_done = step - max(start_step, step - config.train.log_every)
+          rate = tokens_per_step * steps_done / max(dt, 1e-9)
+          writer.write(step, {**metrics, "tokens_per_s": rate, **speed(dt / steps_done)})
           bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{rate:,.0f}")
           t0 = time.perf_counter()
         bar.update(1)
@@ -257,6 +184,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return {"first_eval": first_eval, "last_eval": last_eval, "step": step, "state": state}
 
 
+def plan_and_compile(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tx: Any, abstract: Any, mesh: Any,
+                     rules: Any, mask_id: int) -> tuple[batch_plan.BatchPlan, Any, memory_fit.StepMemory | None]:
+  """The batch plan (micro-batch chosen by compiling when "auto") and the compiled step it runs."""
+  devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  compile_at = functools.partial(memory_fit.compile_train_step, config, model_cfg, tx, abstract, mesh, rules,
+                                 mask_id=mask_id)
+  if batch_plan.requested_micro_batch(config.train) != batch_plan.AUTO:
+    plan = batch_plan.plan(config.train, devices)
+    return (plan, *compile_at(grad_accum=plan.grad_accum))
+  per_device = config.train.batch_size // devices
+  limit = memory_fit.device_memory_bytes()
+  if limit is None:
+    raise ValueError("train.micro_batch_per_device=auto: this device reports no memory size; give the "
+                     "micro-batch as a number")
+  budget = int(memory_fit.MARGIN * limit)
+  compiled: dict[int, tuple[Any, memory_fit.StepMemory | None]] = {}
+
+  def measure(m: int) -> int:
+    compiled[m] = compile_at(grad_accum=per_device // m)
+    mem = compiled[m][1]
+    if mem is None:
+      raise ValueError("train.micro_batch_per_device=auto: this backend reports no memory analysis; give the "
+                       "micro-batch as a number")
+    logging.info("micro-batch %d: %.2f GiB per device", m, mem.total / 2**30)
+    return mem.total
+
+  micro, tried = memory_fit.choose_micro_batch(per_device, measure, budget, lambda b: f"{b / 2**30:.2f} GiB")
+  source = (f"auto: the largest that fits {memory_fit.MARGIN:.0%} of {limit / 2**30:.1f} GiB; compiled at "
+            + ", ".join(f"{m}: {b / 2**30:.1f} GiB" for m, b in sorted(tried.items())))
+  return (batch_plan.plan(config.train, devices, micro, source), *compiled[micro])
+
+
+class _Speedometer:
+  """Step time, MFU against the device's bf16 datasheet peak (when known) and peak device memory."""
+
+  def __init__(self, model_cfg: ModelConfig, config: ml_collections.ConfigDict, num_devices: int):
+    t = config.train
+    self.flops = flops.train_step_flops(model_cfg, t.batch_size, t.seq_len, config.tidar.objective,
+                                        config.tidar.block_size)["total"]
+    peak = flops.bf16_peak_tflops(jax.devices()[0].device_kind)
+    self.peak = None if peak is None else peak * 1e12 * num_devices
+
+  def __call__(self, step_s: float) -> dict[str, float]:
+    out = {"step_s": step_s, "model_tflops_per_device": self.flops / step_s / 1e12 / jax.device_count()}
+    if self.peak:
+      out["mfu"] = self.flops / step_s / self.peak
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    if all(p is not None for p in peaks):
+      out["peak_memory_gib"] = max(peaks) / 2**30
+    return out
+
+
 def _print_eval(label: str, step: int, ev: dict[str, float], is_main: bool) -> None:
   if not is_main:
     return
@@ -271,6 +250,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jso
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print params, per-device memory and shardings; allocate nothing.")
 _DRY_RUN_MESH = flags.DEFINE_string("dry_run_mesh", "", "With --dry_run: data,fsdp,tensor sizes of a mesh to "
                                     "size (e.g. 1,64,1), which may exceed the current devices.")
+_DRY_RUN_DEVICE_GB = flags.DEFINE_float("dry_run_device_gb", None, "With --dry_run: memory per device in GiB "
+                                         "(default: this accelerator's, else 80, an H100).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
@@ -286,7 +267,7 @@ def main(argv: list[str]) -> None:
     if _DRY_RUN.value:
       from tidar_jax import dry_run
 
-      dry_run.report(config, dry_run.parse_mesh(_DRY_RUN_MESH.value))
+      dry_run.report(config, dry_run.parse_mesh(_DRY_RUN_MESH.value), device_gb=_DRY_RUN_DEVICE_GB.value)
       return
     train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:
