@@ -15,7 +15,6 @@ unchunked `model.lm_head_logits` does.
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -112,11 +111,3 @@ def token_nll(hidden: jax.Array, table: jax.Array, targets: jax.Array, *, vocab_
   chunk = min(chunk, hidden.shape[1])
   return _token_nll(hidden, table, targets.astype(jnp.int32), vocab_major, chunk)
 
-
-def chunk_logits_bytes(batch: int, chunk: int, seq: int, vocab: int) -> int:
-  """Bytes of one chunk's fp32 logits (what bounds the loss's memory)."""
-  return batch * min(chunk, seq) * vocab * 4
-
-
-def num_chunks(seq: int, chunk: int) -> int:
-  return math.ceil(seq / min(chunk, seq))
