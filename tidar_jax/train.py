@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable
 
@@ -20,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from tidar_jax import checkpoint, losses, sharding
@@ -266,36 +264,39 @@ def _print_eval(label: str, step: int, ev: dict[str, float], is_main: bool) -> N
   print(line, flush=True)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config (a Python file with get_config()).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl, TensorBoard events and the tokenizer.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print params, per-device memory and shardings; allocate nothing.")
-_DRY_RUN_MESH = flags.DEFINE_string("dry_run_mesh", "", "With --dry_run: data,fsdp,tensor sizes of a mesh to "
-                                    "size (e.g. 1,64,1), which may exceed the current devices.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+def define_flags() -> None:
+  """The CLI's flags, defined when run as a program: not at import, because benchmarks.reproduce and
+  the tests import this module, and ml_collections reads --config.* overrides from sys.argv as soon
+  as the flag is defined."""
+  from tidar_jax import cli
+
+  cli.define_config_file("config", "configs/tiny.py", "Training config (a Python file with get_config()).")
+  flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl, TensorBoard events and the tokenizer.")
+  flags.DEFINE_bool("dry_run", False, "Print params, per-device memory and shardings; allocate nothing.")
+  flags.DEFINE_string("dry_run_mesh", "", "With --dry_run: data,fsdp,tensor sizes of a mesh to size (e.g. "
+                      "1,64,1), which may exceed the current devices.")
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
+  flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-process run.")
+  flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields go in --config.SECTION.FIELD=VALUE")
   from tidar_jax import distributed
 
-  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  config = _CONFIG.value
-  try:
-    if _DRY_RUN.value:
-      from tidar_jax import dry_run
+  f = flags.FLAGS
+  distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
+  if f.dry_run:
+    from tidar_jax import dry_run
 
-      dry_run.report(config, dry_run.parse_mesh(_DRY_RUN_MESH.value))
-      return
-    train_and_evaluate(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    dry_run.report(f.config, dry_run.parse_mesh(f.dry_run_mesh))
+    return
+  train_and_evaluate(f.config, f.workdir)
 
 
 if __name__ == "__main__":
-  # `python -m tidar_jax.train` runs this file as __main__; modules that import tidar_jax.train
-  # (dry_run) must get this module, not a second copy that would define the flags again.
-  sys.modules.setdefault("tidar_jax.train", sys.modules[__name__])
-  app.run(main)
+  from tidar_jax import cli
+
+  define_flags()
+  cli.run(main)
