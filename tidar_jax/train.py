@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from tqdm import tqdm
 
 from tidar_jax import checkpoint, losses, sharding
-from tidar_jax.config import ModelConfig, validate
+from tidar_jax.config import ModelConfig, steps_of, validate
 from tidar_jax.metrics import MetricsWriter
 from tidar_jax.model import Transformer
 from tidar_jax.optimizer import make_optimizer
@@ -149,6 +149,22 @@ def _stop_everywhere(flag: _StopFlag, step: int, every: int) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag.requested]))))
 
 
+def _wall_clock_due(since: float, every_s: float, step: int, sync_every: int) -> bool:
+  """Whether `every_s` seconds passed since the last save (`since`, time.monotonic). Every process must
+  save at the same step: with several, process 0's clock decides, at logging boundaries only (agreeing
+  costs a sync), as for the stop flag."""
+  if every_s <= 0:
+    return False
+  due = time.monotonic() - since >= every_s
+  if jax.process_count() == 1:
+    return due
+  if step % sync_every:
+    return False
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.broadcast_one_to_all(np.array(due)))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training; returns {'first_eval', 'last_eval', 'step', 'params'}."""
   from tidar_jax import data
@@ -192,10 +208,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                     async_save=jax.default_backend() != "cpu")
   restored = checkpoint.restore_latest(manager, abstract_unboxed, train_iter)
+  if is_main:  # one line either way: a rerun that silently started over was a trap
+    print(f"resumed from step {restored[0]} in {manager.directory}" if restored is not None
+          else f"starting fresh: no checkpoint in {manager.directory}", flush=True)
   if restored is not None:
     start_step, state = restored
-    logging.info("resumed from step %d", start_step)
-    print(f"Resumed from {workdir} at step {start_step}")
   else:
     start_step = 0
     state = create_train_state(model_cfg, tx, config.seed, state_shardings)
@@ -210,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         in_shardings=(state_shardings["params"], batch_sharding))
     to_device = functools.partial(data.to_global_array, sharding=batch_sharding)
 
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main, keep_through=start_step if restored is not None else -1)
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
     first_eval = evaluate(eval_step, state["params"], eval_batches, to_device) if start_step == 0 else None
@@ -220,6 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tokens_per_step = config.train.batch_size * config.train.seq_len
     bar = tqdm(total=config.train.steps, initial=start_step, disable=not is_main, desc="train", unit="step")
     last_eval, last_loss, step, t0 = None, None, start_step, time.perf_counter()
+    checkpoint_every = steps_of(config.train.checkpoint_every, config.train.steps)
+    saved_step, last_save = None, time.monotonic()
     try:
       for step in range(start_step + 1, config.train.steps + 1):
         tokens = to_device(next(train_iter)["tokens"])
@@ -236,10 +255,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.train.eval_every == 0 or step == config.train.steps:
           last_eval = evaluate(eval_step, state["params"], eval_batches, to_device)
           writer.write(step, last_eval)
-        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-          checkpoint.save(manager, step, state, train_iter, config)
+        if ((step % checkpoint_every == 0 or step == config.train.steps
+             or _wall_clock_due(last_save, config.train.checkpoint_every_s, step, config.train.log_every))
+            and checkpoint.save(manager, step, state, train_iter, config)):
+          saved_step, last_save = step, time.monotonic()
+          if is_main:
+            bar.write(f"saved checkpoint at step {step}")
         if _stop_everywhere(stop, step, config.train.log_every):
-          checkpoint.save(manager, step, state, train_iter, config, force=True)
+          if saved_step != step:  # orbax refuses a second save of one step
+            checkpoint.save(manager, step, state, train_iter, config, force=True)
           manager.wait_until_finished()
           print(f"Stopped by signal at step {step}; checkpoint saved in {workdir}")
           break
