@@ -1,4 +1,4 @@
-"""TiDAR 1.5B: the Qwen2.5-1.5B shape, continually pretrained with the paper's recipe (TIDAR.md §3).
+"""TiDAR 1.5B: the Qwen2.5-1.5B shape, continually pretrained with the paper's recipe (docs/method.md §3).
 
     python -m tidar_jax.convert.from_hf --hf_dir=Qwen2.5-1.5B --out=ckpt/qwen2p5_1p5b
     python -m tidar_jax.train --config=configs/1p5b.py --config.init_from=ckpt/qwen2p5_1p5b \

@@ -1,4 +1,4 @@
-"""TiDAR 8B: the Qwen3-8B shape, block size 16, gradient checkpointing (TIDAR.md §3).
+"""TiDAR 8B: the Qwen3-8B shape, block size 16, gradient checkpointing (docs/method.md §3).
 
     python -m tidar_jax.train --config=configs/8b.py --dry_run
 """

@@ -58,7 +58,7 @@ def get_config() -> ConfigDict:
   c.train.steps = 300  # optimizer steps (about 7 minutes on 2 CPU cores)
   c.train.learning_rate = 3e-3  # peak learning rate
   c.train.min_learning_rate = 1e-4  # end of the cosine decay
-  c.train.warmup_steps = 30  # linear warmup steps
+  c.train.warmup_steps = 0.1  # linear warmup: a fraction of train.steps in (0, 1), or a whole number of steps
   c.train.weight_decay = 0.1  # AdamW decoupled weight decay
   c.train.adam_b1 = 0.9  # AdamW beta1
   c.train.adam_b2 = 0.95  # AdamW beta2
@@ -72,7 +72,8 @@ def get_config() -> ConfigDict:
   c.train.log_every = 10  # steps between metric lines
   c.train.eval_every = 100  # steps between validation evals
   c.train.eval_batches = 8  # validation batches per eval
-  c.train.checkpoint_every = 100  # steps between checkpoints
+  c.train.checkpoint_every = 0.25  # between checkpoints: a fraction of train.steps, or a whole number of steps
+  c.train.checkpoint_every_s = 600.0  # also checkpoint when this many seconds passed since the last one (0 = off)
   c.train.keep_checkpoints = 3  # checkpoints kept on disk
 
   c.mesh = ConfigDict()

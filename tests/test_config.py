@@ -4,6 +4,7 @@ import pytest
 
 from configs import tiny
 from tidar_jax import config as config_lib
+from tidar_jax.optimizer import learning_rate_schedule
 
 
 def test_tiny_config_is_valid():
@@ -33,7 +34,11 @@ def test_tiny_config_is_valid():
     ("train", "micro_batch_per_device", 0, "train.micro_batch_per_device=0"),
     ("train", "loss_chunk", 0, "train.loss_chunk=0: must be a positive integer"),
     ("train", "learning_rate", 0.0, "train.learning_rate=0.0"),
-    ("train", "warmup_steps", 10_000, "train.warmup_steps=10000"),
+    ("train", "warmup_steps", 10_000, "train.warmup_steps=10000: use a fraction of train.steps in (0, 1) or a whole "
+     "number of steps in [0, train.steps=300], e.g. --config.train.warmup_steps=0.1"),
+    ("train", "warmup_steps", 2.5, "train.warmup_steps=2.5: use a fraction"),
+    ("train", "checkpoint_every", 0, "train.checkpoint_every=0: use a whole number of steps >= 1 or a fraction"),
+    ("train", "checkpoint_every_s", -1, "train.checkpoint_every_s=-1: must be a number of seconds >= 0"),
     ("data", "window_shuffle", 0, "data.window_shuffle=0: must be a positive integer"),
     ("data", "local_code_roots", "stdlib,numpy", "data.local_code_roots='stdlib,numpy': use a comma-separated"),
 ])
@@ -66,3 +71,22 @@ def test_unknown_model_field():
     config_lib.validate(c)
   with pytest.raises(ValueError, match="num_expert"):
     config_lib.ModelConfig.from_config(c.model)
+
+
+def test_one_bad_field_is_one_line():
+  c = tiny.get_config()
+  c.train.steps = 0
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(c)
+  assert str(e.value) == "invalid config: train.steps=0: must be a positive integer"
+
+
+def test_step_counts_may_be_fractions_of_the_run():
+  """warmup_steps / checkpoint_every below 1 follow train.steps (tiny's 0.1 warmup: 30 of its 300 steps,
+  1 of a 10-step run), whole numbers are steps; the schedule peaks where the warmup ends."""
+  assert [config_lib.steps_of(v, 300) for v in (0.1, 0.25, 0, 30, 30.0, 0.001)] == [30, 75, 0, 30, 30, 1]
+  c = tiny.get_config()
+  c.train.steps = 10
+  config_lib.validate(c)  # tiny's defaults fit a 10-step run
+  lr = learning_rate_schedule(c.train)
+  assert float(lr(0)) == 0.0 and float(lr(1)) == pytest.approx(c.train.learning_rate)

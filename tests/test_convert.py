@@ -35,9 +35,8 @@ from tidar_jax.model import Transformer, init_params, rope_inv_freq
 from tidar_jax.optimizer import make_optimizer
 from tidar_jax.tokenizer import Tokenizer
 
-torch = pytest.importorskip("torch")  # the [hf] extra: torch, transformers, safetensors
+torch = pytest.importorskip("torch")  # the [hf] extra: torch, transformers
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from tidar_jax.convert import families, from_hf, to_hf  # noqa: E402

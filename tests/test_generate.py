@@ -1,9 +1,5 @@
 """`tidar_jax.generate`: library API and CLI on a random tiny model exported with a real tokenizer."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 from absl import app, flags
 
@@ -78,7 +74,7 @@ def test_cli_both_checks_greedy_identity(export_dir, capsys):
   assert gen.run(cli(f"--checkpoint={export_dir}", *prompt_flags, "--mode=both", f"--max_new_tokens={NEW}",
                      "--batch_size=2")) == 0
   out = capsys.readouterr().out
-  assert "both: greedy outputs identical (TiDAR == AR token for token on all 3 prompts)" in out
+  assert "both: greedy outputs identical (TiDAR == AR token for token on all 3 prompts, in float32)" in out
   for mode in gen.MODES:
     assert f"[{mode}] tokens=" in out and out.count(f"=== [{mode}] prompt") == 3
 
@@ -86,7 +82,8 @@ def test_cli_both_checks_greedy_identity(export_dir, capsys):
 def test_cli_int8_decode_weights_keep_the_greedy_identity(export_dir, capsys):
   assert gen.run(cli(f"--checkpoint={export_dir}", f"--prompt={PROMPTS[0]}", "--mode=both", "--decode_quant=int8",
                      f"--max_new_tokens={NEW}", "--batch_size=1")) == 0
-  assert "both: greedy outputs identical (TiDAR == AR token for token on all 1 prompts)" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "both: greedy outputs identical (TiDAR == AR token for token on all 1 prompts, in float32)" in out
 
 
 def test_cli_reads_a_prompts_file(export_dir, tmp_path, capsys):
@@ -99,17 +96,44 @@ def test_cli_reads_a_prompts_file(export_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--prompt=x", "--top_p=1.5"], r"--top_p must be in \(0, 1\]"),
+    (["--prompt=x", "--top_p=1.5"], r"--top_p must be in \(0, 1\] \(1 = off\), got 1.5; pass e.g. --top_p=0.9"),
     (["--prompt=x", "--temperature=-1"], r"--temperature must be a finite number >= 0"),
     ([], r"no prompts"),
+    (["--prompt=x", "--prompt="], r"--prompt is empty \(prompt 1\)"),
+    (["--prompt=x", "--max_new_tokens=0"], r"--max_new_tokens=0: must be at least 1"),
+    (["--prompt=x", "--batch_size=-1"], r"--batch_size=-1: must be at least 1"),
 ])
 def test_cli_bad_flags_are_usage_errors(export_dir, args, match):
   with pytest.raises(app.UsageError, match=match):
     gen.run(cli(f"--checkpoint={export_dir}", *args))
 
 
-def test_cli_entry_point_runs_as_a_module():
-  result = subprocess.run([sys.executable, "-m", "tidar_jax.generate", "--prompt=x"], capture_output=True,
-                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          timeout=120)
-  assert result.returncode != 0 and "--checkpoint is required" in result.stderr + result.stdout
+def _result(tokens):
+  return gen.GenerationResult("p", "", tokens, len(tokens), [len(tokens)], 0.0, "ar")
+
+
+def test_greedy_verdict_names_the_dtype_and_the_exact_check():
+  same, other = [_result([1, 2]), _result([3])], [_result([1, 2]), _result([4])]
+  assert gen.greedy_verdict(same, same, "float32") == (
+      0, "both: greedy outputs identical (TiDAR == AR token for token on all 2 prompts, in float32)")
+  code, line = gen.greedy_verdict(same, other, "bfloat16")
+  assert code == 1 and line == ("both: greedy MISMATCH: TiDAR differs from AR on prompts [1] (compared in bfloat16, "
+                                "whose rounding can split the two where the top two logits nearly tie; "
+                                "--dtype=float32 is the token-exact check)")
+  line = gen.greedy_verdict(same, same, "bfloat16")[1]
+  assert line.endswith("on all 2 prompts, in bfloat16; --dtype=float32 is the token-exact check)")
+
+
+def test_cli_warns_that_greedy_ignores_top_k_and_top_p(tmp_path, capsys):
+  with pytest.raises(FileNotFoundError):  # the warning comes before the checkpoint is read
+    gen.run(cli(f"--checkpoint={tmp_path / 'none'}", "--prompt=x", "--top_k=5", "--top_p=0.9"))
+  assert capsys.readouterr().err == ("warning: --temperature=0 decodes greedily, so --top_k/--top_p change nothing; "
+                                     "pass --temperature>0 (e.g. 0.8) to sample with them\n")
+
+
+def test_cli_dtype_overrides_the_checkpoint_compute_dtype(export_dir, monkeypatch):
+  seen = []
+  monkeypatch.setattr(gen, "generate", lambda params, config, *a, **k: seen.append(config.model.dtype) or [])
+  monkeypatch.setattr(gen, "summary", lambda results: "")
+  gen.run(cli(f"--checkpoint={export_dir}", "--prompt=x", "--mode=ar", "--dtype=bfloat16"))
+  assert seen == ["bfloat16"]

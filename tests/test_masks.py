@@ -1,4 +1,4 @@
-"""Masks against an independent element-wise reading of TIDAR.md §1-2."""
+"""Masks against an independent element-wise reading of docs/method.md §1-2."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from tidar_jax import masks
 
 
 def expected_training(i: int, j: int, L: int, k: int) -> bool:
-  """Rule text of TIDAR.md §1, one pair at a time (deliberately not vectorised like the builder)."""
+  """Rule text of docs/method.md §1, one pair at a time (deliberately not vectorised like the builder)."""
   q_clean, k_clean = i < L, j < L
   if q_clean:
     return k_clean and j <= i

@@ -1,8 +1,10 @@
-"""End-to-end training: exact resume (data order included), corrupt-checkpoint fallback, SIGTERM,
-gradient accumulation, bad workdir. A small text_files corpus keeps each run to seconds.
+"""End-to-end training: exact resume (data order included), corrupt-checkpoint fallback, the CLI
+killed (SIGKILL) and resumed, SIGTERM, quiet logs, gradient accumulation, bad workdir. A small
+text_files corpus keeps each run to seconds.
 Most of each run is XLA compilation: the module compiles without XLA's expensive backend
 optimisations (conftest.fast_compile; every comparison here is between runs compiled the same way)."""
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from tidar_jax import checkpoint, train
+from tidar_jax import checkpoint, metrics, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Packed windows shuffled together. Not the tiny config's 1024, whose first window alone tokenizes
@@ -89,7 +91,7 @@ def test_resume_after_corrupt_latest_is_exact(uninterrupted, capsys):
         fh.write(b"garbage")
   out2 = train.train_and_evaluate(config, str(resumed_dir))
   captured = capsys.readouterr().out
-  assert "checkpoint step 4 is unreadable" in captured and "Resumed from" in captured and "at step 2" in captured
+  assert "checkpoint step 4 is unreadable" in captured and "resumed from step 2 in " in captured
   _assert_trees_equal(_params(out["state"]), _params(out2["state"]))
   assert out2["last_eval"]["eval_ar_loss"] == out["last_eval"]["eval_ar_loss"]
 
@@ -134,30 +136,101 @@ def test_missing_checkpoint_dir_error(tmp_path):
     checkpoint.load_for_inference(str(tmp_path))
 
 
-def test_sigterm_leaves_restorable_checkpoint(uninterrupted, tmp_path):
-  base, _, _ = uninterrupted
-  workdir = tmp_path / "run"
+def _cli_run(workdir, data_dir, log):
+  """`python -m tidar_jax.train` of the tiny config shrunk to seconds, endless (it stops when killed),
+  a checkpoint every 4 steps; stdout and stderr go to files named `log`.out/.err."""
   cmd = [sys.executable, "-m", "tidar_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
          "--config.data.dataset=text_files", f"--config.data.source={ROOT}/tidar_jax",
          f"--config.data.window_shuffle={WINDOW_SHUFFLE}",
-         f"--config.data.data_dir={base / 'data'}", "--config.data.validation_fraction=0.2",
-         "--config.model.vocab_size=384", "--config.model.d_model=32", "--config.model.num_layers=2",
+         f"--config.data.data_dir={data_dir}", "--config.data.validation_fraction=0.2",
+         "--config.model.vocab_size=384", "--config.model.d_model=32", "--config.model.num_layers=1",
          "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
          "--config.model.mlp_dim=64", "--config.tidar.block_size=4", "--config.train.seq_len=32",
-         "--config.train.batch_size=4", "--config.train.steps=100000", "--config.train.warmup_steps=1",
-         "--config.train.log_every=1", "--config.train.eval_every=100000", "--config.train.eval_batches=1",
-         "--config.train.checkpoint_every=100000"]
+         "--config.train.batch_size=4", "--config.train.steps=100000", "--config.train.log_every=1",
+         "--config.train.eval_every=100000", "--config.train.eval_batches=1",
+         "--config.train.checkpoint_every=4"]
   # One device; compiled like this module's in-process runs (conftest.fast_compile).
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  metrics = workdir / "metrics.jsonl"
+  with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+
+
+def _logged_steps(workdir):
+  """The steps of metrics.jsonl's train lines so far (a line being written is skipped)."""
+  path, steps = workdir / "metrics.jsonl", []
+  for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if "loss" in record:
+      steps.append(record["step"])
+  return steps
+
+
+def _wait_for_step(proc, workdir, step, log):
+  """Polls until metrics.jsonl has the train line of `step` (or a later one)."""
   deadline = time.time() + 240
-  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-    assert proc.poll() is None, proc.stdout.read()
-    time.sleep(0.5)
-  proc.send_signal(signal.SIGTERM)
-  output, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, output
-  assert "Stopped by signal" in output
+  while time.time() < deadline:
+    assert proc.poll() is None, open(f"{log}.out").read() + open(f"{log}.err").read()
+    if max(_logged_steps(workdir), default=0) >= step:
+      return
+    time.sleep(0.02)
+  raise TimeoutError(f"no step {step} in {workdir}/metrics.jsonl after 240 s")
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+  """The CLI killed with SIGKILL a step past its first checkpoint (step 4; the next one needs three
+  more steps and a save, time enough for the kill to land first), then rerun in the same workdir
+  and stopped with SIGTERM a few steps after resuming. A fresh data dir: the first run prepares the
+  corpus as a first run of the README's quickstart does."""
+  base = tmp_path_factory.mktemp("killed")
+  workdir, logs = base / "run", [str(base / "first"), str(base / "second")]
+  first = _cli_run(workdir, base / "data", logs[0])
+  _wait_for_step(first, workdir, 5, logs[0])
+  first.kill()
+  first.wait()
+  killed_at = _logged_steps(workdir)
+  second = _cli_run(workdir, base / "data", logs[1])
+  _wait_for_step(second, workdir, killed_at[-1] + 2, logs[1])
+  second.send_signal(signal.SIGTERM)
+  second.wait(timeout=120)
+  outputs = [(open(f"{log}.out").read(), open(f"{log}.err").read()) for log in logs]
+  return workdir, killed_at, second.returncode, outputs
+
+
+def test_killed_run_resumes_from_its_checkpoint(killed_and_resumed):
+  _, killed_at, _, [(first, _), (second, _)] = killed_and_resumed
+  assert "starting fresh: no checkpoint in " in first and "saved checkpoint at step 4\n" in first
+  resumed = int(second.split("resumed from step ", 1)[1].split()[0])
+  assert resumed % 4 == 0 and 4 <= resumed <= killed_at[-1]
+
+
+def test_metrics_after_resume_tell_one_history(killed_and_resumed):
+  workdir, killed_at, _, _ = killed_and_resumed
+  assert killed_at[-1] % 4, "killed right at a checkpoint: no lines past it to drop"  # the test's premise
+  records = metrics.read_jsonl(str(workdir / "metrics.jsonl"))
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > killed_at[-1]
+  assert [r["step"] for r in records if "eval_ar_loss" in r] == [0]
+
+
+def test_sigterm_leaves_restorable_checkpoint(killed_and_resumed):
+  workdir, _, returncode, [_, (second, _)] = killed_and_resumed
+  assert returncode == 0, second
+  stopped = int(second.split("Stopped by signal at step ", 1)[1].split(";")[0])
   params, cfg, _ = checkpoint.load_for_inference(str(workdir))
   assert cfg.train.steps == 100000 and jax.tree.leaves(params)
+  assert stopped in checkpoint.make_manager(str(workdir), max_to_keep=3).all_steps()
+
+
+def test_default_run_logs_no_info_or_third_party_lines(killed_and_resumed):
+  """stderr holds the progress bar and nothing else: no absl-format lines (`I1204 21:24:56.05 ...`),
+  no orbax or tfds chatter, not JAX's TPU probe."""
+  _, _, _, outputs = killed_and_resumed
+  for stdout, stderr in outputs:
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and all(line.startswith("train:") for line in lines), lines[:20]
+    assert "Downloading and preparing" not in stdout + stderr
+  assert "preparing the text_files corpus in" in outputs[0][0]

@@ -132,30 +132,38 @@ def _params_here(manager: ocp.CheckpointManager, step: int) -> ocp.args.PyTreeRe
                                 partial_restore=True)
 
 
-def load_for_inference(path: str) -> tuple[Any, ml_collections.ConfigDict, Any]:
-  """(params, config, tokenizer) from an export directory or a training workdir (latest step)."""
+def load_for_inference(path: str, flag: str = "--checkpoint") -> tuple[Any, ml_collections.ConfigDict, Any]:
+  """(params, config, tokenizer) from an export directory or a training workdir (latest step).
+  `flag`: the command-line flag that gave `path`, named in the errors."""
   from tidar_jax.tokenizer import Tokenizer
 
   path = os.path.abspath(os.path.expanduser(path))
-  _require(path, "checkpoint directory", "check the --checkpoint path")
+  _require(path, "checkpoint directory", f"check the {flag} path")
   if os.path.isdir(os.path.join(path, "params")):
     with open(os.path.join(path, CONFIG_FILE)) as f:
       config = config_from_json(json.load(f))
     params = load_params(path)
   elif os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-    # PyTree (not Standard) handling of the state: it reads the metadata and restores a subtree.
+    import grain
+
+    # PyTree (not Standard) handling of the state: it reads the metadata and restores a subtree. Every
+    # item has its handler, `data` too, though it is not read: orbax warns about items it cannot
+    # handle. Not read_only=True, which warns on every use; create=False and no saves leave the
+    # directory as it is (a run may be writing it).
     manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINT_DIR),
-                                    options=ocp.CheckpointManagerOptions(read_only=True),
+                                    options=ocp.CheckpointManagerOptions(create=False, save_interval_steps=0),
                                     item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                   "config": ocp.JsonCheckpointHandler()})
+                                                   "config": ocp.JsonCheckpointHandler(),
+                                                   "data": grain.checkpoint.CheckpointHandler()})
     step = manager.latest_step()
     if step is None:
-      raise FileNotFoundError(f"no checkpoint under {path}/{CHECKPOINT_DIR}: train first, or pass an export")
+      raise FileNotFoundError(f"{flag}={path}: no checkpoint under {CHECKPOINT_DIR}/ yet; train first, or pass "
+                              "an export")
     restored = manager.restore(step, args=ocp.args.Composite(state=_params_here(manager, step),
                                                              config=ocp.args.JsonRestore()))
     params, config = restored.state["params"], config_from_json(restored.config)
   else:
-    raise FileNotFoundError(f"{path} holds neither an export (params/) nor training checkpoints "
+    raise FileNotFoundError(f"{flag}={path} holds neither an export (params/) nor training checkpoints "
                             f"({CHECKPOINT_DIR}/): pass a --workdir of tidar_jax.train or an export dir")
   tok_path = os.path.join(path, TOKENIZER_FILE)
   _require(tok_path, "tokenizer.json", "the checkpoint directory must hold the tokenizer it was trained with")

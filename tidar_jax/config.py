@@ -85,7 +85,7 @@ class ModelConfig:
     cfg = cls(**raw)
     errors = model_errors(cfg)
     if errors:
-      raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+      raise ValueError(_invalid(errors))
     return cfg
 
 
@@ -165,8 +165,17 @@ def config_errors(config: Any) -> list[str]:
                   "exist at once; e.g. 1024)")
   if not tr.learning_rate > 0:
     errors.append(f"train.learning_rate={tr.learning_rate!r}: must be > 0")
-  if tr.warmup_steps < 0 or (isinstance(tr.steps, int) and tr.warmup_steps > tr.steps):
-    errors.append(f"train.warmup_steps={tr.warmup_steps!r}: must lie in [0, train.steps]")
+  steps = tr.steps if isinstance(tr.steps, int) and tr.steps >= 1 else None
+  if not _is_step_count(tr.warmup_steps) or (steps and tr.warmup_steps > steps):
+    errors.append(f"train.warmup_steps={_shown(tr.warmup_steps)}: use a fraction of train.steps in (0, 1) or a whole "
+                  f"number of steps in [0, train.steps={tr.steps}], e.g. --config.train.warmup_steps=0.1 "
+                  "(10% of the steps)")
+  if not _is_step_count(tr.checkpoint_every) or tr.checkpoint_every == 0:
+    errors.append(f"train.checkpoint_every={_shown(tr.checkpoint_every)}: use a whole number of steps >= 1 or a "
+                  "fraction of train.steps in (0, 1), e.g. --config.train.checkpoint_every=0.25")
+  if not (_is_number(tr.checkpoint_every_s) and tr.checkpoint_every_s >= 0):
+    errors.append(f"train.checkpoint_every_s={_shown(tr.checkpoint_every_s)}: must be a number of seconds >= 0 "
+                  "(0 turns the wall-clock checkpoints off), e.g. --config.train.checkpoint_every_s=600")
   data = config.get("data") if hasattr(config, "get") else None
   shuffle = data.get("window_shuffle", 1) if data is not None else 1
   if not isinstance(shuffle, int) or shuffle < 1:
@@ -183,5 +192,31 @@ def validate(config: Any) -> ModelConfig:
   """Raises one ValueError listing every bad field; returns the static model config."""
   errors = config_errors(config)
   if errors:
-    raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    raise ValueError(_invalid(errors))
   return ModelConfig(**dict(config.model))
+
+
+def _invalid(errors: list[str]) -> str:
+  """One line for one bad field (the common case), one line per field for several."""
+  return "invalid config: " + errors[0] if len(errors) == 1 else "invalid config:\n  " + "\n  ".join(errors)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+  """A value as the user typed it: these float fields hold --config...=300 as 300.0."""
+  return repr(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
+
+
+def _is_step_count(value: Any) -> bool:
+  """What `steps_of` reads: a fraction in (0, 1), or a whole number of steps >= 0 (30 or 30.0)."""
+  return _is_number(value) and value >= 0 and (value < 1 or float(value).is_integer())
+
+
+def steps_of(value: float, steps: int) -> int:
+  """A step count written as steps or as a fraction of the run (`train.warmup_steps`,
+  `train.checkpoint_every`): 0.1 is 10% of `steps` (at least 1), 30 or 30.0 is 30 steps. Fractions let
+  a config's defaults follow a changed train.steps."""
+  return max(1, round(value * steps)) if 0 < value < 1 else int(value)

@@ -8,15 +8,13 @@ Writes a params-only orbax checkpoint with config.json and tokenizer.json beside
 
 from __future__ import annotations
 
-import sys
-
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from tidar_jax import checkpoint
 
 def export(workdir: str, out: str, dtype: str = "float32") -> None:
-  params, config, tokenizer = checkpoint.load_for_inference(workdir)
+  params, config, tokenizer = checkpoint.load_for_inference(workdir, flag="--workdir")
   config.model.param_dtype = dtype
   checkpoint.save_inference(out, params, config, tokenizer, dtype=getattr(jnp, dtype))
 
@@ -24,17 +22,15 @@ def export(workdir: str, out: str, dtype: str = "float32") -> None:
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  try:
-    export(f.workdir, f.out, f.dtype)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  export(f.workdir, f.out, f.dtype)
   print(f"exported {f.workdir} -> {f.out} ({f.dtype})")
 
 
 if __name__ == "__main__":
+  from tidar_jax import cli
+
   # Defined here, not at import: `train` defines --workdir too, and tests import both.
   flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).", required=True)
   flags.DEFINE_string("out", None, "Output directory of the export.", required=True)
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Stored weight dtype.")
-  app.run(main)
+  cli.run(main)

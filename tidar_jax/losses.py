@@ -1,4 +1,4 @@
-"""TiDAR dual objective (TIDAR.md §1): AR next-token loss on the clean half, same-position
+"""TiDAR dual objective (docs/method.md §1): AR next-token loss on the clean half, same-position
 diffusion loss on the fully masked half, combined as (alpha * L_AR + L_diff) / (1 + alpha).
 
 `objective="ar"` runs the same code path without the mask half: the AR-only baseline.

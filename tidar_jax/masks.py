@@ -1,6 +1,6 @@
 """Static boolean attention masks (True = query row may attend to key column), built once with numpy.
 
-Conventions are fixed by ../shared/TIDAR.md: §1 for the doubled training sequence, §2 for the
+Conventions are fixed by docs/method.md: §1 for the doubled training sequence, §2 for the
 decode step. Every mask here is a constant under jit; callers slice it with static indices.
 """
 
@@ -19,7 +19,7 @@ def causal_mask(length: int) -> np.ndarray:
 
 @functools.cache
 def training_mask(seq_len: int, block_size: int) -> np.ndarray:
-  """[2L, 2L] mask over `[x_0..x_{L-1}, M..M]` (TIDAR.md §1).
+  """[2L, 2L] mask over `[x_0..x_{L-1}, M..M]` (docs/method.md §1).
 
   clean i -> clean j: j <= i; clean never sees mask. Mask at position i in block b = i // k:
   sees clean j < b*k and the mask tokens of its own block (bidirectional), nothing else.
@@ -99,7 +99,7 @@ def mask_half_chunks(seq_len: int, block_size: int, chunk: int) -> tuple[np.ndar
 
 @functools.cache
 def decode_step_mask(block_size: int) -> np.ndarray:
-  """[T, T], T = k + k², among the new tokens of one TiDAR step (TIDAR.md §2).
+  """[T, T], T = k + k², among the new tokens of one TiDAR step (docs/method.md §2).
 
   Index layout: 0..k-1 verification `[t_0, d_1..d_{k-1}]` (causal); then k draft blocks, block a at
   indices k + a*k .. k + a*k + k - 1, seeing verification 0..a and its own block only. Attention to

@@ -7,11 +7,14 @@ from typing import Any
 import jax
 import optax
 
+from tidar_jax.config import steps_of
+
 
 def learning_rate_schedule(train_cfg: Any) -> optax.Schedule:
+  warmup = steps_of(train_cfg.warmup_steps, train_cfg.steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps,
-      decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1), end_value=train_cfg.min_learning_rate)
+      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(train_cfg.steps, warmup + 1), end_value=train_cfg.min_learning_rate)
 
 
 def _decay_mask(params: Any) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable
 
@@ -19,11 +18,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from tidar_jax import batch_plan, checkpoint, flops, memory_fit, sharding, train_step
-from tidar_jax.config import ModelConfig, validate
+from tidar_jax.config import ModelConfig, steps_of, validate
 from tidar_jax.metrics import MetricsWriter
 from tidar_jax.optimizer import make_optimizer
 
@@ -75,6 +73,22 @@ def _stop_everywhere(flag: _StopFlag, step: int, every: int) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag.requested]))))
 
 
+def _wall_clock_due(since: float, every_s: float, step: int, sync_every: int) -> bool:
+  """Whether `every_s` seconds passed since the last save (`since`, time.monotonic). Every process must
+  save at the same step: with several, process 0's clock decides, at logging boundaries only (agreeing
+  costs a sync), as for the stop flag."""
+  if every_s <= 0:
+    return False
+  due = time.monotonic() - since >= every_s
+  if jax.process_count() == 1:
+    return due
+  if step % sync_every:
+    return False
+  from jax.experimental import multihost_utils
+
+  return bool(multihost_utils.broadcast_one_to_all(np.array(due)))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training; returns {'first_eval', 'last_eval', 'step', 'params'}."""
   from tidar_jax import data
@@ -118,10 +132,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager = checkpoint.make_manager(workdir, max_to_keep=config.train.keep_checkpoints,
                                     async_save=jax.default_backend() != "cpu")
   restored = checkpoint.restore_latest(manager, abstract_unboxed, train_iter)
+  if is_main:  # one line either way: a rerun that silently started over was a trap
+    print(f"resumed from step {restored[0]} in {manager.directory}" if restored is not None
+          else f"starting fresh: no checkpoint in {manager.directory}", flush=True)
   if restored is not None:
     start_step, state = restored
-    logging.info("resumed from step %d", start_step)
-    print(f"Resumed from {workdir} at step {start_step}")
   else:
     start_step = 0
     state = train_step.create_train_state(model_cfg, tx, config.seed, state_shardings)
@@ -137,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         in_shardings=(state_shardings["params"], batch_sharding))
     to_device = functools.partial(data.to_global_array, sharding=batch_sharding)
 
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main, keep_through=start_step if restored is not None else -1)
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
     first_eval = evaluate(eval_step, state["params"], eval_batches, to_device) if start_step == 0 else None
@@ -148,6 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     speed = _Speedometer(model_cfg, config, jax.device_count())
     bar = tqdm(total=config.train.steps, initial=start_step, disable=not is_main, desc="train", unit="step")
     last_eval, last_loss, step, t0 = None, None, start_step, time.perf_counter()
+    checkpoint_every = steps_of(config.train.checkpoint_every, config.train.steps)
+    saved_step, last_save = None, time.monotonic()
     try:
       for step in range(start_step + 1, config.train.steps + 1):
         tokens = to_device(next(train_iter)["tokens"])
@@ -165,10 +182,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.train.eval_every == 0 or step == config.train.steps:
           last_eval = evaluate(eval_step, state["params"], eval_batches, to_device)
           writer.write(step, last_eval)
-        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
-          checkpoint.save(manager, step, state, train_iter, config)
+        if ((step % checkpoint_every == 0 or step == config.train.steps
+             or _wall_clock_due(last_save, config.train.checkpoint_every_s, step, config.train.log_every))
+            and checkpoint.save(manager, step, state, train_iter, config)):
+          saved_step, last_save = step, time.monotonic()
+          if is_main:
+            bar.write(f"saved checkpoint at step {step}")
         if _stop_everywhere(stop, step, config.train.log_every):
-          checkpoint.save(manager, step, state, train_iter, config, force=True)
+          if saved_step != step:  # orbax refuses a second save of one step
+            checkpoint.save(manager, step, state, train_iter, config, force=True)
           manager.wait_until_finished()
           print(f"Stopped by signal at step {step}; checkpoint saved in {workdir}")
           break
@@ -245,38 +267,42 @@ def _print_eval(label: str, step: int, ev: dict[str, float], is_main: bool) -> N
   print(line, flush=True)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config (a Python file with get_config()).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl, TensorBoard events and the tokenizer.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print params, per-device memory and shardings; allocate nothing.")
-_DRY_RUN_MESH = flags.DEFINE_string("dry_run_mesh", "", "With --dry_run: data,fsdp,tensor sizes of a mesh to "
-                                    "size (e.g. 1,64,1), which may exceed the current devices.")
-_DRY_RUN_DEVICE_GB = flags.DEFINE_float("dry_run_device_gb", None, "With --dry_run: memory per device in GiB "
-                                         "(default: this accelerator's, else 80, an H100).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+def define_flags() -> None:
+  """The CLI's flags, defined when run as a program: not at import, because benchmarks.reproduce and
+  the tests import this module, and ml_collections reads --config.* overrides from sys.argv as soon
+  as the flag is defined."""
+  from tidar_jax import cli
+
+  cli.define_config_file("config", "configs/tiny.py", "Training config (a Python file with get_config()).")
+  flags.DEFINE_string("workdir", "runs/tiny", "Checkpoints, metrics.jsonl, TensorBoard events and the tokenizer.")
+  flags.DEFINE_bool("dry_run", False, "Print params, per-device memory, the batch plan, shardings and a verdict; "
+                    "allocate nothing.")
+  flags.DEFINE_string("dry_run_mesh", "", "With --dry_run: data,fsdp,tensor sizes of a mesh to size (e.g. "
+                      "1,64,1), which may exceed the current devices.")
+  flags.DEFINE_float("dry_run_device_gb", None, "With --dry_run: memory per device in GiB (default: this "
+                     "accelerator's, else 80, an H100).")
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
+  flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-process run.")
+  flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; config fields go in --config.SECTION.FIELD=VALUE")
   from tidar_jax import distributed
 
-  distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  config = _CONFIG.value
-  try:
-    if _DRY_RUN.value:
-      from tidar_jax import dry_run
+  f = flags.FLAGS
+  distributed.maybe_initialize(f.coordinator_address, f.num_processes, f.process_id)
+  if f.dry_run:
+    from tidar_jax import dry_run
 
-      dry_run.report(config, dry_run.parse_mesh(_DRY_RUN_MESH.value), device_gb=_DRY_RUN_DEVICE_GB.value)
-      return
-    train_and_evaluate(config, _WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    dry_run.report(f.config, dry_run.parse_mesh(f.dry_run_mesh), device_gb=f.dry_run_device_gb)
+    return
+  train_and_evaluate(f.config, f.workdir)
 
 
 if __name__ == "__main__":
-  # `python -m tidar_jax.train` runs this file as __main__; modules that import tidar_jax.train
-  # (dry_run) must get this module, not a second copy that would define the flags again.
-  sys.modules.setdefault("tidar_jax.train", sys.modules[__name__])
-  app.run(main)
+  from tidar_jax import cli
+
+  define_flags()
+  cli.run(main)

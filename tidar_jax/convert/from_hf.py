@@ -37,7 +37,6 @@ import inspect
 import json
 import os
 import shutil
-import sys
 from typing import Any
 
 import flax.linen as nn
@@ -46,8 +45,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tokenizers
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 from safetensors import safe_open
 
 from tidar_jax import checkpoint
@@ -360,11 +358,7 @@ def convert(hf_dir: str, out: str, config: ml_collections.ConfigDict | None = No
 def main(argv: list[str]) -> None:
   del argv
   hf_dir, out = flags.FLAGS.hf_dir, flags.FLAGS.out
-  try:
-    config = convert(hf_dir, out, flags.FLAGS.config)
-  except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: the message says which
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  config = convert(hf_dir, out, flags.FLAGS.config)  # bad input, a missing file, a full disk: cli reports it
   m, hf = config.model, config.hf
   where = ("reusing padded HF rows" if m.vocab_size == hf.vocab_size
            else f"embedding grown from {hf.vocab_size} to {m.vocab_size} rows")
@@ -374,11 +368,13 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  from tidar_jax import cli
+
   # Flags live here, not at import: tests import from_hf and to_hf together, and both take --out.
   flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, safetensors, tokenizer.json).",
                       required=True)
   flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
-  config_flags.DEFINE_config_file("config", None, "Optional training config (a Python file with get_config()) "
-                                  "whose model shape matches the checkpoint; default: configs/tiny.py's sections "
-                                  "with the HF model.", lock_config=False)
-  app.run(main)
+  cli.define_config_file("config", None, "Optional training config (a Python file with get_config()) whose "
+                         "model shape matches the checkpoint; default: configs/tiny.py's sections with the HF "
+                         "model.", lock_config=False)
+  cli.run(main)

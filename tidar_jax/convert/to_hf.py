@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from safetensors.numpy import save_file
 
 from tidar_jax import checkpoint
@@ -110,7 +109,7 @@ def _tokenizer_json(tokenizer: Any, keep_ids: int | None) -> str:
 def export(ckpt: str, out: str, *, drop_mask_row: bool = False, model_type: str = "", dtype: str = "",
            max_shard_gb: float = 5.0) -> dict[str, Any]:
   """tidar_jax checkpoint -> HF model directory; returns the written config.json contents."""
-  params, config, tokenizer = checkpoint.load_for_inference(ckpt)
+  params, config, tokenizer = checkpoint.load_for_inference(ckpt, flag="--ckpt")
   params = jax.tree.map(np.asarray, params)  # {'params': ...}; once: each stacked leaf is sliced per layer below
   m = ModelConfig(**config.model.to_dict())
   origin: ml_collections.ConfigDict | None = config.get("hf")
@@ -147,17 +146,15 @@ def export(ckpt: str, out: str, *, drop_mask_row: bool = False, model_type: str 
 def main(argv: list[str]) -> None:
   del argv
   fl = flags.FLAGS
-  try:
-    hf_cfg = export(fl.ckpt, fl.out, drop_mask_row=fl.drop_mask_row, model_type=fl.model_type, dtype=fl.dtype,
-                    max_shard_gb=fl.max_shard_gb)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  hf_cfg = export(fl.ckpt, fl.out, drop_mask_row=fl.drop_mask_row, model_type=fl.model_type, dtype=fl.dtype,
+                  max_shard_gb=fl.max_shard_gb)
   print(f"exported {fl.ckpt} -> {fl.out} ({hf_cfg['model_type']}, {hf_cfg['vocab_size']} vocab rows, "
         f"{hf_cfg['dtype']})")
 
 
 if __name__ == "__main__":
+  from tidar_jax import cli
+
   # Flags live here, not at import: tests import from_hf and to_hf together, and both take --out.
   flags.DEFINE_string("ckpt", None, "tidar_jax checkpoint: a from_hf output, an export or a training workdir.",
                       required=True)
@@ -167,4 +164,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("model_type", "", "HF family (qwen2 | qwen3 | llama); default: the source's, or inferred.")
   flags.DEFINE_string("dtype", "", "Stored weight dtype (float32 | bfloat16 | float16); default: the source's.")
   flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors shard, in GiB.")
-  app.run(main)
+  cli.run(main)

@@ -218,6 +218,14 @@ class _LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def list_files(source: str) -> list[tuple[str, pathlib.Path]]:
     raise NotImplementedError
 
+  # tfds announces a download ("Downloading and preparing dataset Unknown size ...") and its end;
+  # nothing is downloaded here, so one line says what happens instead.
+  def _log_download_bytes(self) -> None:
+    print(f"preparing the {self.name} corpus in {self.data_dir} (once: later runs reuse it)", flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[str, dict[str, str]]]]:
     del dl_manager  # nothing to download
     files = self.list_files(self.builder_config.source)
@@ -304,6 +312,7 @@ def text_files_builder(data_dir: str, source: str, validation_fraction: float) -
 
 
 def _prepared(builder: _LocalCorpus) -> Corpus:
+  tfds.display_progress_bar(logging.level_info())  # tfds' per-split bars: only with INFO logs (--verbose)
   builder.download_and_prepare()  # a no-op once prepared
   splits = builder.as_data_source()
   return Corpus(train=TextSource(splits["train"]), validation=TextSource(splits["validation"]),

@@ -1,5 +1,5 @@
 """Autoregressive decoding: prefill, then one token per forward in a `lax.while_loop`, all under one
-`jax.jit` with fixed shapes (TIDAR.md §2: "AR decoding is the same loop with k = 1 and no draft
+`jax.jit` with fixed shapes (docs/method.md §2: "AR decoding is the same loop with k = 1 and no draft
 blocks"). It is the reference TiDAR must match exactly (greedy) or in distribution (sampling).
 """
 

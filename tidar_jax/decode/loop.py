@@ -2,7 +2,7 @@
 per-row key table, token emission (EOS and `max_new_tokens` truncation), freezing finished rows.
 
 Emission convention (both decoders): the generated sequence of a row is every token it has
-emitted; the newest one is `t_0` (TIDAR.md §2), not yet in the cache, so a row's cache length is
+emitted; the newest one is `t_0` (docs/method.md §2), not yet in the cache, so a row's cache length is
 always `prompt_length + generated - 1`. Rows stop at `max_new_tokens` or at an EOS (which is
 emitted); tokens past the end are `PAD_TOKEN`.
 """

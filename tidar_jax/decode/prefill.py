@@ -1,4 +1,4 @@
-"""Prefill shared by the AR and TiDAR decoders (TIDAR.md §2, "Prefill").
+"""Prefill shared by the AR and TiDAR decoders (docs/method.md §2, "Prefill").
 
 Right-padded prompts [batch, N] (N = the compiled bucket, row b has n_b real tokens) run causally,
 followed (TiDAR) by one block of k mask tokens at positions n_b .. n_b+k-1 that sees exactly its

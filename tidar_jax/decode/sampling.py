@@ -1,4 +1,4 @@
-"""Logits processing and the draft acceptance rule (TIDAR.md §2).
+"""Logits processing and the draft acceptance rule (docs/method.md §2).
 
 `process_logits` turns raw logits into the distribution a decoder samples from (temperature,
 then top-k, then top-p). The verifier's `p` (AR) and the drafter's `q` (diffusion) must both go

@@ -1,4 +1,4 @@
-"""TiDAR decoding: draft and verify in one forward per step (TIDAR.md §2), prefill plus one
+"""TiDAR decoding: draft and verify in one forward per step (docs/method.md §2), prefill plus one
 `lax.while_loop` under one `jax.jit`, fixed shapes, per-row acceptance.
 
 Each step feeds T = k + k² tokens: `[t_0, d_1 .. d_{k-1}]` at positions p .. p+k-1 (causal, over
