@@ -348,7 +348,10 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
 
   requested = batch_plan.requested_micro_batch(config.train)
   if requested == batch_plan.AUTO and measure:
-    micro, tried = memory_fit.choose_micro_batch(per_device_batch, total_at, budget, lambda b: f"{_gib(b)} GiB")
+    try:
+      micro, tried = memory_fit.choose_micro_batch(per_device_batch, total_at, budget, lambda b: f"{_gib(b)} GiB")
+    except ValueError:  # not even one sequence fits: report micro-batch 1, and the verdict says so
+      micro, tried = 1, {1: total_at(1)}
     plan = batch_plan.plan(config.train, d * f, micro, "auto: compiled at " + ", ".join(
         f"micro {m}: {_gib(b)} GiB" for m, b in sorted(tried.items())))
   elif requested == batch_plan.AUTO:
