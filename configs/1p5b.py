@@ -30,7 +30,7 @@ def get_config() -> ConfigDict:
   m.param_dtype = "float32"
   m.scan_layers = True
   m.remat = "dots"  # keep matmul outputs, recompute the rest: the doubled sequence needs it
-  m.attention = "auto"  # cuDNN flash attention on GPU (bf16), the dense reference elsewhere
+  m.attention = "auto"  # cuDNN flash attention on GPU (bf16), splash on TPU, the dense reference elsewhere
 
   c.tidar.block_size = 16  # the paper trains 4, 8 and 16; 16 drafts the most tokens per forward
   c.tidar.loss_alpha = 1.0

@@ -34,7 +34,7 @@ def get_config() -> ConfigDict:
   m.param_dtype = "float32"
   m.scan_layers = True
   m.remat = "none"  # activations of 32 x 2048 tokens x 12 layers fit an 80 GB H100 without recompute
-  m.attention = "auto"  # cuDNN flash attention on GPU (bf16), the dense reference elsewhere
+  m.attention = "auto"  # cuDNN flash attention on GPU (bf16), splash on TPU, the dense reference elsewhere
 
   c.tidar.block_size = 8  # the headline block size; reproduce --block-sizes adds 4 and 16
   c.tidar.loss_alpha = 1.0

@@ -132,10 +132,10 @@ def measured_once(monkeypatch):
   cache = {}
   real = dry_run._measure
 
-  def cached(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum):
-    key = (model_cfg, tuple(shape), per_device_batch, grad_accum)
+  def cached(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum, attention):
+    key = (model_cfg, tuple(shape), per_device_batch, grad_accum, attention)
     if key not in cache:
-      cache[key] = real(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum)
+      cache[key] = real(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum, attention)
     return cache[key]
 
   monkeypatch.setattr(dry_run, "_measure", cached)
@@ -173,3 +173,19 @@ def _compiled_totals(printed: str) -> dict[int, float]:
   """{micro-batch: GiB} from the plan line 'auto: compiled at micro 1: 51.393 GiB, micro 2: ...'."""
   line = [ln for ln in printed.splitlines() if ln.startswith("batch plan:")][-1]
   return {int(m): float(b) for m, b in re.findall(r"micro (\d+): ([0-9.]+) GiB", line)}
+
+
+def test_tpu_target_reports_splash_and_the_mask_sparsity(capsys):
+  """Sizing for a TPU chip from this machine: splash attention's memory modelled (no dense scores),
+  the chip's HBM, and the share of the training mask's blocks a block-sparse kernel skips."""
+  out = dry_run.report(importlib.import_module("configs.1p5b").get_config(), (1, 4, 1), measure=False,
+                       device="tpu-v5p")
+  printed = capsys.readouterr().out
+  assert out["device_gb"] == 95.0 and out["compiled_attention"] == "flash_footprint"
+  assert "device tpu-v5p (tpu) 95.0 GiB" in printed and "splash attention's memory, modelled" in printed
+  assert "training mask: 68.8% of its (512 x 512) (q, kv) blocks are empty" in printed
+  m = dry_run.validate(importlib.import_module("configs.1p5b").get_config())
+  assert dry_run._compiled_attention(m, "ar", "tpu") == "dense"  # splash takes only the TiDAR training mask
+  assert dry_run._compiled_attention(m, "tidar", "gpu") == "flash_footprint"  # cuDNN's, modelled
+  with pytest.raises(ValueError, match=r"--dry_run_device='tpu-v9': use one of"):
+    dry_run.report(tiny.get_config(), measure=False, device="tpu-v9")

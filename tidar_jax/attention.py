@@ -6,11 +6,15 @@ one fp32 softmax, so a decode step never copies the cache to append its new keys
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tidar_jax import masks
+from tidar_jax.kernels import splash_attention
 
 # A large finite negative instead of -inf: a fully masked query row (padding) gives a uniform
 # softmax instead of NaNs that would poison gradients through `where`.
@@ -18,9 +22,12 @@ MASKED = -1e30
 
 
 def auto_implementation(dtype) -> str:
-  """`attention="auto"`: cuDNN on a GPU in 16-bit dtypes (its flash kernels), else the dense einsum."""
-  on_gpu = jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
-  return "cudnn" if on_gpu else "dense"
+  """`attention="auto"`: cuDNN on a GPU in 16-bit dtypes (its flash kernels), splash attention on a
+  TPU (the TiDAR training attention; every other attention there is the dense einsum), else dense."""
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "splash"
+  return "cudnn" if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "dense"
 
 
 def dot_product_attention(
@@ -37,12 +44,27 @@ def dot_product_attention(
   if implementation == "auto":
     implementation = auto_implementation(q.dtype)
   if tidar_block:
+    if implementation == "splash":
+      return _splash_training_attention(q, k, v, tidar_block)
     return tidar_training_attention(q, k, v, tidar_block, implementation)
   if implementation == "cudnn" and cache_k is None:
     return _cudnn_attention(q, k, v, mask)
   if implementation == FLASH_FOOTPRINT and cache_k is None:
     return flash_footprint(q, k, v)
   return _dense_attention(q, k, v, mask, cache_k, cache_v, cache_lengths)
+
+
+def _splash_training_attention(q, k, v, block_size: int) -> jax.Array:
+  """Splash attention with the static training mask; under a mesh, one kernel per (batch, heads)
+  shard (shard_map: a Pallas call is not split by the compiler), as the q/k/v logical axes say."""
+  fn = functools.partial(splash_attention.tidar_splash_attention, block_size=block_size)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(q, k, v)
+  q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+  kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
+  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v)
 
 
 def _dense_attention(q, k, v, mask, cache_k, cache_v, cache_lengths):

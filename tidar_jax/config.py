@@ -15,7 +15,7 @@ from tidar_jax import batch_plan
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("dense", "cudnn", "auto")
+ATTENTION_IMPLS = ("dense", "cudnn", "splash", "auto")
 DECODE_QUANT = ("none", "int8")
 ROPE_TYPES = ("default", "linear", "llama3")
 OBJECTIVES = ("tidar", "ar")

@@ -49,6 +49,7 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from tidar_jax import batch_plan, memory_fit, sharding, train_step
 from tidar_jax.config import ModelConfig, validate
+from tidar_jax.kernels import splash_attention
 from tidar_jax.optimizer import make_optimizer
 
 GiB = 2**30
@@ -151,13 +152,13 @@ def _gib(n: float | None) -> str:
 
 
 def _measure(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules: Any,
-             shape: tuple[int, int, int], per_device_batch: int, grad_accum: int) -> dict[str, Any]:
+             shape: tuple[int, int, int], per_device_batch: int, grad_accum: int, attention: str) -> dict[str, Any]:
   """Lowers and compiles the real train step on `shape` (over the first devices); no allocation."""
   n = math.prod(shape)
   mesh = sharding.make_mesh(SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]),
                             devices=jax.devices()[:n])
   cfg = model_cfg if model_cfg.scan_layers else dataclasses.replace(model_cfg, scan_layers=True)
-  cfg = dataclasses.replace(cfg, attention=_compiled_attention(cfg))
+  cfg = dataclasses.replace(cfg, attention=attention)
   global_batch = per_device_batch * shape[0] * shape[1]
   sharding.check_divisibility(cfg, mesh, global_batch, rules)
   standin = config.copy_and_resolve_references()
@@ -180,23 +181,45 @@ def _measure(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules:
           "grad_bytes": _device_bytes(abstract["params"], state_shardings["params"])}
 
 
-def _compiled_attention(m: ModelConfig) -> str:
+# Accelerators a dry run can size for: platform and memory per device (GiB, as their allocators see it).
+DEVICES = {
+    "h100": ("gpu", 80.0), "h200": ("gpu", 140.0), "a100": ("gpu", 80.0), "b200": ("gpu", 180.0),
+    "tpu-v4": ("tpu", 32.0), "tpu-v5e": ("tpu", 16.0), "tpu-v5p": ("tpu", 95.0), "tpu-v6e": ("tpu", 32.0),
+}
+
+
+def target_device(name: str | None) -> tuple[str, str, float | None]:
+  """(name, platform, GiB) of `--dry_run_device` (default: this accelerator, else an H100)."""
+  if name is None:
+    backend = jax.default_backend()
+    if backend in ("gpu", "tpu"):
+      local = memory_fit.device_memory_bytes()
+      return jax.devices()[0].device_kind, backend, local / GiB if local else None
+    name = "h100"
+  if name not in DEVICES:
+    raise ValueError(f"--dry_run_device={name!r}: use one of {sorted(DEVICES)} (and --dry_run_device_gb for "
+                     "another memory size)")
+  return (name, *DEVICES[name])
+
+
+def _compiled_attention(m: ModelConfig, objective: str, platform: str) -> str:
   """The attention to compile for the memory estimate: the target platform's kernel.
 
-  A bf16 model's "auto" is cuDNN flash attention on a GPU. On a machine without one (a CPU dry
-  run), its memory is modelled by `attention.flash_footprint` (the tensors a flash kernel keeps,
-  no [q, k] scores) rather than by the dense reference, whose scores a GPU never materialises.
+  A bf16 model's "auto" is cuDNN flash attention on a GPU; on a TPU the TiDAR training attention is
+  splash attention. Where that kernel cannot be compiled (a CPU dry run), its memory is modelled by
+  `attention.flash_footprint` (the tensors a flash kernel keeps, no [q, k] scores) rather than by the
+  dense reference, whose scores the target never materialises.
   """
-  flash = m.attention == "cudnn" or (m.attention == "auto" and m.dtype in ("bfloat16", "float16"))
-  if flash and jax.default_backend() != "gpu":
+  kernel = m.attention
+  if kernel == "auto":
+    sixteen = m.dtype in ("bfloat16", "float16")
+    kernel = {"gpu": "cudnn" if sixteen else "dense", "tpu": "splash"}.get(platform, "dense")
+  if kernel == "splash" and objective != "tidar":
+    kernel = "dense"  # splash takes the static training mask; the AR objective's attention is dense
+  home = {"cudnn": "gpu", "splash": "tpu"}.get(kernel)
+  if home is not None and jax.default_backend() != home:
     return "flash_footprint"
-  return m.attention
-
-
-def _dense_attention(m: ModelConfig) -> bool:
-  if m.attention == "auto":
-    return not (jax.default_backend() == "gpu" and m.dtype in ("bfloat16", "float16"))
-  return m.attention == "dense"
+  return kernel
 
 
 def verdict(total: int | None, budget: int, device_gb: float, plan: batch_plan.BatchPlan, model_cfg: ModelConfig
@@ -221,7 +244,7 @@ def verdict(total: int | None, budget: int, device_gb: float, plan: batch_plan.B
 
 def _activations(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules: Any,
                  target: tuple[int, int, int], hypothetical: bool, per_device_batch: int, grad_accum: int,
-                 grad_bytes: int, p: Any) -> tuple[int | None, str, str, dict[str, Any] | None]:
+                 grad_bytes: int, attention: str, p: Any) -> tuple[int | None, str, str, dict[str, Any] | None]:
   # grad_bytes: the target's gradient buffer per device (sharded like the fp32 params)
   """(temp bytes per device, "measured" | "extrapolated" | "skipped", explanation, compile details)."""
   shape = _standin_shape(target, jax.device_count()) if hypothetical else target
@@ -230,7 +253,7 @@ def _activations(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, ru
   d, f, t = shape
   where = "the target mesh" if not hypothetical else f"a stand-in mesh data={d} fsdp={f} tensor={t}"
   p(f"compiling the train step on {where} (micro-batch {per_device_batch // grad_accum} x accum {grad_accum}) ...")
-  measured = _measure(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum)
+  measured = _measure(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum, attention)
   temp = measured["memory_analysis"].get("temp_size_in_bytes")
   secs = measured["compile_seconds"]
   if temp is None:
@@ -255,15 +278,16 @@ def _activations(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, ru
 
 
 def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
-           measure: bool = True, device_gb: float | None = None) -> dict[str, Any]:
+           measure: bool = True, device: str | None = None, device_gb: float | None = None) -> dict[str, Any]:
   """Prints (and returns) parameter count, per-device memory, the batch plan, parameter shardings
   and a verdict: fits / does not fit on the device, with the remedy.
 
   mesh_shape: (data, fsdp, tensor) of a hypothetical mesh (any size); default: `config.mesh`,
   resolved against the current devices (explicit sizes beyond them count as hypothetical).
   measure: compile the train step for activations/temporaries (False: analytic numbers only).
-  device_gb: memory per device in GiB (default: this accelerator's, else 80); the plan may use
-  `memory_fit.MARGIN` of it.
+  device: a name from DEVICES (its platform's attention kernel and memory; default: this
+  accelerator, else an H100); device_gb: memory per device in GiB (default: the device's); the
+  plan may use `memory_fit.MARGIN` of it.
   """
   model_cfg = validate(config)
   rules = sharding.logical_rules(config.mesh)
@@ -321,23 +345,30 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
            else f"on the current {jax.default_backend()} devices")
   p(f"mesh: data={d} fsdp={f} tensor={t} = {n} devices ({where})")
   length = 2 * seq_len if config.tidar.objective == "tidar" else seq_len  # the model's input length
-  if device_gb is None:
-    local = memory_fit.device_memory_bytes() if jax.default_backend() != "cpu" else None
-    device_gb = local / GiB if local else 80.0
+  device_name, platform, known_gb = target_device(device)
+  device_gb = device_gb or known_gb or 80.0
   budget = int(memory_fit.MARGIN * device_gb * GiB)
-  out["device_gb"], out["budget_bytes"] = device_gb, budget
-  attn = _compiled_attention(model_cfg)
+  out["device"], out["device_gb"], out["budget_bytes"] = device_name, device_gb, budget
+  attn = _compiled_attention(model_cfg, config.tidar.objective, platform)
+  out["compiled_attention"] = attn
+  modelled = {"gpu": "cuDNN flash", "tpu": "splash"}.get(platform, "flash")
   p(f"batch: {batch} x {seq_len} tokens (the TiDAR input is {length} long) -> {per_device_batch} sequence(s) "
-    f"per device; device memory {device_gb:.1f} GiB (budget {memory_fit.MARGIN:.0%}: {_gib(budget)} GiB); "
-    f"attention compiled as {attn!r}" + (" (cuDNN flash attention's memory, modelled on this machine)"
-                                         if attn == "flash_footprint" else ""))
+    f"per device; device {device_name} ({platform}) {device_gb:.1f} GiB (budget {memory_fit.MARGIN:.0%}: "
+    f"{_gib(budget)} GiB); attention compiled as {attn!r}"
+    + (f" ({modelled} attention's memory, modelled on this machine)" if attn == "flash_footprint" else ""))
+  if config.tidar.objective == "tidar":
+    sparsity = splash_attention.block_sparsity(length, config.tidar.block_size)
+    out["mask_sparsity"] = sparsity
+    p(f"training mask: {sparsity['blocks_skipped']:.1%} of its ({sparsity['block']} x {sparsity['block']}) "
+      f"(q, kv) blocks are empty; a block-sparse kernel (splash on TPU) computes "
+      f"{sparsity['computed_fraction']:.1%} of the dense [{length}, {length}] scores")
 
   runs: dict[int, tuple] = {}
 
   def run_at(micro: int) -> tuple:
     if micro not in runs:
       runs[micro] = _activations(config, model_cfg, tx, abstract, rules, target, hypothetical, per_device_batch,
-                                 per_device_batch // micro, bytes_["params"], p)
+                                 per_device_batch // micro, bytes_["params"], attn, p)
     return runs[micro]
 
   def total_at(micro: int) -> int:
@@ -389,7 +420,7 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
   line = (f"  largest activations (micro-batch of {micro}): one loss chunk's fp32 logits [{micro}, {chunk}, "
           f"{m.vocab_size // t}] {_gib(logits)} GiB/device (train.loss_chunk={chunk}; the full [{micro}, {length}, "
           f"{m.vocab_size // t}] would be {_gib(micro * length * (m.vocab_size // t) * 4)} GiB)")
-  if _dense_attention(dataclasses.replace(m, attention=attn)):
+  if attn == "dense":
     scores = micro * (m.num_heads // t) * length**2 * 4
     out["dense_attention_scores_bytes"] = scores
     line += (f"; dense attention ({m.attention!r} on {jax.default_backend()}) fp32 scores [{micro}, "

@@ -279,8 +279,10 @@ def define_flags() -> None:
                     "allocate nothing.")
   flags.DEFINE_string("dry_run_mesh", "", "With --dry_run: data,fsdp,tensor sizes of a mesh to size (e.g. "
                       "1,64,1), which may exceed the current devices.")
-  flags.DEFINE_float("dry_run_device_gb", None, "With --dry_run: memory per device in GiB (default: this "
-                     "accelerator's, else 80, an H100).")
+  flags.DEFINE_string("dry_run_device", None, "With --dry_run: the accelerator to size for (h100, h200, a100, b200, "
+                      "tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e): its attention kernel and memory; default: this "
+                      "accelerator, else h100.")
+  flags.DEFINE_float("dry_run_device_gb", None, "With --dry_run: memory per device in GiB (default: the device's).")
   flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
   flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-process run.")
   flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
@@ -296,7 +298,8 @@ def main(argv: list[str]) -> None:
   if f.dry_run:
     from tidar_jax import dry_run
 
-    dry_run.report(f.config, dry_run.parse_mesh(f.dry_run_mesh), device_gb=f.dry_run_device_gb)
+    dry_run.report(f.config, dry_run.parse_mesh(f.dry_run_mesh), device=f.dry_run_device,
+                   device_gb=f.dry_run_device_gb)
     return
   train_and_evaluate(f.config, f.workdir)
 

@@ -155,7 +155,7 @@ def attention_kernel(setting: str, dtype: Any, step_mask: np.ndarray, max_len: i
     if (auto_implementation(dtype) == "cudnn" and batch * T <= SPLIT_KV_MAX_ROWS
         and split_kv_attention.supported(step_mask, max_len)):
       return "split_kv"
-    return auto_implementation(dtype)
+    return "cudnn" if auto_implementation(dtype) == "cudnn" else "dense"  # TPU: the XLA einsum
   return "cudnn" if setting == "cudnn" and jax.default_backend() == "gpu" else "dense"
 
 

@@ -1,0 +1,1 @@
+"""Pallas kernels, each beside the pure-jnp reference its tests compare it with."""
