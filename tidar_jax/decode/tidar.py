@@ -141,8 +141,8 @@ def _step(w: engine.DecodeWeights, st: _Static, key_table: jax.Array, forced: ja
   cache = cache_lib.with_lengths(written, p_new)
 
   block_index = accepted  # [batch]
-  if faults is not None:  # wrong_block: draft from the block of another outcome
-    block_index = jnp.where(faults == FAULTS.index("wrong_block"), (accepted + 1) % k, accepted)
+  if faults is not None:  # wrong_block: draft from the previous outcome's block (off by one; right at a = 0)
+    block_index = jnp.where(faults == FAULTS.index("wrong_block"), jnp.maximum(accepted - 1, 0), block_index)
   chosen = jnp.take_along_axis(blocks, block_index[:, None, None, None], axis=1)[:, 0]  # [batch, k, d_model]
   # Block a's offset 0 predicts t_0' (already chosen); offsets 1 .. k-1 draft positions p_new+1 ..
   drafts, q = _sample_rows(keys[:, 2], engine.logits(w, chosen[:, 1:]), st.sampling)
