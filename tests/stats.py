@@ -14,6 +14,9 @@ A check passes when every cell is within `sigmas`·σ + `slack` of its expectati
 chi-square goodness-of-fit test gives p > `min_pvalue`. Negative controls (a deliberately broken
 sampler must fail the same check) are what show that n is large enough for the check to mean
 something: write one for every distribution test.
+
+`decoding_law` gives the exact laws their logits processing (temperature, top-k, top-p) written
+again in plain numpy, so a bug in `sampling.process_logits` cannot cancel out of the comparison.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammaincc
+
+from tidar_jax.decode.sampling import SamplingParams
 
 # Cells whose expected count is below this are pooled into one cell for the chi-square test,
 # where the chi-square approximation of Pearson's statistic breaks down.
@@ -88,3 +93,27 @@ def assert_counts_match(counts, probs, what: str = "counts", **kwargs) -> None:
   """`check_counts`, raising AssertionError with the details when the counts do not fit."""
   result = check_counts(counts, probs, **kwargs)
   assert result.ok, f"{what} do not follow the expected law: {result.message}"
+
+
+def decoding_law(logits, sampling: SamplingParams) -> np.ndarray:
+  """The law a decoder samples from raw logits [..., V] under `sampling` (not greedy), float64 [..., V].
+
+  Written from the rule text, not from `sampling.process_logits`: divide by the temperature; keep a
+  token iff fewer than top_k tokens have a larger logit; then, on the renormalised law, keep a token
+  iff the tokens strictly more likely than it hold less than top_p (the smallest nucleus reaching
+  top_p, ties at either boundary kept).
+  """
+  if sampling.greedy:
+    raise ValueError("decoding_law is for sampling; greedy decoding is the argmax")
+  x = np.asarray(logits, np.float64) / sampling.temperature  # [..., V]
+  if sampling.top_k:
+    beaten_by = np.sum(x[..., None, :] > x[..., :, None], axis=-1)  # [..., V]: larger logits per token
+    x = np.where(beaten_by < sampling.top_k, x, -np.inf)
+  probs = np.exp(x - x.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  if sampling.top_p < 1.0:
+    more_likely = probs[..., None, :] > probs[..., :, None]  # [..., V, V]: [token, other]
+    mass_above = np.sum(np.where(more_likely, probs[..., None, :], 0.0), axis=-1)  # [..., V]
+    probs = np.where(mass_above < sampling.top_p, probs, 0.0)
+    probs /= probs.sum(-1, keepdims=True)
+  return probs

@@ -1,12 +1,16 @@
 """TiDAR sampling emits exactly the AR law: end-to-end through the decoder, on a tiny-vocab model.
 
 A random 8-token model whose AR and diffusion distributions both depend on the context decodes
-2^17 rows (one compiled program, one key per row) with k = 3 and max_new_tokens = 3. Two laws are
-checked against exact values computed by enumeration with uncached forwards over every prefix:
-- the joint law of the first 3 generated tokens == the AR law with the same logits processing;
-- the acceptance outcome: a1 (accepted drafts in the first step) when a1 >= 1 (the row is then
-  done), else (a1 = 0, a2) from the second step, whose drafts come from block 0 of the first.
-Broken decoders (`_fault`) must fail the same check: that is what shows 2^17 samples suffice.
+2^17 rows (one key per row) with k = 3 for three steps: `trace_tidar` runs the loop's own steps and
+returns the state after each, which is how the accepted count of each step is read. Two laws are
+checked against exact values computed by enumeration with uncached forwards over every prefix,
+processed by `stats.decoding_law` (numpy, independent of `sampling.process_logits`):
+- the joint law of the first 4 generated tokens == the AR law. Three steps emit at least 4
+  tokens; when the first step accepts both drafts, token 4 is its bonus token;
+- the joint law of (a1, a2), the drafts accepted by the first and the second step. The second
+  step's drafts come from block a1 of the first, so drafting from another block changes this law
+  while the token law stays exact (any proposal with its own q is exact).
+Broken decoders (`_faults`) must fail the same check: that is what shows 2^17 samples suffice.
 """
 
 import functools
@@ -21,20 +25,23 @@ import stats
 from test_decode_ar import random_params
 from tidar_jax import masks
 from tidar_jax.config import ModelConfig
-from tidar_jax.decode.sampling import SamplingParams, process_logits
-from tidar_jax.decode.tidar import generate_tidar
+from tidar_jax.decode.sampling import SamplingParams
+from tidar_jax.decode.tidar import trace_tidar
 from tidar_jax.model import Transformer
 
 V = 8
 CFG = ModelConfig(vocab_size=V, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
 MASK_ID = V - 1
 K = 3
-NEW = 3
+STEPS = 3  # decoder steps per row: each emits 1 .. K tokens, so three emit at least TOKENS
+TOKENS = 4  # generated tokens whose joint law is checked (token 4 is the bonus when a1 = K - 1)
+NEW = 1 + STEPS * K  # max_new_tokens: no row ends within STEPS steps (a finished row stops counting a)
 PROMPT = np.array([2, 5])
+CONTEXT = 5  # AR tokens after the prompt the laws need: a1 = 2 verifies e_2 after t_0 d_1 d_2 x e_1
 N_SAMPLES = 2**17
 TOP_K = SamplingParams(temperature=1.0, top_k=5)
 TOP_P = SamplingParams(temperature=1.0, top_p=0.8)
-OUTCOMES = ("a1=1", "a1=2", "a1=0,a2=0", "a1=0,a2=1", "a1=0,a2=2")
+OUTCOMES = tuple(f"a1={a1},a2={a2}" for a1 in range(K) for a2 in range(K))
 PARAMS = dict(seed=3, std=0.3)
 CONTROLS = ("always_accept", "residual_from_p", "wrong_q", "wrong_block")
 CONTROL_SAMPLES = 2**15  # per broken decoder: failing with fewer samples than N_SAMPLES is the stronger result
@@ -47,84 +54,96 @@ def params():
 
 
 def decode(params, sampling: SamplingParams, faults: list[str]):
-  """(first 3 tokens [rows, 3], acceptance outcome index [rows]) of one batched TiDAR run, one row
-  per entry of `faults` ("" = the correct decoder), one key per row. The rows are decoded CHUNK at a
-  time by one compiled program (the fault-knob one for every chunk if any row is broken): one call
-  over all 2^17-2^18 rows peaks near 20 GB of host memory (cache slots are padded to 128), a chunk
-  under 2 GB, at the same rows per second."""
+  """(first TOKENS tokens [rows, TOKENS], outcome index a1 * K + a2 [rows]) of one batched TiDAR run,
+  one row per entry of `faults` ("" = the correct decoder), one key per row. The rows are decoded
+  CHUNK at a time by one compiled program (the fault-knob one for every chunk if any row is broken):
+  one call over all 2^17-2^18 rows peaks near 20 GB of host memory (cache slots are padded to 128),
+  a chunk under 2 GB, at the same rows per second."""
   rows, n = len(faults), len(PROMPT)
   assert rows % CHUNK == 0, rows
   keys = jax.random.split(jax.random.key(11), rows)
   knob = any(faults)
   chunks = []
   for a in range(0, rows, CHUNK):
-    out = generate_tidar(params, CFG, np.broadcast_to(PROMPT, (CHUNK, n)), np.full(CHUNK, n), max_new_tokens=NEW,
-                         sampling=sampling, key=keys[a:a + CHUNK], eos_id=None, mask_id=MASK_ID, block_size=K,
-                         max_len=n + NEW + K + K * K, _faults=faults[a:a + CHUNK] if knob else None)
-    chunks.append([np.asarray(x) for x in (out.tokens, out.lengths, out.stats.accepted_hist)])
-  tokens, lengths, hist = (np.concatenate(x) for x in zip(*chunks))  # hist [rows, K]
-  steps = hist.sum(1)
-  assert np.all(lengths == NEW) and set(np.unique(steps)) <= {1, 2}
-  assert np.all(hist[steps == 1, 0] == 0)  # a1 = 0 leaves 2 < 3 tokens: a second step always follows
-  a2 = np.where(hist[:, 0] == 2, 0, np.argmax(hist[:, 1:], axis=1) + 1)
-  outcome = np.where(steps == 1, np.argmax(hist, axis=1) - 1, 2 + a2)
+    trace = trace_tidar(params, CFG, np.broadcast_to(PROMPT, (CHUNK, n)), np.full(CHUNK, n), steps=STEPS,
+                        max_new_tokens=NEW, sampling=sampling, key=keys[a:a + CHUNK], eos_id=None, mask_id=MASK_ID,
+                        block_size=K, max_len=n + NEW + K + K * K, _faults=faults[a:a + CHUNK] if knob else None)
+    per_step = np.diff(np.asarray(trace.accepted_hist), axis=0)  # [STEPS, CHUNK, K]: one-hot at each step's a
+    assert np.all(per_step.sum(-1) == 1) and np.all(np.asarray(trace.generated[-1]) >= TOKENS)
+    chunks.append((np.asarray(trace.out[-1, :, :TOKENS]), per_step[0].argmax(-1) * K + per_step[1].argmax(-1)))
+  tokens, outcome = (np.concatenate(x) for x in zip(*chunks))
   return tokens, outcome
 
 
 @jax.jit
 def model_logits(params):
-  """Uncached forwards for the enumeration: (ar [V^4, 5, V]: position n-1+j of every 4-token
-  continuation s predicts after prompt + s_1..s_j; q [K-1, V]: the prefill block's drafting offsets;
-  Q [V, K-1, V]: the same for block 0 of step 1, after prompt + t0, which drafts step 2)."""
+  """Uncached forwards for the enumeration: (ar [V^CONTEXT, CONTEXT + 1, V]: index j of every
+  continuation s gives the AR logits after prompt + s_1..s_j; blocks: for j = 0 .. K, [V^j, K-1, V],
+  the drafting offsets 1 .. K-1 of K masks after prompt + j tokens, every prefix of j tokens in
+  lexicographic order: j = 0 is the prefill's block, j = a + 1 block a of the first step)."""
   model = Transformer(CFG)
   n = len(PROMPT)
-  seqs = jnp.asarray(list(itertools.product(range(V), repeat=4)))  # [V^4, 4], lexicographic
+  seqs = jnp.asarray(list(itertools.product(range(V), repeat=CONTEXT)))  # [V^CONTEXT, CONTEXT]
   tokens = jnp.concatenate([jnp.broadcast_to(jnp.asarray(PROMPT), (len(seqs), n)), seqs], axis=1)
-  pos = jnp.broadcast_to(jnp.arange(n + 4)[None, :], tokens.shape)
-  logits, _ = model.apply(params, tokens, pos, jnp.asarray(masks.causal_mask(n + 4))[None])
+  pos = jnp.broadcast_to(jnp.arange(n + CONTEXT)[None, :], tokens.shape)
+  logits, _ = model.apply(params, tokens, pos, jnp.asarray(masks.causal_mask(n + CONTEXT))[None])
 
-  def block_logits(prefix):  # K masks after prompt + prefix [rows, j], which they see -> [rows, K-1, V]
-    rows, j = prefix.shape
-    toks = jnp.concatenate([jnp.broadcast_to(jnp.asarray(PROMPT), (rows, n)), prefix,
-                            jnp.full((rows, K), MASK_ID)], axis=1)
+  def block_logits(j):  # K masks after prompt + every prefix of j tokens, which they see -> [V^j, K-1, V]
+    prefix = jnp.asarray(list(itertools.product(range(V), repeat=j)), jnp.int32).reshape(V**j, j)
+    toks = jnp.concatenate([jnp.broadcast_to(jnp.asarray(PROMPT), (V**j, n)), prefix,
+                            jnp.full((V**j, K), MASK_ID)], axis=1)
     pos = jnp.broadcast_to(jnp.arange(n + j + K)[None, :], toks.shape)
     return model.apply(params, toks, pos, jnp.asarray(masks.prefill_mask(n + j, K))[None])[0][:, n + j + 1:]
 
-  return logits[:, n - 1:], block_logits(jnp.zeros((1, 0), jnp.int32))[0], block_logits(jnp.arange(V)[:, None])
+  return logits[:, n - 1:], [block_logits(j) for j in range(K + 1)]
+
+
+def first_step(p, q, a: int) -> np.ndarray:
+  """P(a1 = a, t_0, d_1 .. d_a, next token x) as [V]^(a+2): t_0 ~ p(0); draft d_i ~ q[i-1] passes with
+  min(1, p/q), so (draw and pass) has mass min(q, p); a rejection then draws x ~ max(0, p - q), whose
+  mass is also the rejection's probability; after all K-1 drafts x is the bonus ~ p."""
+  w = p(0)
+  for i in range(1, a + 1):
+    w = w[..., None] * np.minimum(q[i - 1], p(i))
+  return w[..., None] * (p(a + 1) if a == K - 1 else np.maximum(p(a + 1) - q[a], 0.0))
+
+
+def second_step_at_least(p, q, block, a: int) -> np.ndarray:
+  """[P(a1 = a, a2 >= b) for b = 0 .. K-1]: the second step verifies t_0' = x, then drafts e_i drawn
+  from block a of the first step (it saw t_0 d_1 .. d_a: `block` is [V]^(a+1) + [K-1, V])."""
+  w = first_step(p, q, a)  # [V]^(a+2): t_0 d_1 .. d_a, x
+  at_least = [w.sum()]
+  for i in range(1, K):
+    e = block[..., i - 1, :].reshape(block.shape[:a + 1] + (1,) * i + (V,))  # e_i's law; x, e_1 .. e_{i-1} broadcast
+    w = w[..., None] * np.minimum(e, p(a + 1 + i))
+    at_least.append(w.sum())
+  return np.array(at_least)
 
 
 @functools.cache  # per sampling setting
 def exact_laws(sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-  """(joint law of the first 3 tokens [V^3], acceptance outcome law [5]) by enumeration."""
-  logits = model_logits(random_params(CFG, **PARAMS))
-  ar, q, Q = (np.exp(np.asarray(process_logits(x, sampling), np.float64)) for x in logits)
-  ar = ar.reshape((V,) * 4 + (5, V))  # [s1..s4, j, next]
+  """(joint law of the first TOKENS tokens [V^TOKENS], (a1, a2) law [K * K]) by enumeration."""
+  ar, blocks = model_logits(random_params(CFG, **PARAMS))
+  ar = stats.decoding_law(ar, sampling).reshape((V,) * CONTEXT + (CONTEXT + 1, V))  # [s_1..s_5, j, next]
+  drafters = [stats.decoding_law(b, sampling).reshape((V,) * j + (K - 1, V)) for j, b in enumerate(blocks)]
 
   def p(j):  # p(. | prompt, s_1..s_j) as [V]*j + [V]
-    return ar[(slice(None),) * j + (0,) * (4 - j) + (j,)]
+    return ar[(slice(None),) * j + (0,) * (CONTEXT - j) + (j,)]
 
-  p0, p1, p2, p3 = p(0), p(1), p(2), p(3)
-  tokens_law = p0[:, None, None] * p1[:, :, None] * p2
-  # Step 1: t0 ~ p0; drafts d1, d2 ~ q independently; each accepted w.p. min(1, p/q) in turn.
-  ok1 = np.minimum(q[0][None, :], p1)  # [t0, d1]
-  ok2 = np.minimum(q[1][None, None, :], p2)  # [t0, d1, d2]
-  ge1 = np.einsum("t,td->", p0, ok1)
-  ge2 = np.einsum("t,td,tde->", p0, ok1, ok2)
-  # a1 = 0 with next token x: p0(t0) * max(0, p1(x) - q1(x)); then step 2 with drafts from Q[t0].
-  reject = p0[:, None] * np.maximum(p1 - q[0][None, :], 0.0)  # [t0, x]
-  ok1b = np.minimum(Q[:, None, 0, :], p2)  # [t0, x, e1]
-  ok2b = np.minimum(Q[:, None, None, 1, :], p3)  # [t0, x, e1, e2]
-  ge1b = np.einsum("tx,txe->", reject, ok1b)
-  ge2b = np.einsum("tx,txe,txef->", reject, ok1b, ok2b)
-  outcome_law = np.array([ge1 - ge2, ge2, reject.sum() - ge1b, ge1b - ge2b, ge2b])
+  tokens_law = p(0)
+  for j in range(1, TOKENS):
+    tokens_law = tokens_law[..., None] * p(j)
+  q = drafters[0]  # the prefill's drafts, independent of t_0
+  outcome_law = np.concatenate([-np.diff(np.append(second_step_at_least(p, q, drafters[a + 1], a), 0.0))
+                                for a in range(K)])
   return tokens_law.ravel(), outcome_law
 
 
 def check(tokens, outcome, sampling) -> tuple[stats.CountCheck, stats.CountCheck]:
-  """(first-3-tokens check, acceptance-outcome check) of decoded rows against the exact laws."""
+  """(first-tokens check, acceptance-outcome check) of decoded rows against the exact laws."""
   tokens_law, outcome_law = exact_laws(sampling)
-  joint = tokens[:, 0] * V * V + tokens[:, 1] * V + tokens[:, 2]
-  return (stats.check_counts(np.bincount(joint, minlength=V**3), tokens_law),
+  joint = np.ravel_multi_index(tuple(tokens.T), (V,) * TOKENS)
+  return (stats.check_counts(np.bincount(joint, minlength=V**TOKENS), tokens_law),
           stats.check_counts(np.bincount(outcome, minlength=len(OUTCOMES)), outcome_law))
 
 
@@ -140,9 +159,9 @@ def top_k_rows(params):
 
 def assert_exact(tokens, outcome, sampling):
   tokens_check, outcome_check = check(tokens, outcome, sampling)
-  assert tokens_check, f"first 3 tokens: {tokens_check.message}"
+  assert tokens_check, f"first {TOKENS} tokens: {tokens_check.message}"
   assert outcome_check, f"acceptance outcomes {OUTCOMES}: {outcome_check.message}"
-  assert exact_laws(sampling)[1].min() > 0.02  # every acceptance path is exercised
+  assert exact_laws(sampling)[1].min() > 0.05  # every (a1, a2) is exercised, the bonus path (a1 = K-1) too
 
 
 def test_top_k_sampling_has_the_exact_ar_law(top_k_rows):
@@ -150,7 +169,7 @@ def test_top_k_sampling_has_the_exact_ar_law(top_k_rows):
 
 
 def test_top_p_sampling_has_the_exact_ar_law(params):
-  """Through the production program (no fault knob compiled in)."""
+  """The program without the fault knob compiled in."""
   assert_exact(*decode(params, TOP_P, [""] * N_SAMPLES), TOP_P)
 
 

@@ -1,5 +1,6 @@
 """TiDAR decoder: greedy == AR token for token, oracle drafts (full acceptance), batch invariance,
-exact cache, beta mixing, one compile per shape, and input errors.
+exact cache, the drafts kept after a step (from the accepted outcome's block), beta mixing, one
+compile per shape, and input errors.
 
 Cases are batched: one call per (block size, EOS) decodes four prompts of different lengths with
 the model's drafts and the same four with oracle drafts, so the ~50 greedy cases cost one
@@ -7,6 +8,7 @@ compilation per block size. M = 15 new tokens: not a multiple of 2, 4 or 8, and 
 multiple of 4 or 8, so the last step of a fully accepted run is cut at max_new_tokens.
 """
 
+import functools
 import logging
 
 import jax
@@ -15,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import stats
 from test_decode_ar import (CFG, GREEDY, M_AR, MASK_ID, PROMPT_LENGTHS, full_forward, random_params,
                             random_prompts)
 from tidar_jax import masks
@@ -22,11 +25,15 @@ from tidar_jax.decode import cache as cache_lib
 from tidar_jax.decode import loop
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.sampling import SamplingParams
-from tidar_jax.decode.tidar import generate_tidar
+from tidar_jax.decode.tidar import generate_tidar, trace_tidar
 from tidar_jax.model import Transformer
 
 M = 15  # max_new_tokens of the TiDAR runs; the AR reference runs M_AR = M + 8 (oracle drafts past M)
 SAMPLED = SamplingParams(temperature=1.0, top_k=12)
+# Sampling at which this model's AR argmax has probability ~1 (its smallest top-2 logit gap on the
+# greedy path is ~0.09): a forced draft d passes with probability p(d), so only here can a sampled
+# first step be forced to accept exactly a; q is still a full top-k law, compared entry by entry.
+SHARP = SamplingParams(temperature=0.01, top_k=12)
 # Compilation is most of this module's time, the decoders then run for milliseconds: compiled without
 # XLA's expensive backend optimisations (conftest.fast_compile), which change no program.
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -230,6 +237,95 @@ def test_verify_beta_decodes_the_mixed_distribution(params, prompts, ar):
   assert not np.array_equal(out.tokens, np.asarray(ar[None].tokens)[:, :M])  # the mixture changes the output
 
 
+@functools.partial(jax.jit, static_argnames="k")
+def reference_block(params, committed, m, k: int):
+  """Uncached forward over committed tokens [R, W] (row r: its first m[r]) and k mask tokens at
+  positions m .. m+k-1 that see every committed token and each other, with the mask written here
+  (not taken from masks.py): (AR logits after the last committed token [R, vocab], the block's
+  diffusion logits [R, k, vocab])."""
+  R, W = committed.shape
+  tokens = jnp.concatenate([committed, jnp.full((R, k), MASK_ID, jnp.int32)], axis=1)  # [R, W+k]
+  pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(W)[None, :], (R, W)), m[:, None] + jnp.arange(k)[None, :]], axis=1)
+  query = jnp.arange(W + k)[None, :, None]  # [1, W+k, 1]
+  key = jnp.arange(W + k)[None, None, :]  # [1, 1, W+k]
+  seen = key < m[:, None, None]  # [R, 1, W+k]: the committed tokens
+  mask = jnp.where(query < W, seen & (key <= query), seen | (key >= W))  # [R, W+k, W+k]
+  logits, _ = Transformer(CFG).apply(params, tokens, pos, mask)
+  return jnp.take_along_axis(logits, (m - 1)[:, None, None], axis=1)[:, 0], logits[:, W:]
+
+
+def first_step_rows(prompts, lengths, oracle, k: int):
+  """Per prompt, one row left to the model, then one per outcome a = 0 .. k-1 that the first step must
+  reach: the prefill's drafts d_1 .. d_a forced to the AR greedy continuation `oracle` [batch, >= k]
+  and d_{a+1} to another token. Returns (prompts [R, N], lengths [R], forced drafts [R, N + k] with
+  -1 where the model drafts, the forced a [R] with -1 on the free rows)."""
+  N = prompts.shape[1]
+  rows, forced_a, tables = [], [], []
+  for r, n in enumerate(lengths):
+    for a in range(-1, k):
+      table = np.full(N + k, -1, np.int32)
+      if a >= 0:
+        table[n + 1:n + a + 1] = oracle[r, 1:a + 1]  # the token at position n + j is oracle[r, j]
+        if a < k - 1:
+          table[n + a + 1] = (oracle[r, a + 1] + 1) % MASK_ID
+      rows.append(r)
+      forced_a.append(a)
+      tables.append(table)
+  rows = np.array(rows)
+  return prompts[rows], lengths[rows], np.stack(tables), np.array(forced_a)
+
+
+def committed_rows(prompts, lengths, new_tokens, counts, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each prompt followed by its first counts[r] new tokens, right-padded to `width`: (tokens [R, width],
+  committed lengths [R])."""
+  tokens = np.zeros((len(lengths), width), np.int32)
+  for r, (n, count) in enumerate(zip(lengths, counts)):
+    tokens[r, :n] = prompts[r, :n]
+    tokens[r, n:n + count] = new_tokens[r, :count]
+  return tokens, lengths + counts
+
+
+def assert_drafted_by(state, block_logits, where, sampling):
+  """The state's drafts (and q) where `where` [R, k-1] is True equal the block's predictions at offsets
+  1 .. k-1 (offset 0 predicts the position of t_0, already chosen): their argmax, or their law."""
+  logits = np.asarray(block_logits)[:, 1:]  # [R, k-1, vocab]
+  if sampling.greedy:
+    np.testing.assert_array_equal(np.where(where, state.drafts, -1), np.where(where, logits.argmax(-1), -1))
+    return
+  law = stats.decoding_law(logits, sampling)  # [R, k-1, vocab]
+  log_law = np.log(law, out=np.full_like(law, -np.inf), where=law > 0)
+  np.testing.assert_allclose(state.q[where], log_law[where], rtol=1e-4, atol=1e-2)
+  drawn = np.take_along_axis(law, state.drafts[:, :, None], axis=-1)[:, :, 0]  # [R, k-1]
+  assert np.all(drawn[where] > 0), "a draft lies outside its block's top-k"
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SHARP], ids=["greedy", "sampled"])
+def test_drafts_after_a_step_come_from_the_accepted_block(params, prompts, ar, sampling):
+  """The drafts (and q) that the loop keeps after the prefill equal the prefill block's predictions,
+  and after a first step that accepted a drafts, block a's: for every a = 0 .. k-1 (forced), against
+  an uncached forward over the committed tokens. The output cannot show this (rejection sampling is
+  exact for any proposal with its own q); a wrong block only costs acceptance."""
+  k = 4
+  rows, lengths, table, forced_a = first_step_rows(prompts, PROMPT_LENGTHS, np.asarray(ar[None].tokens), k)
+  trace = trace_tidar(params, CFG, rows, lengths, steps=1, max_new_tokens=M, sampling=sampling, key=jax.random.key(0),
+                      eos_id=None, mask_id=MASK_ID, block_size=k, forced_drafts=table)
+  before, after = (jax.tree.map(lambda x: np.asarray(x[i]), trace) for i in range(2))
+  accepted = after.accepted_hist.argmax(-1)  # [R]
+  forced = forced_a >= 0
+  np.testing.assert_array_equal(accepted[forced], forced_a[forced])
+  np.testing.assert_array_equal(after.cache.lengths, lengths + accepted + 1)
+
+  verified = np.concatenate([before.t0[:, None], before.drafts], axis=1)  # [R, k]: t_0 d_1 .. d_{k-1}
+  unforced = table[np.arange(len(rows))[:, None], lengths[:, None] + np.arange(1, k)[None, :]] < 0  # [R, k-1]
+  # The prefill's block saw the prompt; block a of the first step the prompt and t_0 d_1 .. d_a.
+  for state, counts, where in [(before, 0 * accepted, unforced), (after, accepted + 1, np.ones_like(unforced))]:
+    committed, m = committed_rows(rows, lengths, verified, counts, rows.shape[1] + k)
+    ar_next, block = reference_block(params, committed, m, k)
+    assert_drafted_by(state, block, where, sampling)
+    if sampling.greedy:  # and t_0 is the AR argmax after the committed tokens (the bonus token when a = k-1)
+      np.testing.assert_array_equal(state.t0, np.argmax(ar_next, axis=-1))
+
+
 def lm_head_rows(jaxpr, depth=0) -> list[tuple[int, int]]:
   """(nesting depth, rows) of every matmul producing [..., vocab] logits: the LM head's uses."""
   found = []
@@ -314,6 +410,13 @@ def test_bad_input_is_rejected_before_compiling(params, prompts, kwargs, match):
               eos_id=None, mask_id=MASK_ID, block_size=4) | kwargs
   with pytest.raises(ValueError, match=match):
     generate_tidar(params, prompts=prompts, **args)
+
+
+def test_trace_takes_only_the_steps_it_has_keys_for(params, prompts):
+  """The key table holds max_new_tokens - 1 steps; a longer trace would reuse the last step's keys."""
+  with pytest.raises(ValueError, match=r"steps=15: must lie in \[1, max_new_tokens=15\)"):
+    trace_tidar(params, CFG, prompts, PROMPT_LENGTHS, steps=M, max_new_tokens=M, sampling=GREEDY, key=jax.random.key(0),
+                eos_id=None, mask_id=MASK_ID, block_size=4)
 
 
 @pytest.mark.parametrize("sampling_kwargs,match", [

@@ -59,25 +59,43 @@ def test_decode_offsets(k):
     assert list(off[k + a * k: k + (a + 1) * k]) == list(range(a + 1, a + k + 1))
 
 
+def step_columns(p: int, k: int, L: int) -> np.ndarray:
+  """[T]: the training column holding each token of a decode step whose t_0 sits at position p: the
+  verification tokens are clean tokens (column = position), the blocks' tokens mask tokens (L + position)."""
+  positions = p + masks.decode_step_offsets(k)
+  return np.where(np.arange(len(positions)) < k, positions, L + positions)
+
+
+def keys_as_columns(mask_row: np.ndarray, columns: np.ndarray, cached: int) -> set[int]:
+  """The training columns one inference query attends to: the committed (clean) tokens 0 .. cached-1
+  in the cache, and the new tokens its mask row lets it see."""
+  return set(range(cached)) | set(columns[mask_row].tolist())
+
+
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_inference_block_sees_what_training_block_sees(k):
-  """A decode block of a given absolute start sees the same positions as the training block there."""
+  """Every query of a decode step (and of a prefill) attends to the same tokens as the training query
+  of the same token, keys compared as training columns (which token, clean or mask, of which
+  position): a key at the right position of the wrong kind, e.g. block a seeing the verification
+  token a+1, at the position of the block's own first mask token, differs."""
   L = 4 * k
   train = masks.training_mask(L, k)
   step = masks.decode_step_mask(k)
-  offsets = masks.decode_step_offsets(k)
-  for b in range(1, L // k):
-    start = b * k
-    train_seen = {j for j in range(2 * L) if train[L + start, j]}
-    train_positions = {j if j < L else j - L for j in train_seen}
-    for a in range(k):
-      p = start - a - 1  # t_0's position such that block a starts at `start`
-      if p < 0:
-        continue
-      row = k + a * k
-      seen = set(range(p))  # the cache: every committed position < p
-      seen |= {p + int(offsets[j]) for j in np.flatnonzero(step[row])}
-      assert seen == train_positions, (b, a)
+  met = set()
+  for p in range(L - 2 * k + 1):  # t_0's position; the last block ends at p + 2k - 1 < L
+    columns = step_columns(p, k, L)
+    for i, row in enumerate(columns):
+      a = (i - k) // k  # the block of a mask query; -1 for the verification queries
+      if a >= 0 and (p + a + 1) % k:
+        continue  # block a starts off the multiples of k: no training block holds its tokens
+      met.add(a)
+      assert keys_as_columns(step[i], columns, p) == set(np.flatnonzero(train[row]).tolist()), (p, i)
+  assert met == set(range(-1, k))  # the verification queries and every block a = 0 .. k-1
+  for n in range(k, L, k):  # a prefill of n prompt tokens: its block is training block n / k
+    columns = np.concatenate([np.arange(n), L + n + np.arange(k)])
+    prefill = masks.prefill_mask(n, k)
+    for i, row in enumerate(columns):
+      assert keys_as_columns(prefill[i], columns, 0) == set(np.flatnonzero(train[row]).tolist()), (n, i)
 
 
 def test_prefill_mask():

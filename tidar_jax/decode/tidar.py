@@ -10,13 +10,16 @@ rejected drafts and mask blocks, are overwritten next step). The LM head runs on
 verification rows (plus slot 0 of every block when verify_beta < 1) and, after acceptance, on the
 chosen block's offsets 1 .. k-1 only: never on all T rows (at k = 16 and a 152k vocab that buffer
 is ~165 MB per row).
+
+`trace_tidar` (tests only) runs the same prefill and steps and returns the state after each: the
+drafts and q that the loop carries from step to step are not part of the output.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -138,8 +141,8 @@ def _step(w: engine.DecodeWeights, st: _Static, key_table: jax.Array, forced: ja
   cache = cache_lib.with_lengths(written, p_new)
 
   block_index = accepted  # [batch]
-  if faults is not None:  # wrong_block: draft from the block of another outcome
-    block_index = jnp.where(faults == FAULTS.index("wrong_block"), (accepted + 1) % k, accepted)
+  if faults is not None:  # wrong_block: draft from the previous outcome's block (off by one; right at a = 0)
+    block_index = jnp.where(faults == FAULTS.index("wrong_block"), jnp.maximum(accepted - 1, 0), block_index)
   chosen = jnp.take_along_axis(blocks, block_index[:, None, None, None], axis=1)[:, 0]  # [batch, k, d_model]
   # Block a's offset 0 predicts t_0' (already chosen); offsets 1 .. k-1 draft positions p_new+1 ..
   drafts, q = _sample_rows(keys[:, 2], engine.logits(w, chosen[:, 1:]), st.sampling)
@@ -152,8 +155,9 @@ def _step(w: engine.DecodeWeights, st: _Static, key_table: jax.Array, forced: ja
   return new._replace(t0=frozen[0], drafts=frozen[1], q=frozen[2])
 
 
-def _generate_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, *, st: _Static
-                    ) -> loop.DecodeOutput:
+def _start(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, st: _Static
+           ) -> tuple[_State, Callable[[_State], _State]]:
+  """The prefill up to the loop invariant (TIDAR.md §2, p = n) and the step function of the loop."""
   B, k, cfg = prompts.shape[0], st.block_size, st.cfg
   keys = loop.key_table(keys, st.max_new_tokens, _KEY_USES)  # [batch, steps, uses]; step 0 = prefill
   w = engine.prepare_weights(params, cfg)  # once, outside the loop
@@ -172,14 +176,27 @@ def _generate_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask
                                       eos_id, st.max_new_tokens)
   state = _State(cache, t0, drafts, q, out, generated, hit_eos | (generated >= st.max_new_tokens),
                  jnp.ones((B,), jnp.int32), jnp.zeros((B, k), jnp.int32), jnp.int32(0))
-  step = functools.partial(_step, w, st, keys, forced, faults, eos_id, mask_id)
+  return state, functools.partial(_step, w, st, keys, forced, faults, eos_id, mask_id)
+
+
+def _generate_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, *, st: _Static
+                    ) -> loop.DecodeOutput:
+  state, step = _start(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, st)
   # Every active step emits at least one token, so max_new_tokens - 1 steps finish every row.
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.step < st.max_new_tokens - 1), step, state)
   stats = loop.DecodeStats(state.forward_passes, state.accepted_hist)
   return loop.DecodeOutput(state.out[:, : st.max_new_tokens], state.generated, stats, state.cache)
 
 
+def _trace_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, *, st: _Static, steps: int
+                 ) -> _State:
+  state, step = _start(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, st)
+  _, later = jax.lax.scan(lambda s, _: (step(s),) * 2, state, length=steps)  # each leaf [steps, ...]
+  return jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), state, later)
+
+
 _generate_tidar = loop.decode_jit(_generate_tidar, static_argnames=("st",))
+_trace_tidar = loop.decode_jit(_trace_tidar, static_argnames=("st", "steps"))
 
 
 def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
@@ -201,6 +218,30 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
   One compilation per (batch, prompt bucket, max_new_tokens, max_len, block_size, sampling,
   verify_beta). Returns tokens [batch, max_new_tokens], lengths, stats and the final cache.
   """
+  args, st = _request(params, config, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
+                      key=key, eos_id=eos_id, mask_id=mask_id, max_len=max_len, block_size=block_size,
+                      verify_beta=verify_beta, forced_drafts=forced_drafts, _faults=_faults)
+  return _generate_tidar(*args, st=st)
+
+
+def trace_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, steps: int, **kwargs) -> _State:
+  """Test only: the decoder's state after the prefill and after each of the first `steps` steps,
+  stacked on a leading axis [steps + 1, ...] (kwargs: `generate_tidar`'s). The steps are the loop's
+  own, run unconditionally (finished rows keep their state), so tests can read what the loop keeps
+  between steps and does not return: t_0, the drafts and their q (the invariant of TIDAR.md §2).
+  """
+  args, st = _request(params, config, prompts, prompt_lengths, **kwargs)
+  if not isinstance(steps, int) or not 1 <= steps < st.max_new_tokens:
+    raise ValueError(f"steps={steps!r}: must lie in [1, max_new_tokens={st.max_new_tokens}) (the keys of "
+                     "max_new_tokens - 1 steps)")
+  return _trace_tidar(*args, st=st, steps=steps)
+
+
+def _request(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
+             sampling: SamplingParams, key: Any, eos_id: int | None, mask_id: int,
+             max_len: int | None = None, block_size: int | None = None, verify_beta: float | None = None,
+             forced_drafts: Any = None, _faults: Any = None) -> tuple[tuple, _Static]:
+  """Checks a `generate_tidar` request on the host: (the jitted decoder's arguments, its static config)."""
   cfg, tidar_cfg = loop.resolve_config(config)
   trained_k = None if tidar_cfg is None else tidar_cfg.get("block_size")
   if block_size is None:
@@ -237,5 +278,6 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
       raise ValueError(f"_faults must name one of {FAULTS} per row; got {unknown or len(_faults)}")
     _faults = np.array([FAULTS.index(f) for f in _faults], np.int32)
   st = _Static(cfg, block_size, int(max_new_tokens), req.max_len, sampling, float(verify_beta))
-  return _generate_tidar(params, req.prompts, req.lengths, req.keys, forced_drafts, _faults,
-                         loop.eos_array(eos_id), jnp.asarray(mask_id, jnp.int32), st=st)
+  args = (params, req.prompts, req.lengths, req.keys, forced_drafts, _faults, loop.eos_array(eos_id),
+          jnp.asarray(mask_id, jnp.int32))
+  return args, st
