@@ -4,7 +4,7 @@ HBM. One row (the AR step): XLA as is (a GEMV fusion), XLA with the row padded t
 kernel: what the decode engine did for small weights until 2026-11-23 16:00), a multiply + row
 reduction over the weight stored transposed [N, K] (what the engine does now for q/k/v, o and
 down), and a Pallas (Triton) split-K GEMV sweep kept as evidence (not adopted: no better than the
-padding overall, BENCHMARKS.md). More rows (a TiDAR step, --rows 72,272): XLA as is, padded to a
+padding overall: BENCHMARKS.md's git history). More rows (a TiDAR step, --rows 72,272): XLA as is, padded to a
 multiple of 128 rows, and the weight stored transposed.
 
     python -m benchmarks.step_matmuls --model 1p5b --out matmuls.json [--pallas] [--rows 1,72,272]

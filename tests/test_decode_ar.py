@@ -176,7 +176,7 @@ def test_gpu_compiler_options_only_on_gpu_and_not_over_user_flags(monkeypatch, b
 
 def test_decode_compiled_with_gpu_options_gives_the_same_tokens(monkeypatch, params, prompts):
   """The GPU jit of the decoder (a separate compilation) runs and decodes the same tokens (here on CPU,
-  where XLA accepts and ignores the GPU options; the GPU itself: BENCHMARKS.md's A/B)."""
+  where XLA accepts and ignores the GPU options; on a GPU, benchmarks.decode_latency times it)."""
   def run():
     return np.asarray(generate_ar(params, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
                                   key=jax.random.key(0), eos_id=None).tokens)

@@ -152,7 +152,7 @@ def test_write_rows_writes_each_row_at_its_offset(batch):
 
 
 def test_auto_attention_choice_on_a_gpu(monkeypatch):
-  """What attention="auto" picks where cuDNN is available (the rule measured in BENCHMARKS.md):
+  """What attention="auto" picks where cuDNN is available (a rule timed on the GPU):
   split-KV for up to SPLIT_KV_MAX_ROWS step tokens over the batch (AR and TiDAR steps up to batch
   8 x k=16), cuDNN above that and where the kernel does not apply; the dense einsum off the GPU."""
   ar, k8, k16 = np.ones((1, 1), bool), masks.decode_step_mask(8), masks.decode_step_mask(16)

@@ -61,9 +61,8 @@ class ModelConfig:
   attention: str = "dense"
   # Decoding only: "int8" stores the layer matrices as int8 with one scale per output column
   # (half the bytes a decode step reads; the model's numbers change by the rounding, and TiDAR
-  # stays exactly its own AR decoding). On an H100 the batch-1 AR step gets faster (1.5B: 1.27 vs
-  # 1.59 ms) and TiDAR's many-row steps slower (BENCHMARKS.md). Training and the embedding / LM
-  # head are unaffected.
+  # stays exactly its own AR decoding): the batch-1 AR step gets faster, TiDAR's many-row steps
+  # slower. Training and the embedding / LM head are unaffected.
   decode_quant: str = "none"
 
   @property

@@ -189,7 +189,7 @@ DEVICES = {
 
 
 def target_device(name: str | None) -> tuple[str, str, float | None]:
-  """(name, platform, GiB) of `--dry_run_device` (default: this accelerator, else an H100)."""
+  """(name, platform, GiB) of `--dry_run_device` (default: this accelerator, else DEVICES["h100"])."""
   if name is None:
     backend = jax.default_backend()
     if backend in ("gpu", "tpu"):
@@ -286,7 +286,7 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
   resolved against the current devices (explicit sizes beyond them count as hypothetical).
   measure: compile the train step for activations/temporaries (False: analytic numbers only).
   device: a name from DEVICES (its platform's attention kernel and memory; default: this
-  accelerator, else an H100); device_gb: memory per device in GiB (default: the device's); the
+  accelerator, else "h100"); device_gb: memory per device in GiB (default: the device's); the
   plan may use `memory_fit.MARGIN` of it.
   """
   model_cfg = validate(config)

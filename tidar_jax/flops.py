@@ -12,9 +12,9 @@ import re
 from tidar_jax.config import ModelConfig
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity), matched
-# against the device_kind jax reports, most specific name first ("NVIDIA H100 PCIe" before "H100").
-# MFU is quoted against the device's own peak; the matmul rate measured in the same run is reported
-# beside it. The H200 has the H100 SXM's tensor cores (and 1.4x its memory bandwidth).
+# against the device_kind jax reports, most specific name first (a PCIe variant before the bare
+# name). MFU is quoted against the device's own peak. The H200 and GH200 have the tensor cores of the
+# SXM part before them.
 BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
     ("A100", 312.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5p", 459.0), ("TPU v6 lite", 918.0),
@@ -22,7 +22,7 @@ BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 def bf16_peak_tflops(device_kind: str) -> float | None:
-  """The datasheet bf16 peak of a device_kind such as "NVIDIA H100 80GB HBM3", or None when the
+  """The datasheet bf16 peak of a device_kind such as "NVIDIA H200", or None when the
   table does not know the device (then no MFU is reported, rather than one against another chip)."""
   kind = device_kind.upper()
   for name, tflops in BF16_PEAK_TFLOPS:

@@ -110,9 +110,8 @@ def lm_head_logits(hidden: jax.Array, table: jax.Array, vocab_major: bool) -> ja
   """`fp32_logits` for training: [..., d_model] -> [..., vocab] fp32 logits.
 
   The backward casts the fp32 logits' cotangent to the compute dtype first. Left to autodiff, both
-  backward matmuls of the [tokens, vocab] cotangent would run in fp32 (TF32 GEMMs on a GPU: 24 of
-  244 ms of a 1p5b TiDAR train step on an H100, BENCHMARKS.md); in bf16 they run at the bf16 rate,
-  with fp32 accumulation, as every other matmul of the step does.
+  backward matmuls of the [tokens, vocab] cotangent would run in fp32 (TF32 GEMMs on a GPU); in
+  bf16 they run at the bf16 rate, with fp32 accumulation, as every other matmul of the step does.
   """
   return fp32_logits(hidden, table, vocab_major)
 
@@ -294,7 +293,7 @@ class Transformer(nn.Module):
       mask = mask[None]
     # Gather from the master-dtype table, then cast: nn.Embed(dtype=bf16) would cast the whole
     # table first, making the backward a bf16 scatter-add in which the TiDAR mask half piles
-    # thousands of updates onto the one <|mask|> row (14% of a 1p5b train step on H100, BENCHMARKS.md).
+    # thousands of updates onto the one <|mask|> row (a large share of a train step).
     x = jnp.take(self.embed.embedding, tokens, axis=0).astype(self.cfg.compute_dtype)  # [batch, q_len, d_model]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if cache is None:

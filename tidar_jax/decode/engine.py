@@ -2,8 +2,8 @@
 
 `Transformer` (model.py) keeps layer-stacked params for training. Inside a decode loop that layout
 copies every layer's weights out of the stacked arrays on every step, and attention over a stacked
-cache plus the new tokens becomes a split softmax of badly shaped kernels (BENCHMARKS.md, "Decode:
-where the time goes"). Here, with the same weights and math (tests/test_decode_engine.py):
+cache plus the new tokens becomes a split softmax of badly shaped kernels. Here, with the same
+weights and math (tests/test_decode_engine.py):
 
   * `prepare_weights` re-lays the params out once, before the loop: one array per layer (the layer
     loop is unrolled and reads them in place), q/k/v fused into one matmul, gate/up into one, and
@@ -17,8 +17,8 @@ where the time goes"). Here, with the same weights and math (tests/test_decode_e
     what it accepted (the rest is overwritten next step);
   * on the split-KV path, everything between a step's q/k/v matmul and its o matmul -- norm scale,
     bias, qk-norm, RoPE, the cache write, attention and the split merge -- runs in Pallas kernels
-    (`_fused_attention`): two for a one-token step (AR, `one_token_attention.py`: 1.5B AR step 1.69
-    -> 1.60 ms), three for a TiDAR step (`multi_token_attention.py`: k=8 2.60-2.75 -> 2.54 ms).
+    (`_fused_attention`), fewer launches per layer: two for a one-token step (AR,
+    `one_token_attention.py`), three for a TiDAR step (`multi_token_attention.py`).
 """
 
 from __future__ import annotations
@@ -135,13 +135,9 @@ def step_attention_mask(cache: KVCache, step_mask: np.ndarray) -> jax.Array:
 KERNELS = ("dense", "cudnn", "split_kv")
 
 
-# "auto" takes the split-KV kernel for steps of up to SPLIT_KV_MAX_ROWS tokens over the whole batch.
-# Measured at 1.5B on an H100 (BENCHMARKS.md `step_attention`, `decode_latency`): it beats cuDNN
-# where cuDNN's (batch x heads x query tiles) grid leaves SMs idle -- batch 1 TiDAR k=4/8/16, batch 8
-# k=4, and the 1-token AR step (15.6 vs 23 us per layer). With the TiDAR step's attention block
-# fused around it (`multi_token_attention`), it also beats cuDNN where cuDNN's grid is full: batch 8
-# k=8 5.07 vs 5.88 ms, k=16 14.97 vs 16.06 ms, batch 4 k=16 8.26 vs 9.52 ms (results/bench/
-# ab_split_kv_batch8.json). The limit is the largest step measured (batch 8 x k=16's 8 x 272 rows).
+# "auto" takes the split-KV kernel for steps of up to SPLIT_KV_MAX_ROWS tokens over the whole batch:
+# it beats cuDNN where cuDNN's (batch x heads x query tiles) grid leaves SMs idle and, with the
+# fused attention block around it, up to the largest step timed (batch 8 x k=16's 8 x 272 rows).
 SPLIT_KV_MAX_ROWS = 2176
 
 
@@ -182,11 +178,10 @@ def _matmul(x: jax.Array, w: Matrix, transposed: bool = False) -> jax.Array:
   W^T [d_out, d_in] when `transposed`.
 
   One row against W^T (the batch-1 AR step) is a multiply + row reduction: XLA's row-reduction
-  kernel streams the weight at 2.6-2.8 TB/s on an H100 where its one-row GEMV fusion or a 16-row
-  padded GEMM reached 0.3-2.3 TB/s (1.5B AR step 1.91 -> 1.77 ms, BENCHMARKS.md; the same
-  reduction over a [d_in, d_out] weight was slower than either, 2.26 ms). More rows go to a GEMM,
-  which reads either layout. One row against an int8 matrix goes to `gemv.gemv` on a GPU (XLA's
-  int8 row reduction streams at about half its bf16 byte rate).
+  kernel streams the weight near the copy rate, faster than its one-row GEMV fusion, a padded GEMM
+  or a reduction over W [d_in, d_out]. More rows go to a GEMM, which reads either layout. One row
+  against an int8 matrix goes to `gemv.gemv` on a GPU (XLA's int8 row reduction streams at about
+  half its bf16 byte rate).
   """
   rows = int(np.prod(x.shape[:-1]))
   spec = "...k,nk->...n" if transposed else "...k,kn->...n"
@@ -209,8 +204,8 @@ def _normed_matmul(x: jax.Array, gain: jax.Array, cfg: ModelConfig, w: Matrix, t
                    ) -> tuple[jax.Array, jax.Array | None]:
   """rms_norm(x, gain) @ W as (y, inv_rms): at one row y = (x * gain) @ W and inv_rms = 1 / rms(x)
   [..., 1] (fp32) is the caller's to apply -- the same product, but the normalised vector is never
-  written out: XLA fuses x * gain into the matmul and the scale into its consumer (1.5B AR step
-  1.78 -> 1.71 ms, two kernels fewer per layer). More rows: y is normalised, inv_rms None."""
+  written out: XLA fuses x * gain into the matmul and the scale into its consumer (two kernels
+  fewer per layer). More rows: y is normalised, inv_rms None."""
   if int(np.prod(x.shape[:-1])) != 1:
     with jax.named_scope("norm"):
       h = rms_norm(x, gain, cfg.norm_eps, cfg.compute_dtype)

@@ -1,14 +1,12 @@
 """One row against an int8 layer matrix in a Pallas (Triton) kernel: the batch-1 step's matmuls
 with `model.decode_quant="int8"`.
 
-XLA's row reduction streams a bf16 matrix at 2.65 TB/s on an H100 but an int8 one at about half
-that byte rate, so the int8 option halved the weights' memory without making the AR step faster
-(1.5B: 1.66 ms vs 1.59 in bf16). Here each program streams small [block_n, block_k] tiles of the
-int8 weight, converts them in registers and accumulates x * W in fp32 (no tensor cores: one row
-has nothing to reuse), reducing over K once at the end; the per-output-channel scale is applied
-on the way out. 1.5B AR step: 1.66 -> 1.27-1.28 ms; 8B: 4.72 -> 4.43 ms (bf16 1.59 and 5.68;
-BENCHMARKS.md, 2026-11-24). The same kernel over bf16 weights lost to XLA's row reduction in the
-step (q/k/v and o through it: 1.616 vs 1.595 ms), so bf16 stays XLA's.
+XLA's row reduction streams an int8 matrix at about half its bf16 byte rate, so without this
+kernel the int8 option halves the weights' memory but not the AR step's time. Here each program
+streams small [block_n, block_k] tiles of the int8 weight, converts them in registers and
+accumulates x * W in fp32 (no tensor cores: one row has nothing to reuse), reducing over K once at
+the end; the per-output-channel scale is applied on the way out. bf16 weights stay XLA's: this
+kernel over them is slower than XLA's row reduction.
 
 Layouts, as the engine stores them (`engine.LayerWeights`): W^T [N, K] (q/k/v, o, down; the tile
 is `block_n` rows of `block_k` contiguous bytes) or W [K, N] (gate/up; `block_k` rows of
@@ -47,11 +45,10 @@ def _splits(steps: int, max_steps: int) -> int:
 def default_tiling(n: int, k: int, transposed: bool) -> Tiling:
   """Small tiles (1-4 KB of int8), several programs per SM, at most 6-10 inner steps each.
 
-  Chosen in the 1.5B AR step on an H100 (BENCHMARKS.md, 2026-11-24; a 28-layer chain of one matrix
-  ranked tilings differently from the step, so the step decided): q/k/v and o (K = 1536) 4 x 512
-  in one program along K; down (K = 8960, whose largest power-of-two divisor is 256) 8 x 128 over 7
-  programs; gate/up ([K, N]) 32 x 128 over 8. Tiles of 8 KB and more, or single-program K loops of
-  35 steps, were up to 1.6x slower."""
+  Chosen by timing the whole 1.5B AR step (a one-matrix microbenchmark ranks tilings differently):
+  q/k/v and o (K = 1536) 4 x 512 in one program along K; down (K = 8960, whose largest
+  power-of-two divisor is 256) 8 x 128 over 7 programs; gate/up ([K, N]) 32 x 128 over 8. Larger
+  tiles or long single-program K loops are slower."""
   # gcd(n, a power of two): the largest power of two up to it that divides n (Triton's sizes)
   if transposed:  # rows of W^T: block_k contiguous bytes per row
     block_k = 512 if k % 512 == 0 else math.gcd(k, 128)

@@ -31,8 +31,7 @@ CACHE_ALIGN = 128
 
 # On a GPU, XLA records the whole decode loop -- the while loop and its body -- as one CUDA graph
 # (a conditional WHILE node), instead of launching the body's kernels and graphs from the host on
-# every step. Same tokens; 1.5B, B=1, KV 2048 on an H100 (BENCHMARKS.md): AR 1.60 -> 1.59 ms,
-# k=8 2.55 -> 2.48, k=16 3.60 -> 3.39, and less spread. The first six types are XLA's default list.
+# every step: same tokens, less host time per step. The first six types are XLA's default list.
 GPU_COMPILER_OPTIONS = {
     "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL",
     "xla_gpu_graph_min_graph_size": 1,  # the default (5) leaves short stretches of the body out of the graph

@@ -15,9 +15,7 @@ head_dim]. Here:
   `split_kv_attention.merge`, grid (batch x T x heads): merges one query row's split partials
     and writes [batch, T, heads, head_dim], ready for the o projection.
 
-1.5B, B=1, KV 2048 on an H100 (BENCHMARKS.md): 6 -> 3 launches per layer; the k=8 step 2.60-2.75
--> 2.54-2.56 ms, k=4 2.26 -> 2.17; k=16 within its run-to-run spread (new kernels 6.5 µs per
-layer against ~11 for the XLA ones they replace). A one-token step has its own two kernels
+Six launches per layer become three. A one-token step has its own two kernels
 (`one_token_attention.py`). Runs compiled on a GPU (Triton) and interpreted elsewhere; tests
 compare it with the unfused step.
 """

@@ -1,10 +1,8 @@
 """The one-token (AR) decode step's attention block in two Pallas launches per layer.
 
-At one new token per row the step's attention is tiny (the 1.5B model's 2 KV heads x 2048 slots
-are 2 MB per layer, under a microsecond of HBM time), so what it costs is launches: the norm's
-mean square, q's scale + RoPE + padding, two cache writes, the split-KV kernel and its three-kernel
-XLA merge took ~14.6 µs per layer on an H100; these two take ~8.9 (1.5B AR step 1.69 -> 1.61 ms,
-BENCHMARKS.md). Here:
+At one new token per row the step's attention reads little (the 1.5B model's 2 KV heads x 2048
+slots are 2 MB per layer), so what it costs is launches: unfused, the norm's mean square, q's
+RoPE, two cache writes, the split-KV kernel and an XLA merge are seven kernels per layer. Here:
 
   `_attend_kernel`, grid (batch x kv_heads, key splits): every program finishes the q/k/v
     projection of its KV head -- the folded RMSNorm's 1 / rms(x) (`engine._normed_matmul`), the
@@ -12,8 +10,8 @@ BENCHMARKS.md). Here:
     its query heads over its share of the row's committed slots; the last split also takes the new
     token itself (from registers, not the cache), and the first writes the new key/value into the
     cache at slot lengths[b] (in place: the buffers are aliased). The query group is padded to the
-    16 rows Triton's dot needs by repeating its last head (scores as multiply + reduce on the CUDA
-    cores instead were 1.5x slower: the unrolled heads spill).
+    16 rows Triton's dot needs by repeating its last head (multiply + reduce on the CUDA cores
+    instead spills the unrolled heads).
   `split_kv_attention.merge`, grid (batch x heads): merges the splits' partials (o, m, l) with
     their log-sum-exps and writes the attention output, ready for the o projection.
 

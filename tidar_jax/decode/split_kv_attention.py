@@ -1,8 +1,8 @@
 """Split-KV ("flash-decoding") attention of one decode step's T queries over the KV cache (Pallas).
 
 cuDNN's flash kernel parallelises over (batch, heads, query tiles) only: a TiDAR step at batch 1
-(T = k + k² queries) over a 2k-slot cache runs 36 CTAs on 132 SMs and was 40% of the step
-(BENCHMARKS.md). Here the grid also splits the keys, and the query heads sharing a KV head are
+(T = k + k² queries) over a 2k-slot cache runs 36 CTAs, leaving most of a GPU's SMs idle. Here
+the grid also splits the keys, and the query heads sharing a KV head are
 packed into the rows of one tile (GQA), so each program reads its KV slice once for all of them:
 
   grid (batch x kv_heads, row tiles, key splits); each program runs an online softmax over its
@@ -63,8 +63,8 @@ def interval_form(step_mask: np.ndarray) -> Intervals | None:
 
 
 def key_block(max_len: int) -> int | None:
-  """Largest key block (power of two in 16..64) that tiles `max_len` slots, or None. 64 measured
-  best at 1.5B (k=16: 46 µs per layer vs 56 µs at 128; k=8: 27 vs 29; BENCHMARKS.md)."""
+  """Largest key block (power of two in 16..64) that tiles `max_len` slots, or None (64 timed
+  fastest at the 1.5B shape)."""
   for block in (64, 32, 16):
     if max_len % block == 0:
       return block
@@ -84,9 +84,8 @@ def _row_tile(rows: int) -> int:
 
 
 def _splits(programs: int, max_len: int, block_k: int) -> int:
-  """Key splits: about 1.5 waves of programs on an H100's 132 SMs (measured best at 1.5B: 4 splits
-  for a k=16 step's 52 row tiles, 8-16 for k=8 and k=4; BENCHMARKS.md `step_attention`), at most
-  one per key block of the cache."""
+  """Key splits: about 200 programs, ~1.5 waves on a 132-SM GPU (timed fastest at the 1.5B
+  shape), at most one per key block of the cache."""
   return int(max(1, min(-(-200 // programs), max_len // block_k)))
 
 
