@@ -13,50 +13,21 @@ an H100; the AR-only baseline uses the same config (same data, same tokens) with
 
 from ml_collections import ConfigDict
 
-from configs import tiny
+from configs import base, recipes
 
 
 def get_config() -> ConfigDict:
-  c = tiny.get_config()
-  m = c.model
-  m.vocab_size = 16384  # a 16k byte-level BPE trained on the corpus (ids include <|mask|>)
-  m.d_model = 768
-  m.num_layers = 12
-  m.num_heads = 12
-  m.num_kv_heads = 12  # full multi-head attention at this size (GQA saves little cache here)
-  m.head_dim = 64
-  m.mlp_dim = 2048  # SwiGLU, 8/3 x d_model
-  m.qkv_bias = False
-  m.qk_norm = False
-  m.tie_embeddings = True
-  m.rope_theta = 10000.0
-  m.dtype = "bfloat16"  # bf16 compute, fp32 master weights
-  m.param_dtype = "float32"
-  m.scan_layers = True
-  m.remat = "none"  # activations of 32 x 2048 tokens x 12 layers fit an 80 GB H100 without recompute
-  m.attention = "auto"  # cuDNN flash attention on GPU (bf16), splash on TPU, the dense reference elsewhere
-
-  c.tidar.block_size = 8  # the headline block size; reproduce --block-sizes adds 4 and 16
-  c.tidar.loss_alpha = 1.0
-
-  c.data.dataset = "local_code"
-  c.data.local_code_roots = "stdlib,site-packages"  # the machine's Python code: ~100+ MB with torch/jax installed
-  c.data.window_shuffle = 64  # as measured in results/small (tiny's default has since changed)
-  c.data.validation_fraction = 0.01  # held-out files (by stable path hash): still several MB of code
-  c.data.num_workers = 0  # grain's read threads tokenize in parallel; workers would change nothing but startup
-
-  t = c.train
-  t.seq_len = 1024  # clean tokens per window (TiDAR's input is 2048)
-  t.batch_size = 32  # 32,768 clean tokens per step
-  t.steps = 800  # 26.2M tokens per run
-  t.learning_rate = 1.5e-3
-  t.min_learning_rate = 1.5e-4
-  t.warmup_steps = 80
-  t.weight_decay = 0.1
-  t.grad_clip = 1.0
-  t.log_every = 20
-  t.eval_every = 200
-  t.eval_batches = 8  # in-training validation (the reproduction script evaluates more batches at the end)
-  t.checkpoint_every = 100_000  # only the final step (a 100M fp32 state + Adam is ~1.2 GB)
-  t.keep_checkpoints = 1
+  c = base.get_config()
+  # GPT-2-small width with SwiGLU 8/3 x d_model; full multi-head attention (GQA saves little cache here);
+  # no remat: activations of 32 x 2048 tokens x 12 layers fit an 80 GB GPU
+  c.model.update(vocab_size=16384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, head_dim=64,
+                 mlp_dim=2048, tie_embeddings=True, rope_theta=10000.0, remat="none", **recipes.ACCELERATOR)
+  c.tidar.update(block_size=8, loss_alpha=1.0)  # reproduce --block-sizes adds 4 and 16
+  # the machine's Python code (~100+ MB with torch/jax installed); window_shuffle as measured in results/small
+  c.data.update(dataset="local_code", local_code_roots="stdlib,site-packages", window_shuffle=64,
+                validation_fraction=0.01, num_workers=0)
+  # 32 x 1024 = 32,768 clean tokens per step, 26.2M per run; only the final step is checkpointed
+  c.train.update(seq_len=1024, batch_size=32, steps=800, learning_rate=1.5e-3, min_learning_rate=1.5e-4,
+                 warmup_steps=80, weight_decay=0.1, grad_clip=1.0, log_every=20, eval_every=200, eval_batches=8,
+                 checkpoint_every=100_000, keep_checkpoints=1)
   return c
