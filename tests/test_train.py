@@ -6,6 +6,7 @@ optimisations (conftest.fast_compile; every comparison here is between runs comp
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -226,11 +227,13 @@ def test_sigterm_leaves_restorable_checkpoint(killed_and_resumed):
 
 
 def test_default_run_logs_no_info_or_third_party_lines(killed_and_resumed):
-  """stderr holds the progress bar and nothing else: no absl-format lines (`I1204 21:24:56.05 ...`),
-  no orbax or tfds chatter, not JAX's TPU probe."""
+  """stderr holds the progress bar and nothing else: no absl-format record (`I1204 21:24:56.05 ...`,
+  even one written into the bar's line), no orbax or tfds chatter, not JAX's TPU probe."""
   _, _, _, outputs = killed_and_resumed
   for stdout, stderr in outputs:
     lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert lines and all(line.startswith("train:") for line in lines), lines[:20]
-    assert "Downloading and preparing" not in stdout + stderr
+    assert not re.search(r"\b[IWEF]\d{4} \d\d:\d\d:\d\d", stdout + stderr), stderr[-2000:]
+    for noise in ("orbax", "tfds", "tensorflow_datasets", "Downloading and preparing", "backend 'tpu'"):
+      assert noise not in stdout + stderr, noise
   assert "preparing the text_files corpus in" in outputs[0][0]

@@ -54,7 +54,7 @@ def define_config_file(name: str, default: str | None, help_text: str, **kwargs:
   try:
     return config_flags.DEFINE_config_file(name, default, help_text, **kwargs)
   except Exception as e:  # noqa: BLE001 - as in _parse_flags
-    if "--verbose" in sys.argv:
+    if _verbose_in(sys.argv):
       raise
     fail(_describe_flag_error(e, sys.argv))
 
@@ -88,10 +88,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     for name in _CONFIG_FILES:
       _check_config_loaded(name, flags.FLAGS[name])
   except Exception as e:  # noqa: BLE001 - any failure to read the command line is the user's to fix
-    if "--verbose" in argv:
+    if _verbose_in(argv):
       raise
     fail(_describe_flag_error(e, argv))
   return rest
+
+
+def _verbose_in(argv: Sequence[str]) -> bool:
+  """--verbose before the flags are parsed (a parse that fails leaves flags.FLAGS.verbose unset)."""
+  return any(re.fullmatch(r"--?verbose(=(true|True|1))?", arg) for arg in argv)
 
 
 def _check_config_loaded(name: str, flag: flags.Flag) -> None:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from tqdm import tqdm
 
 from tidar_jax import batch_plan, checkpoint, flops, memory_fit, sharding, train_step
@@ -59,7 +59,8 @@ class _StopFlag:
 
   def __call__(self, signum, frame):
     del frame
-    logging.warning("received signal %d: saving a checkpoint and stopping", signum)
+    # Beside the progress bar, not in it (an absl warning would land mid-bar on stderr).
+    tqdm.write(f"received signal {signum}: saving a checkpoint and stopping")
     self.requested = True
 
 

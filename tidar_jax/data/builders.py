@@ -382,7 +382,8 @@ def get_tokenizer(config: Any) -> tokenizer_lib.Tokenizer:
     if (cache / tokenizer_lib.TOKENIZER_FILE).is_file():
       tok = tokenizer_lib.Tokenizer.load(cache)
     else:
-      logging.info("training a %d-token BPE on %s (cached in %s)", vocab_size, config.data.dataset, cache)
+      print(f"training a {vocab_size}-token BPE tokenizer on {config.data.dataset} (once: cached in {cache})",
+            flush=True)
       tok = tokenizer_lib.train_bpe(_bounded_texts(corpus.train, TOKENIZER_TRAIN_CHARS), vocab_size)
       tok.save(cache)
   if tok.vocab_size > vocab_size:

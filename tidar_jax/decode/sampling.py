@@ -23,7 +23,7 @@ import jax.numpy as jnp
 class SamplingParams:
   """Decoding distribution settings; frozen and hashable so it can be a static jit argument."""
 
-  temperature: float = 1.0  # 0 = greedy (argmax)
+  temperature: float = 1.0  # 0 = greedy (argmax; top_k and top_p then change nothing)
   top_k: int = 0  # keep the k most likely tokens; 0 = off
   top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
 
