@@ -237,3 +237,22 @@ def test_default_run_logs_no_info_or_third_party_lines(killed_and_resumed):
     for noise in ("orbax", "tfds", "tensorflow_datasets", "Downloading and preparing", "backend 'tpu'"):
       assert noise not in stdout + stderr, noise
   assert "preparing the text_files corpus in" in outputs[0][0]
+
+
+def test_auto_micro_batch_plans_and_compiles_the_step(tmp_path):
+  """The trainer's "auto": the largest micro-batch whose compiled step fits the device (here the
+  host's memory split over the 8 fake devices: all of it fits), the compiled step and its memory."""
+  from tidar_jax import sharding, train_step
+  from tidar_jax.config import validate
+  from tidar_jax.optimizer import make_optimizer
+
+  config = small_config(str(tmp_path), batch_size=32, micro_batch_per_device="auto")
+  model_cfg = validate(config)
+  tx = make_optimizer(config.train)
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = train_step.abstract_train_state(model_cfg, tx, config.seed)
+  plan, step, memory = train.plan_and_compile(config, model_cfg, tx, abstract, mesh,
+                                              sharding.logical_rules(config.mesh), model_cfg.vocab_size - 1)
+  assert (plan.per_device_batch, plan.micro_batch, plan.grad_accum) == (4, 4, 1)
+  assert plan.source.startswith("auto: the largest that fits 90% of") and "compiled at 1: " in plan.source
+  assert memory.total > 0 and callable(step)

@@ -19,6 +19,8 @@ ATTENTION_IMPLS = ("dense", "cudnn", "splash", "auto")
 DECODE_QUANT = ("none", "int8")
 ROPE_TYPES = ("default", "linear", "llama3")
 OBJECTIVES = ("tidar", "ar")
+# Configs written before train.checkpoint_every_s existed (older converted checkpoints) get this.
+DEFAULT_CHECKPOINT_EVERY_S = 600.0
 LOCAL_CODE_ROOTS = ("stdlib", "site-packages")  # data.local_code_roots: what the local_code corpus reads
 
 
@@ -172,8 +174,9 @@ def config_errors(config: Any) -> list[str]:
   if not _is_step_count(tr.checkpoint_every) or tr.checkpoint_every == 0:
     errors.append(f"train.checkpoint_every={_shown(tr.checkpoint_every)}: use a whole number of steps >= 1 or a "
                   "fraction of train.steps in (0, 1), e.g. --config.train.checkpoint_every=0.25")
-  if not (_is_number(tr.checkpoint_every_s) and tr.checkpoint_every_s >= 0):
-    errors.append(f"train.checkpoint_every_s={_shown(tr.checkpoint_every_s)}: must be a number of seconds >= 0 "
+  every_s = tr.get("checkpoint_every_s", DEFAULT_CHECKPOINT_EVERY_S)
+  if not (_is_number(every_s) and every_s >= 0):
+    errors.append(f"train.checkpoint_every_s={_shown(every_s)}: must be a number of seconds >= 0 "
                   "(0 turns the wall-clock checkpoints off), e.g. --config.train.checkpoint_every_s=600")
   data = config.get("data") if hasattr(config, "get") else None
   shuffle = data.get("window_shuffle", 1) if data is not None else 1

@@ -21,7 +21,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from tidar_jax import batch_plan, checkpoint, flops, memory_fit, sharding, train_step
-from tidar_jax.config import ModelConfig, steps_of, validate
+from tidar_jax.config import DEFAULT_CHECKPOINT_EVERY_S, ModelConfig, steps_of, validate
 from tidar_jax.metrics import MetricsWriter
 from tidar_jax.optimizer import make_optimizer
 
@@ -184,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           last_eval = evaluate(eval_step, state["params"], eval_batches, to_device)
           writer.write(step, last_eval)
         if ((step % checkpoint_every == 0 or step == config.train.steps
-             or _wall_clock_due(last_save, config.train.checkpoint_every_s, step, config.train.log_every))
+             or _wall_clock_due(last_save, config.train.get("checkpoint_every_s", DEFAULT_CHECKPOINT_EVERY_S), step,
+                               config.train.log_every))
             and checkpoint.save(manager, step, state, train_iter, config)):
           saved_step, last_save = step, time.monotonic()
           if is_main:
@@ -230,7 +231,6 @@ def plan_and_compile(config: ml_collections.ConfigDict, model_cfg: ModelConfig, 
     if mem is None:
       raise ValueError("train.micro_batch_per_device=auto: this backend reports no memory analysis; give the "
                        "micro-batch as a number")
-    logging.info("micro-batch %d: %.2f GiB per device", m, mem.total / 2**30)
     return mem.total
 
   micro, tried = memory_fit.choose_micro_batch(per_device, measure, budget, lambda b: f"{b / 2**30:.2f} GiB")
