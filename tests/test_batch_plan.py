@@ -18,7 +18,8 @@ def test_plan_from_micro_batch_or_grad_accum():
   p = batch_plan.plan(train_cfg(accum=4), batch_devices=8)
   assert (p.micro_batch, p.grad_accum) == (16, 4)
   p = batch_plan.plan(train_cfg(batch=8), batch_devices=1)  # neither given: the whole batch at once
-  assert (p.micro_batch, p.grad_accum) == (8, 1)
+  assert (p.micro_batch, p.grad_accum) == (8, 1) and "no micro-batch or grad_accum set" in p.source
+  assert batch_plan.plan(train_cfg(accum=4), 8).source == "train.grad_accum=4"
   assert batch_plan.plan(train_cfg(micro=2, accum=32), 8).grad_accum == 32  # both, agreeing
   assert batch_plan.plan(train_cfg(micro="4"), 8).micro_batch == 4  # a CLI override of a string field
   p = batch_plan.plan(train_cfg(micro="auto"), 8, micro_batch=8, source="auto: measured")

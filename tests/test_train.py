@@ -119,7 +119,8 @@ def test_grad_accumulation_matches_full_batch(uninterrupted, tmp_path, capsys):
                           micro_batch_per_device=micro)
     runs[micro] = train.train_and_evaluate(config, str(tmp_path / f"micro{micro}"))
   printed = capsys.readouterr().out
-  assert "batch plan: global 16 x 32 = 8 devices x micro 2 x accum 1 (train.grad_accum=1)" in printed
+  assert ("batch plan: global 16 x 32 = 8 devices x micro 2 x accum 1 (the whole per-device batch at once: no "
+          "micro-batch or grad_accum set)") in printed
   assert "batch plan: global 16 x 32 = 8 devices x micro 1 x accum 2 (train.micro_batch_per_device=1)" in printed
   for x, y in zip(jax.tree.leaves(_params(runs[None]["state"])), jax.tree.leaves(_params(runs[1]["state"]))):
     np.testing.assert_allclose(x, y, atol=2e-5)

@@ -77,12 +77,12 @@ def plan(train_cfg: Any, batch_devices: int, micro_batch: int | None = None, sou
       raise ValueError("train.micro_batch_per_device=auto needs a measured micro-batch (memory_fit)")
     requested, source = micro_batch, source or "train.micro_batch_per_device=auto"
   if requested is None:
+    given = f"train.grad_accum={accum}" if accum else "the whole per-device batch at once: no micro-batch or grad_accum set"
     accum = accum or 1
     if per_device % accum:
       raise ValueError(f"train.grad_accum={accum} does not divide the per-device batch ({where}): use a divisor "
                        f"of {per_device}, or set train.micro_batch_per_device instead")
-    return BatchPlan(batch, train_cfg.seq_len, batch_devices, per_device // accum, accum,
-                     source or f"train.grad_accum={accum}")
+    return BatchPlan(batch, train_cfg.seq_len, batch_devices, per_device // accum, accum, source or given)
   if per_device % requested:
     raise ValueError(f"train.micro_batch_per_device={requested} does not divide the per-device batch ({where}): "
                      f"use one of {divisors_desc(per_device)}")
