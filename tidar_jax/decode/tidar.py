@@ -157,7 +157,7 @@ def _step(w: engine.DecodeWeights, st: _Static, key_table: jax.Array, forced: ja
 
 def _start(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, st: _Static
            ) -> tuple[_State, Callable[[_State], _State]]:
-  """The prefill up to the loop invariant (TIDAR.md §2, p = n) and the step function of the loop."""
+  """The prefill up to the loop invariant (docs/method.md §2, p = n) and the step function of the loop."""
   B, k, cfg = prompts.shape[0], st.block_size, st.cfg
   keys = loop.key_table(keys, st.max_new_tokens, _KEY_USES)  # [batch, steps, uses]; step 0 = prefill
   w = engine.prepare_weights(params, cfg)  # once, outside the loop
@@ -228,7 +228,7 @@ def trace_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
   """Test only: the decoder's state after the prefill and after each of the first `steps` steps,
   stacked on a leading axis [steps + 1, ...] (kwargs: `generate_tidar`'s). The steps are the loop's
   own, run unconditionally (finished rows keep their state), so tests can read what the loop keeps
-  between steps and does not return: t_0, the drafts and their q (the invariant of TIDAR.md §2).
+  between steps and does not return: t_0, the drafts and their q (the invariant of docs/method.md §2).
   """
   args, st = _request(params, config, prompts, prompt_lengths, **kwargs)
   if not isinstance(steps, int) or not 1 <= steps < st.max_new_tokens:
