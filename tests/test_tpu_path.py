@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_decode_ar import (CFG, GREEDY, MASK_ID, PROMPT_LENGTHS, greedy_by_full_forward, random_params,
-                                  random_prompts)
+from test_decode_ar import (CFG, GREEDY, MASK_ID, PROMPT_LENGTHS, greedy_by_full_forward, random_params,
+                            random_prompts)
 from tidar_jax import attention, masks
 from tidar_jax.decode import engine, gemv, loop, multi_token_attention, one_token_attention, split_kv_attention
 from tidar_jax.decode.ar import generate_ar
