@@ -8,12 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from configs import tiny
-from test_decode_ar import random_params
-from tidar_jax import checkpoint
-from tidar_jax.config import ModelConfig
-from tidar_jax.tokenizer import train_bpe
+from tiny_checkpoint import save_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ROOT}
@@ -64,12 +59,8 @@ def test_a_user_error_is_one_line_and_exit_code_2(user_error_runs, case):
 def test_to_hf_needs_no_torch(tmp_path):
   """The base install has no torch: a sitecustomize that makes `import torch` (and transformers) fail
   runs first in the subprocess, as in an environment without them."""
-  tokenizer = train_bpe(["def add(a, b):\n    return a + b\n"] * 4, 300)
-  config = tiny.get_config()
-  config.model.update(vocab_size=tokenizer.vocab_size, d_model=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                      head_dim=16, mlp_dim=64)
-  params = random_params(ModelConfig(**config.model.to_dict()), seed=0, std=0.02)
-  checkpoint.save_inference(str(tmp_path / "ckpt"), params, config, tokenizer)
+  save_tiny(str(tmp_path / "ckpt"), ["def add(a, b):\n    return a + b\n"], seed=0, std=0.02, block_size=None,
+            num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
   (tmp_path / "site").mkdir()
   (tmp_path / "site" / "sitecustomize.py").write_text(
       "import sys\nsys.modules['torch'] = None\nsys.modules['transformers'] = None\n")

