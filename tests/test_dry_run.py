@@ -132,10 +132,10 @@ def measured_once(monkeypatch):
   cache = {}
   real = dry_run._measure
 
-  def cached(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum, attention):
-    key = (model_cfg, tuple(shape), per_device_batch, grad_accum, attention)
+  def cached(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum, attention_impl):
+    key = (model_cfg, tuple(shape), per_device_batch, grad_accum, attention_impl)
     if key not in cache:
-      cache[key] = real(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum, attention)
+      cache[key] = real(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum, attention_impl)
     return cache[key]
 
   monkeypatch.setattr(dry_run, "_measure", cached)

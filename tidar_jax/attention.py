@@ -21,10 +21,11 @@ from tidar_jax.kernels import splash_attention
 MASKED = -1e30
 
 
-def auto_implementation(dtype) -> str:
+def auto_implementation(dtype, backend: str | None = None) -> str:
   """`attention="auto"`: cuDNN on a GPU in 16-bit dtypes (its flash kernels), splash attention on a
-  TPU (the TiDAR training attention; every other attention there is the dense einsum), else dense."""
-  backend = jax.default_backend()
+  TPU (the TiDAR training attention; every other attention there is the dense einsum), else dense.
+  backend: the platform to choose for (default: this process's; the dry run sizes other ones)."""
+  backend = backend or jax.default_backend()
   if backend == "tpu":
     return "splash"
   return "cudnn" if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "dense"

@@ -26,10 +26,10 @@ Where the numbers come from:
     the full depth is compiled and nothing is scaled over layers (a 1.5B or 8B dry run compiles in
     ~20-30 s on 2 CPU cores). With `model.scan_layers=False` the scanned program is compiled
     instead, since unrolling every layer would take minutes on a CPU.
-  * Temporaries are backend-specific: on CPU, `model.attention="auto"` resolves to the dense
-    reference attention, whose fp32 [batch, heads, 2L, 2L] scores dominate at long sequence
-    lengths; on GPU the cuDNN flash attention never materialises them. The report prints the size
-    of one score tensor and of the fp32 logits, so the big items can be told apart.
+  * Attention is compiled as the target device's kernel (`--dry_run_device`): cuDNN flash attention
+    on a GPU, splash on a TPU; where that kernel cannot be compiled (a CPU), its memory is modelled
+    by `attention.flash_footprint` (no [2L, 2L] scores). The report prints one loss chunk's fp32
+    logits and, for dense attention, one score tensor, so the big items can be told apart.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
-from tidar_jax import batch_plan, memory_fit, sharding, train_step
+from tidar_jax import attention, batch_plan, memory_fit, sharding, train_step
 from tidar_jax.config import ModelConfig, validate
 from tidar_jax.kernels import splash_attention
 from tidar_jax.optimizer import make_optimizer
@@ -152,13 +152,13 @@ def _gib(n: float | None) -> str:
 
 
 def _measure(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules: Any,
-             shape: tuple[int, int, int], per_device_batch: int, grad_accum: int, attention: str) -> dict[str, Any]:
+             shape: tuple[int, int, int], per_device_batch: int, grad_accum: int, attention_impl: str) -> dict[str, Any]:
   """Lowers and compiles the real train step on `shape` (over the first devices); no allocation."""
   n = math.prod(shape)
   mesh = sharding.make_mesh(SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]),
                             devices=jax.devices()[:n])
   cfg = model_cfg if model_cfg.scan_layers else dataclasses.replace(model_cfg, scan_layers=True)
-  cfg = dataclasses.replace(cfg, attention=attention)
+  cfg = dataclasses.replace(cfg, attention=attention_impl)
   global_batch = per_device_batch * shape[0] * shape[1]
   sharding.check_divisibility(cfg, mesh, global_batch, rules)
   standin = config.copy_and_resolve_references()
@@ -166,8 +166,8 @@ def _measure(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules:
   # Buffer assignment does not depend on LLVM's optimisation level; skipping it saves ~30% on CPU.
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   t0 = time.perf_counter()
-  compiled, memory = memory_fit.compile_train_step(standin, cfg, tx, abstract, mesh, rules, grad_accum,
-                                                   cfg.vocab_size - 1, compiler_options=options)
+  compiled, _ = memory_fit.compile_train_step(standin, cfg, tx, abstract, mesh, rules, grad_accum,
+                                              cfg.vocab_size - 1, compiler_options=options)
   seconds = time.perf_counter() - t0
   ma = compiled.memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
@@ -175,7 +175,7 @@ def _measure(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules:
   analysis = {f: int(getattr(ma, f)) for f in fields if ma is not None and hasattr(ma, f)}
   state_shardings = sharding.param_shardings(abstract, mesh, rules)
   return {"mesh_shape": shape, "global_batch": global_batch, "compile_seconds": seconds,
-          "memory_analysis": analysis, "step_memory": memory,
+          "memory_analysis": analysis,
           "analytic_argument_bytes": _device_bytes(abstract, state_shardings)
           + per_device_batch * config.train.seq_len * 4,
           "grad_bytes": _device_bytes(abstract["params"], state_shardings["params"])}
@@ -210,10 +210,7 @@ def _compiled_attention(m: ModelConfig, objective: str, platform: str) -> str:
   `attention.flash_footprint` (the tensors a flash kernel keeps, no [q, k] scores) rather than by the
   dense reference, whose scores the target never materialises.
   """
-  kernel = m.attention
-  if kernel == "auto":
-    sixteen = m.dtype in ("bfloat16", "float16")
-    kernel = {"gpu": "cudnn" if sixteen else "dense", "tpu": "splash"}.get(platform, "dense")
+  kernel = attention.auto_implementation(m.compute_dtype, platform) if m.attention == "auto" else m.attention
   if kernel == "splash" and objective != "tidar":
     kernel = "dense"  # splash takes the static training mask; the AR objective's attention is dense
   home = {"cudnn": "gpu", "splash": "tpu"}.get(kernel)
@@ -244,7 +241,7 @@ def verdict(total: int | None, budget: int, device_gb: float, plan: batch_plan.B
 
 def _activations(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules: Any,
                  target: tuple[int, int, int], hypothetical: bool, per_device_batch: int, grad_accum: int,
-                 grad_bytes: int, attention: str, p: Any) -> tuple[int | None, str, str, dict[str, Any] | None]:
+                 grad_bytes: int, attention_impl: str, p: Any) -> tuple[int | None, str, str, dict[str, Any] | None]:
   # grad_bytes: the target's gradient buffer per device (sharded like the fp32 params)
   """(temp bytes per device, "measured" | "extrapolated" | "skipped", explanation, compile details)."""
   shape = _standin_shape(target, jax.device_count()) if hypothetical else target
@@ -253,7 +250,7 @@ def _activations(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, ru
   d, f, t = shape
   where = "the target mesh" if not hypothetical else f"a stand-in mesh data={d} fsdp={f} tensor={t}"
   p(f"compiling the train step on {where} (micro-batch {per_device_batch // grad_accum} x accum {grad_accum}) ...")
-  measured = _measure(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum, attention)
+  measured = _measure(config, model_cfg, tx, abstract, rules, shape, per_device_batch, grad_accum, attention_impl)
   temp = measured["memory_analysis"].get("temp_size_in_bytes")
   secs = measured["compile_seconds"]
   if temp is None:
