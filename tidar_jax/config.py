@@ -19,8 +19,9 @@ ATTENTION_IMPLS = ("dense", "cudnn", "splash", "auto")
 DECODE_QUANT = ("none", "int8")
 ROPE_TYPES = ("default", "linear", "llama3")
 OBJECTIVES = ("tidar", "ar")
-# Configs written before train.checkpoint_every_s existed (older converted checkpoints) get this.
+# What configs written before these train fields existed (older converted checkpoints) get.
 DEFAULT_CHECKPOINT_EVERY_S = 600.0
+DEFAULT_LOSS_CHUNK = 1024
 LOCAL_CODE_ROOTS = ("stdlib", "site-packages")  # data.local_code_roots: what the local_code corpus reads
 
 
@@ -160,7 +161,7 @@ def config_errors(config: Any) -> list[str]:
     batch_plan.requested_micro_batch(tr)
   except ValueError as e:
     errors.append(str(e))
-  chunk = tr.get("loss_chunk", 1024)
+  chunk = tr.get("loss_chunk", DEFAULT_LOSS_CHUNK)
   if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
     errors.append(f"train.loss_chunk={chunk!r}: must be a positive integer (sequence positions whose logits "
                   "exist at once; e.g. 1024)")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tidar_jax import losses
-from tidar_jax.config import ModelConfig
+from tidar_jax.config import DEFAULT_LOSS_CHUNK, ModelConfig
 from tidar_jax.model import init_variables
 
 TrainState = dict  # {"step": int32 [], "params": pytree, "opt_state": pytree}
@@ -35,9 +35,6 @@ def create_train_state(model_cfg: ModelConfig, tx, seed: int, shardings: Any) ->
   """Initialises directly into the target shardings: no full replica on any one device."""
   init = lambda key: nn.unbox(_init_state(model_cfg, tx, key))  # noqa: E731
   return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-
-
-DEFAULT_LOSS_CHUNK = 1024
 
 
 def loss_chunk(config: ml_collections.ConfigDict) -> int:
