@@ -114,9 +114,6 @@ def choose_micro_batch(per_device_batch: int, measure: Callable[[int], int], bud
     return 1, seen
   m2 = divisors[1]
   slope = max((at(m2) - at(1)) / (m2 - 1), 1.0)
-  under = [m for m in divisors if at(1) + slope * (m - 1) <= budget] or [1]
-  candidates = [m for m in divisors if m <= under[-1]]
-  for m in reversed(candidates):  # the line's pick first; step down while the compiled step is over
-    if at(m) <= budget:
-      return m, seen
-  return 1, seen
+  line_pick = max(m for m in divisors if at(1) + slope * (m - 1) <= budget)  # 1 always qualifies
+  # the line's pick first; step down while the compiled step is over (1 fits: checked above)
+  return next(m for m in reversed(divisors) if m <= line_pick and at(m) <= budget), seen
