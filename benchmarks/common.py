@@ -38,7 +38,7 @@ LOOKAHEAD_PAD = 16
 
 def shared_max_len(prompt_len: int, new_tokens: int, blocks) -> int:
   """The max_len every decoder of one (batch, kv) group is asked for (the decoders allocate
-  `loop.cache_slots` of it)."""
+  `dispatch.cache_slots` of it)."""
   return prompt_len + new_tokens + max(step_tokens(k) for k in [LOOKAHEAD_PAD, *blocks])
 
 

@@ -36,7 +36,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import common
+from benchmarks import acceptance, common
+from tidar_jax.decode import tidar
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.sampling import SamplingParams
 from tidar_jax.decode.tidar import generate_tidar
@@ -65,9 +66,9 @@ def measure_generate(params: Any, cfg, *, batch: int, prompt_len: int, max_new_t
                      verify_beta: float | None = None, always_accept: bool = False) -> tuple[dict[str, Any], np.ndarray]:
   """Times one decoder configuration; returns (record, the full run's tokens [batch, max_new_tokens]).
 
-  always_accept: generate_tidar's test-only `_faults="always_accept"` override (every step accepts
+  always_accept: `acceptance.ALWAYS_ACCEPT` hooks on generate_tidar (every step accepts
   its k - 1 drafts whatever they are): full acceptance regardless of bf16 near-ties."""
-  faults = ["always_accept"] * batch if always_accept else None
+  hooks = acceptance.ALWAYS_ACCEPT if always_accept else tidar.HOOKS
   prompts, lengths = make_prompts(cfg, batch, prompt_len)
   key = jax.random.key(0)
 
@@ -77,7 +78,7 @@ def measure_generate(params: Any, cfg, *, batch: int, prompt_len: int, max_new_t
                          key=key, eos_id=eos, max_len=max_len)
     return generate_tidar(params, cfg, prompts, lengths, max_new_tokens=max_new_tokens, sampling=GREEDY,
                           key=key, eos_id=eos, mask_id=cfg.vocab_size - 1, max_len=max_len,
-                          block_size=block_size, forced_drafts=forced, verify_beta=verify_beta, _faults=faults)
+                          block_size=block_size, forced_drafts=forced, verify_beta=verify_beta, hooks=hooks)
 
   t = time.perf_counter()
   full = jax.block_until_ready(call(None))

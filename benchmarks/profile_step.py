@@ -171,13 +171,13 @@ def categorize(op_name: str | None, kernel: str, parts=_DECODE_PARTS) -> str:
   k = kernel.lower()
   if "memcpy" in k or "memset" in k:
     return "memcpy/memset"
-  if "split_kv" in k:  # the Pallas kernel's name (tidar_jax/decode/split_kv_attention.py)
+  if "split_kv" in k:  # the Pallas kernel's name (tidar_jax/kernels/split_kv_attention.py)
     return "split-KV attention, Pallas (unmapped)"
-  if "one_token_attention" in k:  # its kernels' names (tidar_jax/decode/one_token_attention.py)
+  if "one_token_attention" in k:  # its kernels' names (tidar_jax/kernels/one_token_attention.py)
     return "one-token attention block, Pallas (unmapped)"
-  if "int8_gemv" in k:  # decode_quant="int8": one row against each layer matrix (tidar_jax/decode/gemv.py)
+  if "int8_gemv" in k:  # decode_quant="int8": one row against each layer matrix (tidar_jax/kernels/int8_gemv.py)
     return "int8 one-row matmuls, Pallas (unmapped)"
-  if "multi_token_attention" in k:  # prologue + merge (tidar_jax/decode/multi_token_attention.py)
+  if "multi_token_attention" in k:  # prologue + merge (tidar_jax/kernels/multi_token_attention.py)
     return "TiDAR step's RoPE/cache-write prologue + split merge, Pallas (unmapped)"
   if "cudnn" in k or "flash" in k or "fmha" in k or "sdpa" in k:
     return "cuDNN attention (unmapped)"
@@ -249,10 +249,10 @@ _TRAIN_PARTS = [
 
 @contextlib.contextmanager
 def loop_not_graphed():
-  """Decodes inside compile without `loop.GPU_COMPILER_OPTIONS` (the whole loop as one CUDA graph):
+  """Decodes inside compile without `dispatch.GPU_COMPILER_OPTIONS` (the whole loop as one CUDA graph):
   a trace does not see the kernels inside its conditional WHILE node (2026-11-24: 7 launches and 5%
   of the 1.5B AR step). Naming the option in XLA_FLAGS opts out, as a user's own flags do
-  (`loop.use_gpu_compiler_options`); XLA itself read its flags when the backend started."""
+  (`dispatch.use_gpu_compiler_options`); XLA itself read its flags when the backend started."""
   flags = os.environ.get("XLA_FLAGS")
   os.environ["XLA_FLAGS"] = f"{flags or ''} --xla_gpu_enable_command_buffer=".strip()
   try:

@@ -1,7 +1,7 @@
 """The decode step's attention alone: T step queries over a per-layer KV cache, every layer of a
 model (distinct buffers, so the cache streams from HBM as in a real step, not from L2), chained
 through the output. Compares cuDNN with the step's boolean mask, XLA's dense einsum, and the
-split-KV Pallas kernel (`tidar_jax/decode/split_kv_attention.py`) at its default tiling and a
+split-KV Pallas kernel (`tidar_jax/kernels/split_kv_attention.py`) at its default tiling and a
 sweep of row tiles / key splits / warps; each kernel's output is checked against the dense one.
 
     python -m benchmarks.step_attention --model 1p5b --batch 1,8 --kv 2048,8192 --blocks 0,4,8,16 --out att.json
@@ -16,23 +16,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks import common
-from tidar_jax import masks
-from tidar_jax.decode import engine, loop, split_kv_attention
-from tidar_jax.decode.cache import KVCache
+from tidar_jax import dispatch, masks
+from tidar_jax.decode import engine, loop
+from tidar_jax.kernels import split_kv_attention
 
 
-def step_mask(block: int) -> np.ndarray:
-  return np.ones((1, 1), bool) if block == 0 else masks.decode_step_mask(block)
+def step_mask(block: int) -> masks.StepIntervals:
+  return masks.causal_step(1) if block == 0 else masks.decode_step_intervals(block)
 
 
 def make_case(cfg, batch: int, kv: int, block: int, layers: int, seed: int = 0):
   """Random bf16 q and `layers` caches of `kv` committed slots (+ the step's own), max_len aligned
   as the decode loop's default."""
   T = loop.step_tokens(block)
-  max_len = -(-(kv + T) // loop.CACHE_ALIGN) * loop.CACHE_ALIGN
+  max_len = -(-(kv + T) // dispatch.CACHE_ALIGN) * dispatch.CACHE_ALIGN
   key = jax.random.key(seed)
   shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   ks = [jax.random.normal(jax.random.fold_in(key, 2 * i), shape, jnp.bfloat16) for i in range(layers)]
@@ -42,20 +41,17 @@ def make_case(cfg, batch: int, kv: int, block: int, layers: int, seed: int = 0):
   return q, tuple(ks), tuple(vs), lengths
 
 
-def chained(kernel: str, mask_np: np.ndarray, **kw):
+def chained(kernel: str, step: masks.StepIntervals, **kw):
   """jit: every layer's attention in turn, layer i's output is layer i+1's queries."""
 
   @jax.jit
   def f(q, ks, vs, lengths):
-    mask = None
-    if kernel != "split_kv":  # built once per step and shared by the layers, as in the engine
-      mask = engine.step_attention_mask(KVCache(ks, vs, lengths), mask_np)
     outs = []
     for k_buf, v_buf in zip(ks, vs):
       if kernel == "split_kv":
-        o = split_kv_attention.step_attention(q, k_buf, v_buf, lengths, mask_np, **kw)
+        o = split_kv_attention.step_attention(q, k_buf, v_buf, lengths, step, **kw)
       else:
-        o = engine._attend(q, k_buf, v_buf, lengths, mask_np, mask, kernel)
+        o = engine.attend(q, k_buf, v_buf, lengths, step, kernel)
       outs.append(o)
       q = o
     return jnp.stack(outs)  # [layers, batch, T, heads, head_dim]
@@ -94,12 +90,12 @@ def run(rec: common.Recorder, cfg, model: str, batches, kvs, blocks, layers: int
         m = step_mask(block)
         args = make_case(cfg, batch, kv, block, layers)
         ref = None
-        for name, kernel, kw in variants(on_gpu, m.shape[0], group, sweep_batch1 and batch == 1):
-          label = {"model": model, "batch": batch, "kv": kv, "block_size": block, "tokens": m.shape[0],
+        for name, kernel, kw in variants(on_gpu, m.tokens, group, sweep_batch1 and batch == 1):
+          label = {"model": model, "batch": batch, "kv": kv, "block_size": block, "tokens": m.tokens,
                    "layers": layers, "variant": name, **kw}
           if kernel == "split_kv":
             label["tile"], label["splits"] = split_kv_attention.tiling(
-                batch, m.shape[0], cfg.num_heads, cfg.num_kv_heads, args[1][0].shape[1],
+                batch, m.tokens, cfg.num_heads, cfg.num_kv_heads, args[1][0].shape[1],
                 kw.get("row_tile", 0), kw.get("splits", 0))
           if deadline.spent():
             rec.add({**label, "skipped": "time budget"})
@@ -165,7 +161,7 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   if args.smoke:
     layers, batches, kvs, blocks, args.reps = 2, [1], [40], [2], 1
   shape = (f"{model} shape: {cfg.num_heads}/{cfg.num_kv_heads} heads x {cfg.head_dim}, {layers} layers, "
-           f"cache slots = KV + step tokens rounded up to {loop.CACHE_ALIGN}")
+           f"cache slots = KV + step tokens rounded up to {dispatch.CACHE_ALIGN}")
   rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps, "shape": shape})
   run(rec, cfg, model, batches, kvs, blocks, layers, args.reps, args.sweep, common.Deadline(args.budget_s))
   return rec.result

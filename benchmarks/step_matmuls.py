@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from benchmarks import common
-from tidar_jax.decode import engine, split_kv_attention
+from tidar_jax.decode import engine
+from tidar_jax.kernels import pallas_common
 
 
 def pallas_gemv(x: jax.Array, w: jax.Array, *, block_n: int, block_k: int, splits: int, num_stages: int = 3,
@@ -50,7 +51,7 @@ def pallas_gemv(x: jax.Array, w: jax.Array, *, block_n: int, block_k: int, split
                                  pl.BlockSpec((K, block_n), lambda n, j: (0, n))],
                        out_specs=pl.BlockSpec((None, 16, block_n), lambda n, j: (j, 0, n)),
                        out_shape=jax.ShapeDtypeStruct((splits, 16, N), jnp.float32),
-                       compiler_params=split_kv_attention.triton_params(4, num_stages, interpret),
+                       compiler_params=pallas_common.triton_params(4, num_stages, interpret),
                        interpret=interpret)(xp, w)
   return out.sum(axis=0)[:x.shape[0]].astype(x.dtype)
 
@@ -110,7 +111,7 @@ def run(rec: common.Recorder, cfg, layers: int, reps: int, pallas: bool, deadlin
         if fn == "transposed":  # x @ W as a GEMM contracting over K
           fn = lambda x, wt: jnp.einsum("rk,nk->rn", x, wt)  # noqa: E731
         else:  # one row: the decode engine's own multiply + row reduction
-          fn = lambda x, wt: engine._matmul(x, wt, transposed=True)  # noqa: E731
+          fn = lambda x, wt: engine.matmul(x, wt, transposed=True)  # noqa: E731
 
       @jax.jit
       def chain(x, ws, fn=fn):  # layer i's output (cut or padded to K) feeds layer i + 1

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tidar_jax import masks
+from tidar_jax import dispatch, masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import loop
 from tidar_jax.decode.ar import generate_ar
@@ -102,16 +102,16 @@ def test_greedy_equals_iterated_argmax_of_full_forward(params, prompts):
 def test_tight_cache_holds_every_slot_and_is_padded_only_on_a_gpu(monkeypatch, params, prompts):
   """max_len = longest prompt + max_new_tokens + 1 exactly: the last step writes the last slot, and
   off the GPU the cache has exactly those slots (nothing past them to hide an overrun). On a GPU
-  the allocation rounds up to the split-KV kernel's CACHE_ALIGN."""
+  the allocation rounds up to the split-KV kernel's `dispatch.CACHE_ALIGN`."""
   tight = int(PROMPT_LENGTHS.max()) + M_AR + 1
   out = generate_ar(params, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
                     key=jax.random.key(0), eos_id=None, max_len=tight)
-  assert out.cache.max_len == loop.cache_slots(tight)
+  assert out.cache.max_len == dispatch.cache_slots(tight)
   np.testing.assert_array_equal(out.tokens, greedy_by_full_forward(params, prompts, PROMPT_LENGTHS, M_AR))
   if jax.default_backend() != "gpu":
-    assert loop.cache_slots(tight) == tight
+    assert dispatch.cache_slots(tight) == tight
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert [loop.cache_slots(n) for n in (tight, 128, 129)] == [128, 128, 256]
+  assert [dispatch.cache_slots(n) for n in (tight, 128, 129)] == [128, 128, 256]
 
 
 def test_eos_ends_each_row_and_pads(params, prompts):
@@ -154,7 +154,7 @@ def test_gpu_compiler_options_are_valid_xla_options():
   """XLA validates option names and enum values at compile time on any backend: a misspelt option or
   command-buffer type fails here, not first on a user's GPU."""
   loop_fn = jax.jit(lambda x: jax.lax.while_loop(lambda c: c < 10, lambda c: c + 1, x),
-                    compiler_options=loop.GPU_COMPILER_OPTIONS)
+                    compiler_options=dispatch.GPU_COMPILER_OPTIONS)
   assert int(loop_fn(jnp.int32(0))) == 10
   with pytest.raises(Exception, match="WHIL"):  # the check is real: a bad enum value is rejected
     jax.jit(lambda x: x + 1, compiler_options={"xla_gpu_enable_command_buffer": "FUSION,WHIL"})(1.0)
@@ -171,7 +171,7 @@ def test_gpu_compiler_options_are_valid_xla_options():
 def test_gpu_compiler_options_only_on_gpu_and_not_over_user_flags(monkeypatch, backend, xla_flags, expected):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   monkeypatch.setenv("XLA_FLAGS", xla_flags)
-  assert loop.use_gpu_compiler_options() is expected
+  assert dispatch.use_gpu_compiler_options() is expected
 
 
 def test_decode_compiled_with_gpu_options_gives_the_same_tokens(monkeypatch, params, prompts):
@@ -181,14 +181,14 @@ def test_decode_compiled_with_gpu_options_gives_the_same_tokens(monkeypatch, par
     return np.asarray(generate_ar(params, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
                                   key=jax.random.key(0), eos_id=None).tokens)
   plain = run()
-  monkeypatch.setattr(loop, "use_gpu_compiler_options", lambda: True)
+  monkeypatch.setattr(dispatch, "use_gpu_compiler_options", lambda: True)
   np.testing.assert_array_equal(run(), plain)
 
 
 def test_decode_traced_inside_another_trace_uses_the_plain_jit(monkeypatch, params, prompts):
   """jax rejects compiler_options on a jit nested in an outer trace: the decoder then stages as a plain
   jit (the outer program's options apply) instead of failing."""
-  monkeypatch.setattr(loop, "use_gpu_compiler_options", lambda: True)
+  monkeypatch.setattr(dispatch, "use_gpu_compiler_options", lambda: True)
   jaxpr = jax.make_jaxpr(lambda p: generate_ar(p, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR,
                                                sampling=GREEDY, key=jax.random.key(0), eos_id=None).tokens)(params)
   assert jaxpr.out_avals[0].shape == (len(PROMPT_LENGTHS), M_AR)

@@ -10,7 +10,7 @@ processed by `stats.decoding_law` (numpy, independent of `sampling.process_logit
 - the joint law of (a1, a2), the drafts accepted by the first and the second step. The second
   step's drafts come from block a1 of the first, so drafting from another block changes this law
   while the token law stays exact (any proposal with its own q is exact).
-Broken decoders (`_faults`) must fail the same check: that is what shows 2^17 samples suffice.
+Broken decoders (`decode_faults`) must fail the same check: that is what shows 2^17 samples suffice.
 """
 
 import functools
@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import stats
+from decode_faults import faulty
 from test_decode_ar import random_params
 from tidar_jax import masks
 from tidar_jax.config import ModelConfig
@@ -67,7 +68,8 @@ def decode(params, sampling: SamplingParams, faults: list[str]):
   for a in range(0, rows, CHUNK):
     trace = trace_tidar(params, CFG, np.broadcast_to(PROMPT, (CHUNK, n)), np.full(CHUNK, n), steps=STEPS,
                         max_new_tokens=NEW, sampling=sampling, key=keys[a:a + CHUNK], eos_id=None, mask_id=MASK_ID,
-                        block_size=K, max_len=n + NEW + K + K * K, _faults=faults[a:a + CHUNK] if knob else None)
+                        block_size=K, max_len=n + NEW + K + K * K,
+                        **(faulty(faults[a:a + CHUNK]) if knob else {}))
     per_step = np.diff(np.asarray(trace.accepted_hist), axis=0)  # [STEPS, CHUNK, K]: one-hot at each step's a
     assert np.all(per_step.sum(-1) == 1) and np.all(np.asarray(trace.generated[-1]) >= TOKENS)
     chunks.append((np.asarray(trace.out[-1, :, :TOKENS]), per_step[0].argmax(-1) * K + per_step[1].argmax(-1)))

@@ -5,8 +5,6 @@ layouts with GQA, ragged per-row cache lengths, stale slots, and the AR and TiDA
 the dense step attention and the split-KV Pallas kernel (interpreted here; what "auto" picks on GPU).
 """
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,6 +15,7 @@ from tidar_jax import masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import cache as cache_lib
 from tidar_jax.decode import engine
+from tidar_jax.decode.weights import Int8Matrix, prepare_weights
 from tidar_jax.model import Transformer, init_params
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
@@ -30,10 +29,10 @@ CONFIGS = {
                          rope_original_max_position=64),
 }
 K = 3
-STEP_MASKS = {  # name -> the static [T, T] mask among the step's new tokens
-    "ar": np.ones((1, 1), bool),
-    "causal4": masks.causal_mask(4),
-    "tidar": masks.decode_step_mask(K),
+STEPS = {  # name -> which of the step's new tokens each new token sees
+    "ar": masks.causal_step(1),
+    "causal4": masks.causal_step(4),
+    "tidar": masks.decode_step_intervals(K),
 }
 LENGTHS = np.array([5, 9])  # committed cache slots per row (ragged)
 MAX_LEN = 32
@@ -54,7 +53,7 @@ def random_params(cfg: ModelConfig, seed: int = 0):
 
 def step_offsets(name: str) -> np.ndarray:
   """[T] position offsets of the step's tokens from the row's length p."""
-  return masks.decode_step_offsets(K) if name == "tidar" else np.arange(len(STEP_MASKS[name]), dtype=np.int32)
+  return masks.decode_step_offsets(K) if name == "tidar" else np.arange(STEPS[name].tokens, dtype=np.int32)
 
 
 def reference(params, cfg: ModelConfig, prefix: np.ndarray, new: np.ndarray, step_mask: np.ndarray,
@@ -83,8 +82,8 @@ def reference(params, cfg: ModelConfig, prefix: np.ndarray, new: np.ndarray, ste
 # here it runs inside the engine for one layout per step mask, with the fused attention blocks
 # around it (`one_token_attention` at T = 1, `multi_token_attention` for TiDAR and causal4). Batch 1
 # AR is the one-row step, whose matmuls are row reductions over the transposed weights
-# (`engine._matmul`).
-CASES = [(name, step, "dense", 2) for name in CONFIGS for step in STEP_MASKS] + [
+# (`engine.matmul`).
+CASES = [(name, step, "dense", 2) for name in CONFIGS for step in STEPS] + [
     ("qwen2.5", "ar", "split_kv", 2), ("qwen3", "tidar", "split_kv", 2), ("qwen2.5", "causal4", "split_kv", 2),
     ("qwen2.5", "ar", "dense", 1), ("qwen3", "ar", "split_kv", 1)]
 
@@ -93,9 +92,10 @@ CASES = [(name, step, "dense", 2) for name in CONFIGS for step in STEP_MASKS] + 
 def test_forward_over_the_cache_equals_the_uncached_model(name, step, attention, batch):
   cfg = CONFIGS[name]
   params = random_params(cfg)
-  step_mask, offsets = STEP_MASKS[step], step_offsets(step)
+  intervals, offsets = STEPS[step], step_offsets(step)
+  step_mask = intervals.dense()
   lengths = LENGTHS[-batch:]
-  B, T = batch, len(step_mask)
+  B, T = batch, intervals.tokens
   rng = np.random.default_rng(1)
   prefix = rng.integers(0, cfg.vocab_size, (B, lengths.max()))
   new = rng.integers(0, cfg.vocab_size, (B, T))
@@ -111,8 +111,8 @@ def test_forward_over_the_cache_equals_the_uncached_model(name, step, attention,
 
   @jax.jit
   def step_fn(params, cache):
-    w = engine.prepare_weights(params, cfg)
-    hidden, written = engine.forward(w, cfg, cache, new, positions, step_mask, attention)
+    w = prepare_weights(params, cfg)
+    hidden, written = engine.forward(w, cfg, cache, new, positions, intervals, attention)
     return hidden, engine.logits(w, hidden), written
 
   hidden, logits, written = step_fn(params, cache)
@@ -133,7 +133,7 @@ def test_forward_over_the_cache_equals_the_uncached_model(name, step, attention,
 def test_boxed_and_unboxed_params_prepare_the_same_weights():
   cfg = CONFIGS["qwen3"]
   boxed = init_params(cfg, jax.random.key(0))
-  got, want = engine.prepare_weights(boxed, cfg), engine.prepare_weights(nn.unbox(boxed), cfg)
+  got, want = prepare_weights(boxed, cfg), prepare_weights(nn.unbox(boxed), cfg)
   assert len(got.layers) == cfg.num_layers and got.lm_head is not None and got.layers[0].bqkv is None
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
@@ -151,25 +151,6 @@ def test_write_rows_writes_each_row_at_its_offset(batch):
   np.testing.assert_array_equal(got, want)
 
 
-def test_auto_attention_choice_on_a_gpu(monkeypatch):
-  """What attention="auto" picks where cuDNN is available (a rule timed on the GPU):
-  split-KV for up to SPLIT_KV_MAX_ROWS step tokens over the batch (AR and TiDAR steps up to batch
-  8 x k=16), cuDNN above that and where the kernel does not apply; the dense einsum off the GPU."""
-  ar, k8, k16 = np.ones((1, 1), bool), masks.decode_step_mask(8), masks.decode_step_mask(16)
-  on_gpu = jax.default_backend() == "gpu"  # the suite also runs on a GPU machine
-  assert engine.attention_kernel("auto", jnp.bfloat16, k16, 2304, 1) == ("split_kv" if on_gpu else "dense")
-  assert engine.attention_kernel("auto", jnp.float32, k16, 2304, 1) == "dense"  # fp32: no cuDNN flash kernel
-  monkeypatch.setattr(engine, "auto_implementation", lambda dtype: "cudnn")
-  pick = functools.partial(engine.attention_kernel, "auto", jnp.bfloat16)
-  assert pick(ar, 2304, 1) == "split_kv" and pick(ar, 2304, 8) == "split_kv"
-  assert pick(k8, 2304, 1) == "split_kv" and pick(k16, 2304, 1) == "split_kv"
-  assert pick(k8, 2304, 8) == "split_kv" and pick(k16, 2304, 8) == "split_kv"  # up to 8 x 272 step tokens
-  assert pick(k16, 2304, 9) == "cudnn"  # 2448 step tokens: past the largest step measured
-  assert pick(k16, 2300, 1) == "cudnn"  # no key block tiles 2300 slots
-  # cudnn asked: taken on a GPU only
-  assert engine.attention_kernel("cudnn", jnp.bfloat16, k16, 2304, 1) == ("cudnn" if on_gpu else "dense")
-
-
 def test_int8_decode_weights_quantize_per_column_and_stay_close():
   """decode_quant="int8": every layer matrix is int8 with one scale per output column, within half a
   step of the original, and the step's logits stay close to the full-precision engine's."""
@@ -177,12 +158,12 @@ def test_int8_decode_weights_quantize_per_column_and_stay_close():
   cfg = CONFIGS["qwen3"]
   cfg8 = dataclasses.replace(cfg, decode_quant="int8")
   params = random_params(cfg)
-  prepare = jax.jit(engine.prepare_weights, static_argnums=1)
+  prepare = jax.jit(prepare_weights, static_argnums=1)
   w, w8 = prepare(params, cfg), prepare(params, cfg8)
   for full, quant in zip(w.layers, w8.layers):
     for name in ("wqkv_t", "wo_t", "wgu", "wd_t"):
       m, q = getattr(full, name), getattr(quant, name)
-      assert isinstance(q, engine.Int8Matrix) and q.q.dtype == jnp.int8 and q.q.shape == m.shape
+      assert isinstance(q, Int8Matrix) and q.q.dtype == jnp.int8 and q.q.shape == m.shape
       if name.endswith("_t"):  # stored [d_out, d_in]: compare as [d_in, d_out]
         m, q = m.T, q._replace(q=q.q.T)
       assert q.scale.shape == (m.shape[1],)
@@ -191,8 +172,8 @@ def test_int8_decode_weights_quantize_per_column_and_stay_close():
       assert (err <= scale / 2 + 1e-7).all()
       np.testing.assert_allclose(np.abs(np.asarray(q.q)).max(axis=0), 127)  # the scale is the column max
   np.testing.assert_array_equal(w8.embed, w.embed)
-  step_mask = STEP_MASKS["tidar"]
-  T = len(step_mask)
+  step_mask = STEPS["tidar"]
+  T = step_mask.tokens
   cache = cache_lib.init_cache(cfg, len(LENGTHS), MAX_LEN)._replace(lengths=jnp.asarray(LENGTHS, jnp.int32))
   tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (len(LENGTHS), T))
   positions = LENGTHS[:, None] + step_offsets("tidar")[None, :]
@@ -207,23 +188,24 @@ def test_int8_decode_weights_quantize_per_column_and_stay_close():
   assert 0 < float(jnp.abs(quant - full).max()) < 0.05 * scale  # rounded, but close
   # One row alone (the batch-1 AR step: row reductions over the int8 rows) == that row in the batch.
   one = cache._replace(k=tuple(k[1:] for k in cache.k), v=tuple(v[1:] for v in cache.v), lengths=cache.lengths[1:])
-  hidden, _ = jax.jit(lambda w8: engine.forward(w8, cfg, one, tokens[1:, :1], positions[1:, :1], STEP_MASKS["ar"],
+  hidden, _ = jax.jit(lambda w8: engine.forward(w8, cfg, one, tokens[1:, :1], positions[1:, :1], STEPS["ar"],
                                                 "dense"))(w8)
-  ref, _ = jax.jit(lambda w8: engine.forward(w8, cfg, cache, tokens[:, :1], positions[:, :1], STEP_MASKS["ar"],
+  ref, _ = jax.jit(lambda w8: engine.forward(w8, cfg, cache, tokens[:, :1], positions[:, :1], STEPS["ar"],
                                              "dense"))(w8)
   np.testing.assert_allclose(hidden[0], ref[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["qwen2.5", "qwen3"])
 def test_int8_one_row_step_through_the_gemv_kernel_equals_xla(layout, monkeypatch):
-  """On a GPU the batch-1 int8 step's matmuls run `gemv.gemv` (q/k/v, o and down stored [d_out,
+  """On a GPU the batch-1 int8 step's matmuls run `int8_gemv.gemv` (q/k/v, o and down stored [d_out,
   d_in], gate/up [d_in, d_out]); here it is interpreted: the same step as XLA's products, every
   layer's new key/value included. Fails if a layout, the scale or the folded norm's input is wrong."""
   import dataclasses
 
-  from tidar_jax.decode import gemv
+  from tidar_jax import dispatch
+  from tidar_jax.kernels import int8_gemv as gemv
   cfg = dataclasses.replace(CONFIGS[layout], decode_quant="int8")
-  w8 = jax.jit(engine.prepare_weights, static_argnums=1)(random_params(cfg), cfg)
+  w8 = jax.jit(prepare_weights, static_argnums=1)(random_params(cfg), cfg)
   cache = cache_lib.init_cache(cfg, 1, MAX_LEN)._replace(lengths=jnp.asarray(LENGTHS[1:], jnp.int32))
   cache = cache._replace(k=tuple(jax.random.normal(jax.random.key(i), k.shape) for i, k in enumerate(cache.k)),
                          v=tuple(jax.random.normal(jax.random.key(9 + i), v.shape) for i, v in enumerate(cache.v)))
@@ -231,10 +213,10 @@ def test_int8_one_row_step_through_the_gemv_kernel_equals_xla(layout, monkeypatc
   real = gemv.gemv
 
   def step(use: bool):
-    monkeypatch.setattr(gemv, "use", lambda: use)
+    monkeypatch.setattr(dispatch, "int8_gemv", lambda rows: use and rows == 1)
     calls = []
     monkeypatch.setattr(gemv, "gemv", lambda *a, **kw: calls.append(kw["transposed"]) or real(*a, **kw))
-    hidden, out = jax.jit(lambda w: engine.forward(w, cfg, cache, tokens, positions, STEP_MASKS["ar"], "dense"))(w8)
+    hidden, out = jax.jit(lambda w: engine.forward(w, cfg, cache, tokens, positions, STEPS["ar"], "dense"))(w8)
     return engine.logits(w8, hidden), out, calls
 
   want, want_cache, none = step(False)

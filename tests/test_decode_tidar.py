@@ -403,7 +403,8 @@ def test_config_dict_supplies_block_size(params, prompts, ar):
     (dict(verify_beta=1.5), r"verify_beta=1.5: must lie in \[0, 1\]"),
     (dict(mask_id=-1), r"mask_id=-1 lies outside the vocabulary"),
     (dict(forced_drafts=np.zeros((2, 40), np.int32)), r"forced_drafts must be \[batch=4, positions\]"),
-    (dict(_faults=["nope"] * 4), r"_faults must name one of"),
+    (dict(hook_data=np.zeros(3, np.int32)), r"hook_data must be \[batch=4, \.\.\.\], got shape \(3,\)"),
+    (dict(hooks=(None, None)), r"hooks must be a tidar.StepHooks"),
 ])
 def test_bad_input_is_rejected_before_compiling(params, prompts, kwargs, match):
   args = dict(config=CFG, prompt_lengths=PROMPT_LENGTHS, max_new_tokens=M, sampling=GREEDY, key=jax.random.key(0),

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tidar_jax.decode import multi_token_attention as mta
-from tidar_jax.decode.cache import KVCache, write_rows
-from tidar_jax.decode.engine import _attend, step_attention_mask
-from tidar_jax.decode.one_token_attention import Projection
-from tidar_jax.masks import decode_step_mask
+from tidar_jax.decode.cache import write_rows
+from tidar_jax.kernels import multi_token_attention as mta
+from tidar_jax.kernels import split_kv_attention
+from tidar_jax.kernels.qkv_epilogue import Projection
+from tidar_jax.masks import decode_step_intervals
 from tidar_jax.model import default_inv_freq, rms_norm, rope, rope_cos_sin
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
@@ -22,8 +22,8 @@ H, HKV, D, S, EPS, THETA = 6, 2, 16, 64, 1e-6, 1e4
 INV_FREQ = default_inv_freq(D, THETA)
 
 
-def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step_mask):
-  """The engine's unfused many-token step on the same inputs (`engine._qkv`, `write_rows`, `_attend`)."""
+def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step):
+  """The unfused many-token step on the same inputs (as `engine.unfused_attention` computes it)."""
   B, T, _ = qkv.shape
   y = qkv if proj.bias is None else qkv + proj.bias[None, None, :]
   q, k, v = jnp.split(y.reshape(B, T, -1, D), [H, H + HKV], axis=2)
@@ -31,8 +31,8 @@ def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step_mask):
     q, k = rms_norm(q, proj.q_norm, EPS, dtype), rms_norm(k, proj.k_norm, EPS, dtype)
   q, k = rope(q, positions, INV_FREQ), rope(k, positions, INV_FREQ)
   k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
-  mask = step_attention_mask(KVCache((k_buf,), (v_buf,), lengths), step_mask)
-  return _attend(q, k_buf, v_buf, lengths, step_mask, mask, "dense").reshape(B, T, H * D), k_buf, v_buf
+  mask = split_kv_attention.visible_slots(lengths, step, k_buf.shape[1])
+  return split_kv_attention.reference(q, k_buf, v_buf, mask).reshape(B, T, H * D), k_buf, v_buf
 
 
 @pytest.mark.parametrize("dtype,block,qk_norm,splits,block_k,row_tile", [
@@ -43,8 +43,8 @@ def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step_mask):
 ])
 def test_multi_token_attention_equals_the_unfused_step(dtype, block, qk_norm, splits, block_k, row_tile):
   rng = np.random.default_rng(block)
-  step_mask = decode_step_mask(block)
-  T = step_mask.shape[0]
+  step = decode_step_intervals(block)
+  T = step.tokens
   lengths = jnp.asarray([0, 16, 37, S - T], jnp.int32)  # empty, a block boundary, mid-block, the cache's end
   B = lengths.shape[0]
   # positions need not equal slots: TiDAR's draft blocks repeat positions
@@ -61,9 +61,9 @@ def test_multi_token_attention_equals_the_unfused_step(dtype, block, qk_norm, sp
     k_buf[b, n:], v_buf[b, n:] = 50.0, 1e3
   k_buf, v_buf = jnp.asarray(k_buf, dtype), jnp.asarray(v_buf, dtype)
 
-  want, want_k, want_v = unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step_mask)
+  want, want_k, want_v = unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step)
   cos, sin = rope_cos_sin(positions, INV_FREQ)
-  got, got_k, got_v = mta.attend(qkv, proj, dtype, cos, sin, k_buf, v_buf, lengths, step_mask, heads=H, eps=EPS,
+  got, got_k, got_v = mta.attend(qkv, proj, dtype, cos, sin, k_buf, v_buf, lengths, step, heads=H, eps=EPS,
                                  splits=splits, block_k=block_k, row_tile=row_tile, interpret=True)
   tol = 1e-5 if dtype == jnp.float32 else 1e-2
   slot = np.arange(S)[None, :]
@@ -76,17 +76,17 @@ def test_multi_token_attention_equals_the_unfused_step(dtype, block, qk_norm, sp
 
 
 def test_multi_token_attention_refuses_bad_inputs():
-  mask = decode_step_mask(2)
+  step = decode_step_intervals(2)
   args = (jnp.float32, jnp.zeros((1, 6, 6)), jnp.zeros((1, 6, 6)))
   with pytest.raises(ValueError, match="power-of-two head_dim"):
     mta.attend(jnp.zeros((1, 6, (H + 2 * HKV) * 12)), Projection(None, None, None, None), *args,
-               jnp.zeros((1, 48, HKV, 12)), jnp.zeros((1, 48, HKV, 12)), jnp.zeros(1, jnp.int32), mask, heads=H, eps=EPS)
+               jnp.zeros((1, 48, HKV, 12)), jnp.zeros((1, 48, HKV, 12)), jnp.zeros(1, jnp.int32), step, heads=H, eps=EPS)
   with pytest.raises(ValueError, match="Projection.x=None"):
     mta.attend(jnp.zeros((1, 6, (H + 2 * HKV) * D)), Projection(jnp.zeros((1, 8)), None, None, None), *args,
-               jnp.zeros((1, S, HKV, D)), jnp.zeros((1, S, HKV, D)), jnp.zeros(1, jnp.int32), mask, heads=H, eps=EPS)
+               jnp.zeros((1, S, HKV, D)), jnp.zeros((1, S, HKV, D)), jnp.zeros(1, jnp.int32), step, heads=H, eps=EPS)
   with pytest.raises(ValueError, match="row_tile=8 must be a multiple of 16"):
     mta.attend(jnp.zeros((1, 6, (H + 2 * HKV) * D)), Projection(None, None, None, None), *args,
-               jnp.zeros((1, S, HKV, D)), jnp.zeros((1, S, HKV, D)), jnp.zeros(1, jnp.int32), mask, heads=H, eps=EPS,
+               jnp.zeros((1, S, HKV, D)), jnp.zeros((1, S, HKV, D)), jnp.zeros(1, jnp.int32), step, heads=H, eps=EPS,
                row_tile=8)
-  assert not mta.supported(D, np.tile(np.arange(5) % 2 == 0, (5, 1)), S)  # three runs: no interval form
-  assert mta.supported(128, decode_step_mask(16), 2048)
+  assert not mta.supported(12, 2048) and not mta.supported(D, 50)
+  assert mta.supported(128, 2048)

@@ -8,20 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tidar_jax.decode import one_token_attention as ota
-from tidar_jax.decode.cache import KVCache, write_rows
-from tidar_jax.decode.engine import _attend, step_attention_mask
+from tidar_jax import masks
+from tidar_jax.decode.cache import write_rows
+from tidar_jax.kernels import one_token_attention as ota
+from tidar_jax.kernels import split_kv_attention
+from tidar_jax.kernels.qkv_epilogue import Projection
 from tidar_jax.model import default_inv_freq, inverse_rms, rms_norm, rope, rope_cos_sin
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
 
 H, HKV, D, DM, S, EPS, THETA = 6, 2, 16, 48, 64, 1e-6, 1e4
 INV_FREQ = default_inv_freq(D, THETA)
-AR = np.ones((1, 1), bool)
+AR = masks.causal_step(1)
 
 
 def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths):
-  """The engine's unfused one-token step on the same inputs (`engine._qkv`, `write_rows`, `_attend`)."""
+  """The unfused one-token step on the same inputs (as `engine.unfused_attention` computes it)."""
   B = qkv.shape[0]
   y = qkv.astype(jnp.float32)
   if proj.x is not None:
@@ -34,8 +36,8 @@ def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths):
     q, k = rms_norm(q, proj.q_norm, EPS, dtype), rms_norm(k, proj.k_norm, EPS, dtype)
   q, k = rope(q, positions[:, None], INV_FREQ), rope(k, positions[:, None], INV_FREQ)
   k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
-  mask = step_attention_mask(KVCache((k_buf,), (v_buf,), lengths), AR)
-  return _attend(q, k_buf, v_buf, lengths, AR, mask, "dense").reshape(B, H * D), k_buf, v_buf
+  mask = split_kv_attention.visible_slots(lengths, AR, k_buf.shape[1])
+  return split_kv_attention.reference(q, k_buf, v_buf, mask).reshape(B, H * D), k_buf, v_buf
 
 
 @pytest.mark.parametrize("dtype,fold,qk_norm,splits,block_k", [
@@ -53,7 +55,7 @@ def test_one_token_attention_equals_the_unfused_step(dtype, fold, qk_norm, split
     return jnp.asarray(scale * rng.standard_normal(shape), dtype)
 
   gains = (draw(D, scale=0.2) + 1, draw(D, scale=0.2) + 1) if qk_norm else (None, None)
-  proj = ota.Projection(draw(B, DM, scale=3.0) if fold else None, draw((H + 2 * HKV) * D, scale=0.5), *gains)
+  proj = Projection(draw(B, DM, scale=3.0) if fold else None, draw((H + 2 * HKV) * D, scale=0.5), *gains)
   qkv = draw(B, (H + 2 * HKV) * D, scale=2.0)
   k_buf, v_buf = (np.array(draw(B, S, HKV, D), np.float32) for _ in range(2))
   for b, n in enumerate(np.asarray(lengths)):  # loud stale slots past the length: never read
@@ -77,14 +79,14 @@ def test_one_token_attention_equals_the_unfused_step(dtype, fold, qk_norm, split
 def test_one_token_attention_refuses_bad_shapes():
   zeros = jnp.zeros((1, 48, HKV, 12))
   with pytest.raises(ValueError, match="power-of-two head_dim"):
-    ota.attend(jnp.zeros((1, (H + 2 * HKV) * 12)), ota.Projection(None, None, None, None), jnp.float32,
+    ota.attend(jnp.zeros((1, (H + 2 * HKV) * 12)), Projection(None, None, None, None), jnp.float32,
                jnp.zeros((1, 6)), jnp.zeros((1, 6)), zeros, zeros, jnp.zeros(1, jnp.int32), heads=H, eps=EPS)
   with pytest.raises(ValueError, match="at most 16 query heads per KV head"):
-    ota.attend(jnp.zeros((1, 20 * D)), ota.Projection(None, None, None, None), jnp.float32, jnp.zeros((1, D // 2)),
+    ota.attend(jnp.zeros((1, 20 * D)), Projection(None, None, None, None), jnp.float32, jnp.zeros((1, D // 2)),
                jnp.zeros((1, D // 2)), jnp.zeros((1, 48, 1, D)), jnp.zeros((1, 48, 1, D)), jnp.zeros(1, jnp.int32),
                heads=18, eps=EPS)
   with pytest.raises(ValueError, match="between 1 and max_len / block_k = 4"):
-    ota.attend(jnp.zeros((1, (H + 2 * HKV) * D)), ota.Projection(None, None, None, None), jnp.float32,
+    ota.attend(jnp.zeros((1, (H + 2 * HKV) * D)), Projection(None, None, None, None), jnp.float32,
                jnp.zeros((1, D // 2)), jnp.zeros((1, D // 2)), jnp.zeros((1, S, HKV, D)), jnp.zeros((1, S, HKV, D)),
                jnp.zeros(1, jnp.int32), heads=H, eps=EPS, splits=8, block_k=16)
   assert ota.default_splits(1, 2, 2048, 64) == 32 and ota.default_splits(8, 2, 2048, 64) == 8

@@ -11,8 +11,8 @@ import pytest
 
 from test_decode_ar import (CFG, GREEDY, MASK_ID, PROMPT_LENGTHS, greedy_by_full_forward, random_params,
                             random_prompts)
-from tidar_jax import attention, masks
-from tidar_jax.decode import engine, gemv, loop, multi_token_attention, one_token_attention, split_kv_attention
+from tidar_jax import dispatch
+from tidar_jax.kernels import int8_gemv, multi_token_attention, one_token_attention, split_kv_attention
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.tidar import generate_tidar
 
@@ -27,24 +27,23 @@ def on_tpu(monkeypatch):
     raise AssertionError("a GPU Pallas kernel was traced on the TPU path")
 
   for module, name in ((split_kv_attention, "step_attention"), (one_token_attention, "attend"),
-                       (multi_token_attention, "attend"), (gemv, "gemv")):
+                       (multi_token_attention, "attend"), (int8_gemv, "gemv")):
     monkeypatch.setattr(module, name, never)
 
 
 def test_platform_choices_on_tpu(on_tpu):
-  step_mask = masks.decode_step_mask(8)
-  assert attention.auto_implementation(jnp.bfloat16) == "splash"  # the training attention
-  assert engine.attention_kernel("auto", jnp.bfloat16, step_mask, 2048, 1) == "dense"
-  assert engine.attention_kernel("splash", jnp.bfloat16, step_mask, 2048, 1) == "dense"
-  assert not gemv.use() and not loop.use_gpu_compiler_options() and loop.cache_slots(130) == 130
+  assert dispatch.training_attention(jnp.bfloat16) == "splash"
+  assert dispatch.decode_attention("auto", jnp.bfloat16, 72, 2048, 1) == "dense"
+  assert dispatch.decode_attention("splash", jnp.bfloat16, 72, 2048, 1) == "dense"
+  assert not dispatch.int8_gemv(1) and not dispatch.use_gpu_compiler_options() and dispatch.cache_slots(130) == 130
 
 
 def test_platform_choices_on_gpu_differ(monkeypatch):
   """The negative control: the same calls on a "gpu" backend take the kernels."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  step_mask = masks.decode_step_mask(8)
-  assert engine.attention_kernel("auto", jnp.bfloat16, step_mask, 2048, 1) == "split_kv"
-  assert gemv.use() and loop.cache_slots(130) == 256
+  assert dispatch.training_attention(jnp.bfloat16) == "cudnn"
+  assert dispatch.decode_attention("auto", jnp.bfloat16, 72, 2048, 1) == "split_kv"
+  assert dispatch.int8_gemv(1) and not dispatch.int8_gemv(2) and dispatch.cache_slots(130) == 256
 
 
 def test_greedy_decoding_on_the_tpu_path(on_tpu):

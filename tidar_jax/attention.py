@@ -13,23 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tidar_jax import masks
+from tidar_jax import dispatch, masks
 from tidar_jax.kernels import splash_attention
-
-# A large finite negative instead of -inf: a fully masked query row (padding) gives a uniform
-# softmax instead of NaNs that would poison gradients through `where`.
-MASKED = -1e30
-
-
-def auto_implementation(dtype, backend: str | None = None) -> str:
-  """`attention="auto"`: cuDNN on a GPU in 16-bit dtypes (its flash kernels), splash attention on a
-  TPU (the TiDAR training attention; every other attention there is the dense einsum), else dense.
-  backend: the platform to choose for (default: this process's; the dry run sizes other ones)."""
-  backend = backend or jax.default_backend()
-  if backend == "tpu":
-    return "splash"
-  return "cudnn" if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "dense"
-
+from tidar_jax.masks import MASKED
 
 def dot_product_attention(
     q: jax.Array,  # [batch, q_len, heads, head_dim]
@@ -43,7 +29,7 @@ def dot_product_attention(
     tidar_block: int = 0,  # > 0: q/k/v are the TiDAR training sequence; `mask` is unused (None)
 ) -> jax.Array:  # [batch, q_len, heads, head_dim]
   if implementation == "auto":
-    implementation = auto_implementation(q.dtype)
+    implementation = dispatch.training_attention(q.dtype)
   if tidar_block:
     if implementation == "splash":
       return _splash_training_attention(q, k, v, tidar_block)
@@ -73,15 +59,15 @@ def _dense_attention(q, k, v, mask, cache_k, cache_v, cache_lengths):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
   B, Q, H, D = q.shape
   Hkv = k.shape[2]
-  q_BQKGD = q.reshape(B, Q, Hkv, H // Hkv, D)
+  q = q.reshape(B, Q, Hkv, H // Hkv, D)  # [batch, q_len, kv_heads, group, head_dim]
   scale = D**-0.5
-  s_BKGQS = jnp.einsum("bqkgd,bskd->bkgqs", q_BQKGD, k, preferred_element_type=jnp.float32) * scale
-  s_BKGQS = jnp.where(mask[:, None, None, :, :], s_BKGQS, MASKED)
+  s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.where(mask[:, None, None, :, :], s, MASKED)  # [batch, kv_heads, group, q_len, q_len]
   S = cache_k.shape[1]
-  c_BKGQC = jnp.einsum("bqkgd,bckd->bkgqc", q_BQKGD, cache_k, preferred_element_type=jnp.float32) * scale
-  valid_BC = jnp.arange(S)[None, :] < cache_lengths[:, None]  # [batch, max_len]
-  c_BKGQC = jnp.where(valid_BC[:, None, None, None, :], c_BKGQC, MASKED)
-  p_all = jax.nn.softmax(jnp.concatenate([c_BKGQC, s_BKGQS], axis=-1), axis=-1)
+  c = jnp.einsum("bqkgd,bckd->bkgqc", q, cache_k, preferred_element_type=jnp.float32) * scale
+  valid = jnp.arange(S)[None, :] < cache_lengths[:, None]  # [batch, max_len]
+  c = jnp.where(valid[:, None, None, None, :], c, MASKED)  # [batch, kv_heads, group, q_len, max_len]
+  p_all = jax.nn.softmax(jnp.concatenate([c, s], axis=-1), axis=-1)
   p_cache, p_new = p_all[..., :S], p_all[..., S:]
   out = (jnp.einsum("bkgqc,bckd->bqkgd", p_cache.astype(cache_v.dtype), cache_v)
          + jnp.einsum("bkgqs,bskd->bqkgd", p_new.astype(v.dtype), v))
@@ -124,8 +110,8 @@ flash_footprint.defvjp(_footprint_fwd, _footprint_bwd)
 def _cudnn_attention(q, k, v, mask):
   """GPU fast path (training and prefill): cuDNN flash attention with the boolean mask."""
   B, Q = q.shape[:2]
-  mask_BNQS = jnp.broadcast_to(mask[:, None], (B, 1, Q, Q))
-  return jax.nn.dot_product_attention(q, k, v, mask=mask_BNQS, implementation="cudnn")
+  mask = jnp.broadcast_to(mask[:, None], (B, 1, Q, Q))  # [batch, 1, q_len, q_len]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
 
 
 def tidar_training_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int,
@@ -189,11 +175,12 @@ def mask_half_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: in
     return jnp.stack([one(c) for c in range(n)], axis=1).reshape((B * n, L + C) + x.shape[2:])
 
   q_chunks = q[:, L:].reshape(B * n, C, H, D)
-  mask_BNCS = jnp.broadcast_to(jnp.asarray(mask)[None, :, None], (B, n, 1, C, L + C)).reshape(B * n, 1, C, L + C)
+  # [batch * chunks, 1, C, L + C]
+  chunk_mask = jnp.broadcast_to(jnp.asarray(mask)[None, :, None], (B, n, 1, C, L + C)).reshape(B * n, 1, C, L + C)
   if implementation == FLASH_FOOTPRINT:
     out = flash_footprint(q_chunks, chunk_keys(k), chunk_keys(v))
   else:
-    out = jax.nn.dot_product_attention(q_chunks, chunk_keys(k), chunk_keys(v), mask=mask_BNCS,
+    out = jax.nn.dot_product_attention(q_chunks, chunk_keys(k), chunk_keys(v), mask=chunk_mask,
                                        key_value_seq_lengths=jnp.asarray(np.tile(lengths, B)),
                                        implementation=implementation)
   return out.reshape(B, L, H, D)

@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
-from tidar_jax import attention, batch_plan, memory_fit, sharding, train_step
+from tidar_jax import batch_plan, dispatch, memory_fit, sharding, train_step
 from tidar_jax.config import ModelConfig, validate
 from tidar_jax.kernels import splash_attention
 from tidar_jax.optimizer import make_optimizer
@@ -210,7 +210,7 @@ def _compiled_attention(m: ModelConfig, objective: str, platform: str) -> str:
   `attention.flash_footprint` (the tensors a flash kernel keeps, no [q, k] scores) rather than by the
   dense reference, whose scores the target never materialises.
   """
-  kernel = attention.auto_implementation(m.compute_dtype, platform) if m.attention == "auto" else m.attention
+  kernel = dispatch.training_attention(m.compute_dtype, platform) if m.attention == "auto" else m.attention
   if kernel == "splash" and objective != "tidar":
     kernel = "dense"  # splash takes the static training mask; the AR objective's attention is dense
   home = {"cudnn": "gpu", "splash": "tpu"}.get(kernel)

@@ -7,8 +7,14 @@ decode step. Every mask here is a constant under jit; callers slice it with stat
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
+
+# The score of a masked (query, key) pair: large, negative and finite, so a query row that sees
+# nothing (padding, or a kernel's key split holding none of its keys) softmaxes to a uniform row or
+# a zero partial instead of NaNs that would poison gradients through `where`.
+MASKED = -1e30
 
 
 @functools.cache
@@ -97,24 +103,64 @@ def mask_half_chunks(seq_len: int, block_size: int, chunk: int) -> tuple[np.ndar
   return mask, lengths
 
 
+class StepIntervals(NamedTuple):
+  """Which new tokens each new token of a decode step sees, as half-open intervals of step-token
+  indices: token t sees u < prefix[t] and lo[t] <= u < hi[t] (besides its row's committed cache
+  slots, which the decoder adds). Every decode step has this form (AR: one token that sees itself;
+  TiDAR: a causal verification prefix, and draft blocks that see a verification prefix plus their
+  own block), so the kernels read three [T] vectors instead of a dense [T, T] mask per layer."""
+
+  prefix: np.ndarray  # [T] int32
+  lo: np.ndarray  # [T] int32
+  hi: np.ndarray  # [T] int32
+
+  @property
+  def tokens(self) -> int:
+    return len(self.prefix)
+
+  def dense(self) -> np.ndarray:
+    """[T, T] bool: the same visibility as a mask (read-only)."""
+    u = np.arange(self.tokens)[None, :]
+    mask = (u < self.prefix[:, None]) | ((u >= self.lo[:, None]) & (u < self.hi[:, None]))
+    mask.setflags(write=False)
+    return mask
+
+  def key(self) -> tuple[tuple[int, ...], ...]:
+    """A hashable copy, for jit's static arguments."""
+    return tuple(tuple(int(x) for x in a) for a in self)
+
+
+def _frozen_intervals(prefix, lo, hi) -> StepIntervals:
+  arrays = tuple(np.asarray(a, np.int32) for a in (prefix, lo, hi))
+  for a in arrays:
+    a.setflags(write=False)
+  return StepIntervals(*arrays)
+
+
 @functools.cache
-def decode_step_mask(block_size: int) -> np.ndarray:
-  """[T, T], T = k + k², among the new tokens of one TiDAR step (docs/method.md §2).
+def causal_step(tokens: int) -> StepIntervals:
+  """T new tokens, each seeing the ones before it and itself: an AR step (T = 1) or a causal chunk."""
+  return _frozen_intervals(np.arange(1, tokens + 1), np.zeros(tokens), np.zeros(tokens))
+
+
+@functools.cache
+def decode_step_intervals(block_size: int) -> StepIntervals:
+  """The TiDAR step (docs/method.md §2), T = k + k² new tokens.
 
   Index layout: 0..k-1 verification `[t_0, d_1..d_{k-1}]` (causal); then k draft blocks, block a at
-  indices k + a*k .. k + a*k + k - 1, seeing verification 0..a and its own block only. Attention to
-  the KV cache ("slot < p" per row) is added by the caller.
+  indices k + a*k .. k + a*k + k - 1, seeing verification 0..a and its own block only.
   """
   k = block_size
-  T = k + k * k
-  mask = np.zeros((T, T), dtype=bool)
-  mask[:k, :k] = causal_mask(k)
-  for a in range(k):
-    rows = slice(k + a * k, k + (a + 1) * k)
-    mask[rows, : a + 1] = True
-    mask[rows, rows] = True
-  mask.setflags(write=False)
-  return mask
+  a = np.repeat(np.arange(k), k)  # [k*k] the block of each draft token
+  return _frozen_intervals(np.concatenate([np.arange(1, k + 1), a + 1]),
+                           np.concatenate([np.zeros(k), k + a * k]), np.concatenate([np.zeros(k), k + (a + 1) * k]))
+
+
+@functools.cache
+def decode_step_mask(block_size: int) -> np.ndarray:
+  """[T, T] bool, T = k + k²: `decode_step_intervals(k)` as a dense mask (the reference attention's
+  and the tests' view of the step)."""
+  return decode_step_intervals(block_size).dense()
 
 
 @functools.cache

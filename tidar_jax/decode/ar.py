@@ -11,16 +11,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-import numpy as np
-
+from tidar_jax import masks
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import cache as cache_lib
 from tidar_jax.decode import engine, loop
+from tidar_jax.decode.weights import DecodeWeights, prepare_weights
 from tidar_jax.decode.prefill import prefill
 from tidar_jax.decode.sampling import SamplingParams, sample_logits
-
-_STEP_MASK = np.ones((1, 1), bool)  # the one new token sees itself (and the committed cache)
-
 
 class _State(NamedTuple):
   cache: cache_lib.KVCache  # lengths = p per row (committed tokens)
@@ -32,15 +29,16 @@ class _State(NamedTuple):
   step: jax.Array  # [] int32: loop iterations so far
 
 
-def _draw(keys_B: jax.Array, logits_BV: jax.Array, sampling: SamplingParams) -> jax.Array:
-  """One token per row from [batch, vocab] logits, each row with its own key."""
-  return jax.vmap(functools.partial(sample_logits, params=sampling))(keys_B, logits_BV)
+def _draw(keys: jax.Array, logits: jax.Array, sampling: SamplingParams) -> jax.Array:
+  """One token per row: keys [batch], logits [batch, vocab] -> [batch], each row with its own key."""
+  return jax.vmap(functools.partial(sample_logits, params=sampling))(keys, logits)
 
 
-def _step(w: engine.DecodeWeights, cfg: ModelConfig, keys: jax.Array, eos_id: jax.Array, s: _State, *,
+def _step(w: DecodeWeights, cfg: ModelConfig, keys: jax.Array, eos_id: jax.Array, s: _State, *,
           max_new_tokens: int, sampling: SamplingParams) -> _State:
   p = s.cache.lengths  # [batch]
-  hidden, written = engine.forward(w, cfg, s.cache, s.t0[:, None], p[:, None], _STEP_MASK)  # t0's K/V at slot p
+  # t0 sees itself and the committed cache; its K/V land at slot p
+  hidden, written = engine.forward(w, cfg, s.cache, s.t0[:, None], p[:, None], masks.causal_step(1))
   nxt = _draw(loop.keys_at(keys, s.step + 1)[:, 0], engine.logits(w, hidden[:, 0]), sampling)  # [batch]
   active = ~s.done
   out, emitted, hit_eos = loop.emit(s.out, s.generated, nxt[:, None], active.astype(jnp.int32), eos_id,
@@ -56,7 +54,7 @@ def _generate_ar(params, prompts, lengths, keys, eos_id, *, cfg: ModelConfig, ma
                  max_len: int, sampling: SamplingParams) -> loop.DecodeOutput:
   B = prompts.shape[0]
   keys = loop.key_table(keys, max_new_tokens, 1)  # [batch, steps, 1]; step 0 = prefill
-  w = engine.prepare_weights(params, cfg)  # once, outside the loop
+  w = prepare_weights(params, cfg)  # once, outside the loop
   cache, last_h, _ = prefill(params, cfg, prompts, lengths, max_len=max_len, block_size=0, mask_id=0)
   t0 = _draw(keys[:, 0, 0], engine.logits(w, last_h), sampling)
   out = jnp.full((B, max_new_tokens + 1), loop.PAD_TOKEN, jnp.int32)
@@ -81,7 +79,7 @@ def generate_ar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
 
   config: a ModelConfig or the checkpoint's ConfigDict. key: one PRNG key, or [batch] keys (row i
   then equals the batch-of-1 run with key i). max_len: cache slots (default: prompt bucket +
-  max_new_tokens + 1; allocated as `loop.cache_slots`: on a GPU rounded up to a multiple of 128).
+  max_new_tokens + 1; allocated as `dispatch.cache_slots`: on a GPU rounded up to a multiple of 128).
   One compilation per (batch, prompt bucket, max_new_tokens, max_len, sampling). Returns tokens
   [batch, max_new_tokens], lengths, stats and the final cache.
   """

@@ -11,33 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tidar_jax import dispatch
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode.cache import KVCache
 from tidar_jax.decode.sampling import SamplingParams
 
 PAD_TOKEN = -1  # fills `tokens` past each row's length (never a real id)
 MIN_BUCKET = 16  # shortest compiled prompt width
-# On a GPU the cache is allocated with max_len rounded up to a multiple of this many slots, so the
-# split-KV step attention's 64-slot key blocks tile it (`decode/split_kv_attention.py`: at 16-slot
-# blocks it is several times slower); slots past max_len are never written or read.
-CACHE_ALIGN = 128
-
-# On a GPU, XLA records the whole decode loop -- the while loop and its body -- as one CUDA graph
-# (a conditional WHILE node), instead of launching the body's kernels and graphs from the host on
-# every step: same tokens, less host time per step. The first six types are XLA's default list.
-GPU_COMPILER_OPTIONS = {
-    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL",
-    "xla_gpu_graph_min_graph_size": 1,  # the default (5) leaves short stretches of the body out of the graph
-}
-
-
 class DecodeStats(NamedTuple):
   forward_passes: jax.Array  # [batch] int32: prefill + the steps while the row was active
   accepted_hist: jax.Array  # [batch, k] int32: steps that accepted a = 0..k-1 drafts (AR: k = 1)
@@ -57,17 +43,7 @@ class Request:
   prompts: np.ndarray  # [batch, bucket] int32, right-padded with 0
   lengths: np.ndarray  # [batch] int32
   keys: jax.Array  # [batch] typed PRNG keys, one per row
-  max_len: int  # cache slots: `cache_slots` of the requested max_len
-
-
-def cache_slots(max_len: int) -> int:
-  """Slots to allocate for a cache of `max_len`: rounded up to CACHE_ALIGN on a GPU, where "auto"
-  attention takes the split-KV kernel; elsewhere exactly max_len, since the dense attention reads
-  every slot (padding a CPU test's 17-slot cache to 128 made its decoding 2.5x slower). Either way
-  the tokens are the same: slots past max_len are never written or read."""
-  if jax.default_backend() != "gpu":
-    return max_len
-  return -(-max_len // CACHE_ALIGN) * CACHE_ALIGN
+  max_len: int  # cache slots: `dispatch.cache_slots` of the requested max_len
 
 
 def bucket_length(longest: int, limit: int) -> int:
@@ -146,7 +122,7 @@ def check_request(cfg: ModelConfig, prompts: Any, prompt_lengths: Any, *, max_ne
   width = min(prompts.shape[1], bucket)
   padded = np.zeros((batch, bucket), np.int32)
   padded[:, :width] = np.where(real, prompts, 0)[:, :width]
-  return Request(padded, lengths.astype(np.int32), row_keys(key, batch), cache_slots(int(max_len)))
+  return Request(padded, lengths.astype(np.int32), row_keys(key, batch), dispatch.cache_slots(int(max_len)))
 
 
 def row_keys(key: Any, batch: int) -> jax.Array:
@@ -162,67 +138,63 @@ def row_keys(key: Any, batch: int) -> jax.Array:
   return key
 
 
-def key_table(keys_B: jax.Array, steps: int, uses: int) -> jax.Array:
-  """[batch, steps, uses] keys, derived once before the loop: entry (row, step, use) is
+def key_table(keys: jax.Array, steps: int, uses: int) -> jax.Array:
+  """keys [batch] -> [batch, steps, uses] keys, derived once before the loop: entry (row, step, use) is
   fold_in(key_row, step * uses + use), so it depends on nothing but the row's key (batch
   invariance) and the loop body holds no key-derivation hashing. Step 0 is the prefill."""
   index = jnp.arange(steps * uses, dtype=jnp.uint32)
-  table = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(index))(keys_B)
-  return table.reshape(keys_B.shape[0], steps, uses)
+  table = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(index))(keys)
+  return table.reshape(keys.shape[0], steps, uses)
 
 
-def keys_at(table_BSU: jax.Array, step: jax.Array) -> jax.Array:
-  """[batch, uses]: the keys of one step."""
-  return jax.lax.dynamic_index_in_dim(table_BSU, step, axis=1, keepdims=False)
+def keys_at(table: jax.Array, step: jax.Array) -> jax.Array:
+  """`key_table`'s [batch, steps, uses] -> [batch, uses]: the keys of one step."""
+  return jax.lax.dynamic_index_in_dim(table, step, axis=1, keepdims=False)
 
 
-def emit(out_BW: jax.Array, generated_B: jax.Array, cand_BC: jax.Array, count_B: jax.Array,
+def emit(out: jax.Array,  # [batch, max_new_tokens + C] int32
+         generated: jax.Array,  # [batch] tokens the row emitted so far
+         cand: jax.Array,  # [batch, C] candidates
+         count: jax.Array,  # [batch] how many candidates the row emits
          eos_id: jax.Array, max_new_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Appends the first `count` candidates of each row, cut at `max_new_tokens` and after an EOS.
 
-  out_BW: [batch, max_new_tokens + C] output buffer (PAD past each row's length; the C spare
+  out: [batch, max_new_tokens + C] output buffer (PAD past each row's length; the C spare
   columns let every row write a full window without clamping). Returns the buffer, the number
   of tokens each row emitted now [batch], and whether the row hit EOS [batch].
   """
-  C = cand_BC.shape[1]
+  C = cand.shape[1]
   j = jnp.arange(C)[None, :]  # [1, C]
-  keep = (j < count_B[:, None]) & (j < (max_new_tokens - generated_B)[:, None])  # [batch, C]
-  eos = keep & (cand_BC == eos_id)
+  keep = (j < count[:, None]) & (j < (max_new_tokens - generated)[:, None])  # [batch, C]
+  eos = keep & (cand == eos_id)
   first_eos = jnp.where(jnp.any(eos, axis=1), jnp.argmax(eos, axis=1), C)  # [batch]
   keep &= j <= first_eos[:, None]
-  window = jnp.where(keep, cand_BC, PAD_TOKEN)  # positions >= generated are PAD already
+  window = jnp.where(keep, cand, PAD_TOKEN)  # positions >= generated are PAD already
 
   def write_row(row, start, values):
     return jax.lax.dynamic_update_slice(row, values, (start,))
 
-  out_BW = jax.vmap(write_row)(out_BW, generated_B, window)
-  return out_BW, jnp.sum(keep, axis=1).astype(jnp.int32), jnp.any(eos, axis=1)
+  out = jax.vmap(write_row)(out, generated, window)
+  return out, jnp.sum(keep, axis=1).astype(jnp.int32), jnp.any(eos, axis=1)
 
 
-def freeze_done(done_B: jax.Array, new: Any, old: Any) -> Any:
-  """Per-row select over a pytree of [batch, ...] arrays: finished rows keep `old`."""
+def freeze_done(done: jax.Array, new: Any, old: Any) -> Any:
+  """Per-row select over a pytree of [batch, ...] arrays: finished rows (done [batch] bool) keep `old`."""
   def pick(n, o):
-    return jnp.where(done_B.reshape(done_B.shape + (1,) * (n.ndim - 1)), o, n)
+    return jnp.where(done.reshape(done.shape + (1,) * (n.ndim - 1)), o, n)
   return jax.tree.map(pick, new, old)
 
 
-def use_gpu_compiler_options() -> bool:
-  """Whether decodes compile with GPU_COMPILER_OPTIONS: on a GPU backend, unless the user's XLA_FLAGS
-  set one of those options themselves (theirs win)."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  return jax.default_backend() == "gpu" and not any(name in flags for name in GPU_COMPILER_OPTIONS)
-
-
 def decode_jit(fn: Callable, *, static_argnames: tuple[str, ...]) -> Callable:
-  """`jax.jit(fn)` for a whole decode (prefill + while loop), with GPU_COMPILER_OPTIONS where
-  `use_gpu_compiler_options()` says so (decided per call: the backend is not known at import) and
+  """`jax.jit(fn)` for a whole decode (prefill + while loop), with `dispatch.GPU_COMPILER_OPTIONS` where
+  `dispatch.use_gpu_compiler_options()` says so (decided per call: the backend is not known at import) and
   the call is not traced inside another jit (there the outer program's options apply)."""
   jits = {False: jax.jit(fn, static_argnames=static_argnames),
-          True: jax.jit(fn, static_argnames=static_argnames, compiler_options=GPU_COMPILER_OPTIONS)}
+          True: jax.jit(fn, static_argnames=static_argnames, compiler_options=dispatch.GPU_COMPILER_OPTIONS)}
 
   @functools.wraps(fn)
   def call(*args, **kwargs):
-    if use_gpu_compiler_options():
+    if dispatch.use_gpu_compiler_options():
       try:
         return jits[True](*args, **kwargs)
       except ValueError as e:  # jax takes compiler_options on a top-level jit only, not under an outer

@@ -22,7 +22,10 @@ from tidar_jax.decode import cache as cache_lib
 from tidar_jax.model import Transformer
 
 
-def prefill(params: Any, cfg: ModelConfig, prompts_BN: jax.Array, lengths_B: jax.Array, *,
+def prefill(params: Any, cfg: ModelConfig,
+            prompts: jax.Array,  # [batch, N] int32, right-padded
+            lengths: jax.Array,  # [batch] int32: n_b real tokens per row
+            *,
             max_len: int, block_size: int, mask_id: jax.Array
             ) -> tuple[cache_lib.KVCache, jax.Array, jax.Array]:
   """Returns (cache with lengths n_b, hidden of the last prompt token c_{n_b-1} [batch, d_model],
@@ -31,17 +34,17 @@ def prefill(params: Any, cfg: ModelConfig, prompts_BN: jax.Array, lengths_B: jax
   The hidden states are final-normed: the caller runs the LM head (`engine.logits`) only on the
   rows it needs.
   """
-  B, N = prompts_BN.shape
+  B, N = prompts.shape
   k = block_size
-  tokens = jnp.concatenate([prompts_BN, jnp.full((B, k), mask_id, jnp.int32)], axis=1)  # [B, N+k]
+  tokens = jnp.concatenate([prompts, jnp.full((B, k), mask_id, jnp.int32)], axis=1)  # [B, N+k]
   positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32)[None, :], (B, N)),
-                               lengths_B[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]], axis=1)
+                               lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]], axis=1)
   cols = jnp.arange(N + k)[None, :]  # [1, N+k]
-  key_valid = (cols < lengths_B[:, None]) | (cols >= N)  # [B, N+k]: the row's prompt, or the block
+  key_valid = (cols < lengths[:, None]) | (cols >= N)  # [B, N+k]: the row's prompt, or the block
   mask = jnp.asarray(masks.prefill_mask(N, k))[None] & key_valid[:, None, :]  # [B, N+k, N+k]
   hidden, kv = Transformer(cfg).apply(params, tokens, positions, mask, None, return_hidden=True)
   cache = cache_lib.write(cache_lib.init_cache(cfg, B, max_len), kv, N)  # padding slots >= n_b are ignored
-  cache = cache_lib.with_lengths(cache, lengths_B)
-  last = jnp.take_along_axis(hidden, (lengths_B - 1)[:, None, None], axis=1)[:, 0]  # [B, d_model]
+  cache = cache_lib.with_lengths(cache, lengths)
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, d_model]
   return cache, last, hidden[:, N:]
 

@@ -3,7 +3,7 @@
 
 Each step feeds T = k + k² tokens: `[t_0, d_1 .. d_{k-1}]` at positions p .. p+k-1 (causal, over
 the cache) and k mask blocks, block a at positions p+a+1 .. p+a+k seeing the cache, t_0 .. d_a and
-itself (the static `decode_step_mask(k)`). `engine.forward` writes all T tokens' K/V at slots
+itself (the static `masks.decode_step_intervals(k)`). `engine.forward` writes all T tokens' K/V at slots
 p .. p+T-1 and attends over the cache; committing a + 1 tokens is setting the row's length to
 p+a+1 (the verification K/V were computed causally with the right prefix; the slots past it,
 rejected drafts and mask blocks, are overwritten next step). The LM head runs on the k
@@ -18,7 +18,6 @@ drafts and q that the loop carries from step to step are not part of the output.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -31,11 +30,9 @@ from tidar_jax.decode import cache as cache_lib
 from tidar_jax.decode import engine, loop, sampling
 from tidar_jax.decode.prefill import prefill
 from tidar_jax.decode.sampling import SamplingParams
+from tidar_jax.decode.weights import DecodeWeights, prepare_weights
 
-# Test-only broken variants of the step, chosen per row (negative controls for the distribution
-# tests); index 0 is the correct step.
-FAULTS = ("", "always_accept", "residual_from_p", "wrong_q", "wrong_block")
-_KEY_USES = 3  # keys per step: verification, the faults' resample, drafts (the prefill uses the last)
+_KEY_USES = 3  # keys per step: verification, one spare for a hook, drafts (the prefill uses the last)
 
 
 class _State(NamedTuple):
@@ -58,6 +55,7 @@ class _Static(NamedTuple):
   max_len: int
   sampling: SamplingParams
   verify_beta: float
+  hooks: StepHooks
 
 
 def _target_logits(ar_logits: jax.Array, diffusion_logits: jax.Array | None, beta: float) -> jax.Array:
@@ -76,14 +74,15 @@ def _sample_rows(keys_B: jax.Array, logits: jax.Array, params: SamplingParams) -
   return jax.vmap(sampling.sample)(keys_B, logprobs), logprobs
 
 
-def _force_drafts(st: _Static, forced_BL: jax.Array | None, t0_position_B: jax.Array, drafts: jax.Array,
+def _force_drafts(st: _Static, forced: jax.Array | None, t0_position: jax.Array, drafts: jax.Array,
                   q: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Replaces the drafts for positions t0_position+1 .. +k-1 by `forced_BL[row, position]` where that
-  entry is >= 0, with a one-hot q (the distribution the forced draft is drawn from)."""
-  if forced_BL is None:
+  """Replaces the drafts [batch, k-1] for positions t0_position+1 .. +k-1 (t0_position [batch]) by
+  `forced[row, position]` ([batch, max_len]) where that entry is >= 0, with a one-hot q [batch, k-1,
+  vocab] (the distribution the forced draft is drawn from)."""
+  if forced is None:
     return drafts, q
   table = jax.vmap(lambda row, start: jax.lax.dynamic_slice(row, (start,), (st.block_size - 1,)))(
-      forced_BL, t0_position_B + 1)  # [batch, k-1]
+      forced, t0_position + 1)  # [batch, k-1]
   use = table >= 0
   drafts = jnp.where(use, table, drafts)
   if not st.sampling.greedy:
@@ -92,40 +91,49 @@ def _force_drafts(st: _Static, forced_BL: jax.Array | None, t0_position_B: jax.A
   return drafts, q
 
 
-def _verify(st: _Static, keys: jax.Array, target_logits: jax.Array, q: jax.Array, drafts: jax.Array,
-            faults: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """(accepted [batch] in 0..k-1, next token [batch]) per row; `faults` [batch] breaks rows on purpose."""
-  k, greedy = st.block_size, st.sampling.greedy
+def verify(st: _Static, keys: jax.Array, target_logits: jax.Array, q: jax.Array, drafts: jax.Array,
+           data: Any = None) -> tuple[jax.Array, jax.Array]:
+  """Rejection sampling of each row's drafts against the verifier: keys [batch, uses], target_logits
+  [batch, k, vocab], q [batch, k-1, vocab'] (the drafts' processed log-probs), drafts [batch, k-1] ->
+  (accepted [batch] in 0..k-1, next token [batch]). `data`: unused (`StepHooks`)."""
   # Greedy verification only needs the argmax, which processing does not move.
+  greedy = st.sampling.greedy
   logp = target_logits if greedy else sampling.process_logits(target_logits, st.sampling)  # [batch, k, vocab]
-  verify = jax.vmap(functools.partial(sampling.verify, greedy=greedy))
-  if faults is None:
-    return verify(keys[:, 0], logp, q, drafts)
-  wrong_q = (faults == FAULTS.index("wrong_q"))[:, None, None]  # judge with a uniform q instead
-  accepted, nxt = verify(keys[:, 0], logp, jnp.where(wrong_q, -math.log(q.shape[-1]), q), drafts)
-  always = faults == FAULTS.index("always_accept")
-  accepted = jnp.where(always, k - 1, accepted)
-  # always_accept takes its bonus from p[k-1]; residual_from_p draws from p instead of max(0, p - q).
-  from_p = always | (faults == FAULTS.index("residual_from_p"))
-  logp_a = jnp.take_along_axis(logp, accepted[:, None, None], axis=1)[:, 0]  # [batch, vocab]
-  return accepted, jnp.where(from_p, jax.vmap(sampling.sample)(keys[:, 1], logp_a), nxt)
+  return jax.vmap(functools.partial(sampling.verify, greedy=greedy))(keys[:, 0], logp, q, drafts)
 
 
-def _step(w: engine.DecodeWeights, st: _Static, key_table: jax.Array, forced: jax.Array | None,
-          faults: jax.Array | None, eos_id: jax.Array, mask_id: jax.Array, s: _State) -> _State:
+def own_block(accepted: jax.Array, data: Any = None) -> jax.Array:
+  """The draft block the next step takes: the one drafted for the realised count, [batch]."""
+  return accepted
+
+
+class StepHooks(NamedTuple):
+  """The parts of a step that tests and benchmarks replace, never users: tests plant broken variants
+  (negative controls the exactness tests must catch), benchmarks force an acceptance law. Each gets
+  `hook_data` (a [batch, ...] array, traced: one compilation for all its values) as `data`."""
+
+  verify: Callable[..., tuple[jax.Array, jax.Array]]  # `verify`'s signature
+  draft_block: Callable[[jax.Array, Any], jax.Array]  # `own_block`'s signature
+
+
+HOOKS = StepHooks(verify, own_block)
+
+
+def _step(w: DecodeWeights, st: _Static, key_table: jax.Array, forced: jax.Array | None,
+          hook_data: jax.Array | None, eos_id: jax.Array, mask_id: jax.Array, s: _State) -> _State:
   k, cfg = st.block_size, st.cfg
   B = s.t0.shape[0]
   p = s.cache.lengths  # [batch]
   tokens = jnp.concatenate([s.t0[:, None], s.drafts, jnp.full((B, k * k), mask_id, jnp.int32)], axis=1)  # [B, T]
   positions = p[:, None] + jnp.asarray(masks.decode_step_offsets(k))[None, :]  # [B, T]
   # All T tokens' K/V land at slots p .. p+T-1; the cache part of the mask is slot < p per row.
-  hidden, written = engine.forward(w, cfg, s.cache, tokens, positions, masks.decode_step_mask(k))
+  hidden, written = engine.forward(w, cfg, s.cache, tokens, positions, masks.decode_step_intervals(k))
   blocks = hidden[:, k:].reshape(B, k, k, cfg.d_model)  # [batch, block a, offset, d_model]
   diffusion0 = engine.logits(w, blocks[:, :, 0]) if st.verify_beta < 1 else None  # [batch, k, vocab]
   target = _target_logits(engine.logits(w, hidden[:, :k]), diffusion0, st.verify_beta)  # [batch, k, vocab]
 
   keys = loop.keys_at(key_table, s.step + 1)  # [batch, _KEY_USES]
-  accepted, nxt = _verify(st, keys, target, s.q, s.drafts, faults)
+  accepted, nxt = st.hooks.verify(st, keys, target, s.q, s.drafts, hook_data)
 
   # Commit t_0, d_1 .. d_a; emit d_1 .. d_a and the next token t_0' (cut at EOS / max_new_tokens).
   active = ~s.done
@@ -140,9 +148,7 @@ def _step(w: engine.DecodeWeights, st: _Static, key_table: jax.Array, forced: ja
   # and overwritten next step.
   cache = cache_lib.with_lengths(written, p_new)
 
-  block_index = accepted  # [batch]
-  if faults is not None:  # wrong_block: draft from the previous outcome's block (off by one; right at a = 0)
-    block_index = jnp.where(faults == FAULTS.index("wrong_block"), jnp.maximum(accepted - 1, 0), block_index)
+  block_index = st.hooks.draft_block(accepted, hook_data)  # [batch]
   chosen = jnp.take_along_axis(blocks, block_index[:, None, None, None], axis=1)[:, 0]  # [batch, k, d_model]
   # Block a's offset 0 predicts t_0' (already chosen); offsets 1 .. k-1 draft positions p_new+1 ..
   drafts, q = _sample_rows(keys[:, 2], engine.logits(w, chosen[:, 1:]), st.sampling)
@@ -155,12 +161,12 @@ def _step(w: engine.DecodeWeights, st: _Static, key_table: jax.Array, forced: ja
   return new._replace(t0=frozen[0], drafts=frozen[1], q=frozen[2])
 
 
-def _start(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, st: _Static
+def _start(params, prompts, lengths, keys, forced, hook_data, eos_id, mask_id, st: _Static
            ) -> tuple[_State, Callable[[_State], _State]]:
   """The prefill up to the loop invariant (docs/method.md §2, p = n) and the step function of the loop."""
   B, k, cfg = prompts.shape[0], st.block_size, st.cfg
   keys = loop.key_table(keys, st.max_new_tokens, _KEY_USES)  # [batch, steps, uses]; step 0 = prefill
-  w = engine.prepare_weights(params, cfg)  # once, outside the loop
+  w = prepare_weights(params, cfg)  # once, outside the loop
   cache, last_h, block_h = prefill(params, cfg, prompts, lengths, max_len=st.max_len, block_size=k,
                                    mask_id=mask_id)
   diffusion0 = engine.logits(w, block_h[:, 0]) if st.verify_beta < 1 else None  # predicts position n
@@ -176,21 +182,21 @@ def _start(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, st: 
                                       eos_id, st.max_new_tokens)
   state = _State(cache, t0, drafts, q, out, generated, hit_eos | (generated >= st.max_new_tokens),
                  jnp.ones((B,), jnp.int32), jnp.zeros((B, k), jnp.int32), jnp.int32(0))
-  return state, functools.partial(_step, w, st, keys, forced, faults, eos_id, mask_id)
+  return state, functools.partial(_step, w, st, keys, forced, hook_data, eos_id, mask_id)
 
 
-def _generate_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, *, st: _Static
+def _generate_tidar(params, prompts, lengths, keys, forced, hook_data, eos_id, mask_id, *, st: _Static
                     ) -> loop.DecodeOutput:
-  state, step = _start(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, st)
+  state, step = _start(params, prompts, lengths, keys, forced, hook_data, eos_id, mask_id, st)
   # Every active step emits at least one token, so max_new_tokens - 1 steps finish every row.
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.step < st.max_new_tokens - 1), step, state)
   stats = loop.DecodeStats(state.forward_passes, state.accepted_hist)
   return loop.DecodeOutput(state.out[:, : st.max_new_tokens], state.generated, stats, state.cache)
 
 
-def _trace_tidar(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, *, st: _Static, steps: int
+def _trace_tidar(params, prompts, lengths, keys, forced, hook_data, eos_id, mask_id, *, st: _Static, steps: int
                  ) -> _State:
-  state, step = _start(params, prompts, lengths, keys, forced, faults, eos_id, mask_id, st)
+  state, step = _start(params, prompts, lengths, keys, forced, hook_data, eos_id, mask_id, st)
   _, later = jax.lax.scan(lambda s, _: (step(s),) * 2, state, length=steps)  # each leaf [steps, ...]
   return jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), state, later)
 
@@ -202,25 +208,26 @@ _trace_tidar = loop.decode_jit(_trace_tidar, static_argnames=("st", "steps"))
 def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
                    sampling: SamplingParams, key: Any, eos_id: int | None, mask_id: int,
                    max_len: int | None = None, block_size: int | None = None, verify_beta: float | None = None,
-                   forced_drafts: Any = None, _faults: Any = None) -> loop.DecodeOutput:
+                   forced_drafts: Any = None, hooks: StepHooks = HOOKS, hook_data: Any = None
+                   ) -> loop.DecodeOutput:
   """Decodes right-padded prompts [batch, N] (row b has prompt_lengths[b] tokens) with TiDAR steps.
 
   config: the checkpoint's ConfigDict (block_size and verify_beta default to its `tidar` section,
   and a different block_size is an error) or a bare ModelConfig (then block_size is required).
   key: one PRNG key, or [batch] keys (row i then equals the batch-of-1 run with key i).
   mask_id: the tokenizer's mask token. max_len: cache slots (default: prompt bucket +
-  max_new_tokens + k + k², the tokens one step writes; allocated as `loop.cache_slots`: on a GPU
+  max_new_tokens + k + k², the tokens one step writes; allocated as `dispatch.cache_slots`: on a GPU
   rounded up to a multiple of 128). forced_drafts: optional [batch, positions] int32; the draft for
   position x becomes forced_drafts[row, x] with a one-hot q where that entry is >= 0 (-1, or past
   the table's width: the model's own draft). Tests force an oracle continuation, benchmarks force
-  acceptance. `_faults`: test only, one FAULTS name per row (negative controls).
+  acceptance. hooks, hook_data: tests and benchmarks only (`StepHooks`).
 
   One compilation per (batch, prompt bucket, max_new_tokens, max_len, block_size, sampling,
   verify_beta). Returns tokens [batch, max_new_tokens], lengths, stats and the final cache.
   """
   args, st = _request(params, config, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
                       key=key, eos_id=eos_id, mask_id=mask_id, max_len=max_len, block_size=block_size,
-                      verify_beta=verify_beta, forced_drafts=forced_drafts, _faults=_faults)
+                      verify_beta=verify_beta, forced_drafts=forced_drafts, hooks=hooks, hook_data=hook_data)
   return _generate_tidar(*args, st=st)
 
 
@@ -240,7 +247,8 @@ def trace_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
 def _request(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
              sampling: SamplingParams, key: Any, eos_id: int | None, mask_id: int,
              max_len: int | None = None, block_size: int | None = None, verify_beta: float | None = None,
-             forced_drafts: Any = None, _faults: Any = None) -> tuple[tuple, _Static]:
+             forced_drafts: Any = None, hooks: StepHooks = HOOKS, hook_data: Any = None
+             ) -> tuple[tuple, _Static]:
   """Checks a `generate_tidar` request on the host: (the jitted decoder's arguments, its static config)."""
   cfg, tidar_cfg = loop.resolve_config(config)
   trained_k = None if tidar_cfg is None else tidar_cfg.get("block_size")
@@ -272,12 +280,13 @@ def _request(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max
     table = np.full((req.prompts.shape[0], req.max_len), -1, np.int32)
     table[:, :width] = forced_drafts[:, :width]
     forced_drafts = table
-  if _faults is not None:
-    unknown = sorted(set(_faults) - set(FAULTS))
-    if unknown or len(_faults) != req.prompts.shape[0]:
-      raise ValueError(f"_faults must name one of {FAULTS} per row; got {unknown or len(_faults)}")
-    _faults = np.array([FAULTS.index(f) for f in _faults], np.int32)
-  st = _Static(cfg, block_size, int(max_new_tokens), req.max_len, sampling, float(verify_beta))
-  args = (params, req.prompts, req.lengths, req.keys, forced_drafts, _faults, loop.eos_array(eos_id),
+  if not isinstance(hooks, StepHooks):
+    raise ValueError(f"hooks must be a tidar.StepHooks, got {type(hooks).__name__}")
+  if hook_data is not None:
+    hook_data = np.asarray(hook_data)
+    if hook_data.ndim < 1 or hook_data.shape[0] != req.prompts.shape[0]:
+      raise ValueError(f"hook_data must be [batch={req.prompts.shape[0]}, ...], got shape {hook_data.shape}")
+  st = _Static(cfg, block_size, int(max_new_tokens), req.max_len, sampling, float(verify_beta), hooks)
+  args = (params, req.prompts, req.lengths, req.keys, forced_drafts, hook_data, loop.eos_array(eos_id),
           jnp.asarray(mask_id, jnp.int32))
   return args, st

@@ -77,10 +77,11 @@ def tidar_splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size:
   P = -(-T // LANES) * LANES
   kernel = _kernel(T, block_size, G, interpret)
   pad = [(0, 0), (0, P - T), (0, 0), (0, 0)]
-  q_BKGPD = jnp.pad(q * jnp.asarray(D**-0.5, q.dtype), pad).reshape(B, P, Hkv, G, D).transpose(0, 2, 3, 1, 4)
-  k_BKPD = jnp.pad(k, pad).transpose(0, 2, 1, 3)
-  v_BKPD = jnp.pad(v, pad).transpose(0, 2, 1, 3)
-  out = jax.vmap(jax.vmap(kernel))(q_BKGPD, k_BKPD, v_BKPD)  # [batch, kv_heads, group, P, head_dim]
+  # [batch, kv_heads, group, P, head_dim]
+  q_heads = jnp.pad(q * jnp.asarray(D**-0.5, q.dtype), pad).reshape(B, P, Hkv, G, D).transpose(0, 2, 3, 1, 4)
+  k_heads = jnp.pad(k, pad).transpose(0, 2, 1, 3)  # [batch, kv_heads, P, head_dim]
+  v_heads = jnp.pad(v, pad).transpose(0, 2, 1, 3)
+  out = jax.vmap(jax.vmap(kernel))(q_heads, k_heads, v_heads)  # [batch, kv_heads, group, P, head_dim]
   return out.transpose(0, 3, 1, 2, 4).reshape(B, P, H, D)[:, :T]
 
 

@@ -5,14 +5,14 @@ slots are 2 MB per layer), so what it costs is launches: unfused, the norm's mea
 RoPE, two cache writes, the split-KV kernel and an XLA merge are seven kernels per layer. Here:
 
   `_attend_kernel`, grid (batch x kv_heads, key splits): every program finishes the q/k/v
-    projection of its KV head -- the folded RMSNorm's 1 / rms(x) (`engine._normed_matmul`), the
+    projection of its KV head -- the folded RMSNorm's 1 / rms(x) (`engine.normed_matmul`), the
     bias, qk-norm and RoPE, rounding where the unfused path rounds -- then runs an online softmax of
     its query heads over its share of the row's committed slots; the last split also takes the new
     token itself (from registers, not the cache), and the first writes the new key/value into the
     cache at slot lengths[b] (in place: the buffers are aliased). The query group is padded to the
     16 rows Triton's dot needs by repeating its last head (multiply + reduce on the CUDA cores
     instead spills the unrolled heads).
-  `split_kv_attention.merge`, grid (batch x heads): merges the splits' partials (o, m, l) with
+  `pallas_common.merge`, grid (batch x heads): merges the splits' partials (o, m, l) with
     their log-sum-exps and writes the attention output, ready for the o projection.
 
 Programs only read slots < lengths[b] from the cache, and only (b, kv head, split 0) writes slot
@@ -23,25 +23,16 @@ elsewhere; tests compare it with the unfused step on CPU.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from tidar_jax.decode.split_kv_attention import key_block, merge, online_softmax, online_softmax_start, triton_params
+from tidar_jax.kernels.pallas_common import (interpret_mode, key_block, merge, online_softmax, online_softmax_start,
+                                              triton_params)
+from tidar_jax.kernels.qkv_epilogue import Projection, finish_projection, rope_halves, rope_head_dim, rounded
 
 _ROWS = 16  # query rows per program: a KV head's query group, padded to what Triton's dot needs
-
-
-class Projection(NamedTuple):
-  """What finishes the q/k/v projection inside the kernel (each None when the model has none)."""
-
-  x: jax.Array | None  # [batch, d_model]: scale q/k/v by 1 / rms(x) (the folded norm); None: already normed
-  bias: jax.Array | None  # [(heads + 2 kv_heads) * head_dim]
-  q_norm: jax.Array | None  # [head_dim] qk-norm gains (Qwen3)
-  k_norm: jax.Array | None  # [head_dim]
 
 
 def _pow2_at_most(n: int) -> int:
@@ -51,12 +42,6 @@ def _pow2_at_most(n: int) -> int:
 def _chunk(n: int) -> int:
   """Largest power of two <= 1024 dividing n: Triton's tensors have power-of-two sizes."""
   return int(np.gcd(n, 1024))
-
-
-def rope_head_dim(head_dim: int) -> bool:
-  """Triton needs power-of-two vectors: a head_dim that is one, and so are its halves (RoPE's).
-  Also `multi_token_attention`'s."""
-  return head_dim >= 4 and head_dim & (head_dim - 1) == 0
 
 
 def supported(head_dim: int, group: int, max_len: int) -> bool:
@@ -69,32 +54,6 @@ def default_splits(batch: int, kv_heads: int, max_len: int, block_k: int) -> int
   """Key splits: about 128 programs in all, at most one per key block (powers of two: measured so)."""
   per_row_head = -(-128 // (batch * kv_heads))
   return min(_pow2_at_most(per_row_head), _pow2_at_most(max_len // block_k))
-
-
-def _rounded(a: jax.Array, dtype) -> jax.Array:
-  """fp32 -> rounded to the compute dtype, back in fp32: the unfused step stores every intermediate
-  in the compute dtype."""
-  return a.astype(dtype).astype(jnp.float32)
-
-
-def finish_projection(raw: tuple[jax.Array, jax.Array | None], inv_rms: jax.Array | None, dtype) -> jax.Array:
-  """(raw q/k/v values, bias or None), fp32 [n, width] -> the projection as the unfused step has it:
-  the folded norm's scale (inv_rms None: already normed), then the bias. Also `multi_token_attention`'s."""
-  a, bias = raw
-  if inv_rms is not None:
-    a = _rounded(a * inv_rms, dtype)
-  return a if bias is None else _rounded(a + bias, dtype)
-
-
-def rope_halves(a: jax.Array, c: jax.Array, gain: tuple[jax.Array, jax.Array] | None, cos: jax.Array,
-                sin: jax.Array, dtype, eps: float) -> tuple[jax.Array, jax.Array]:
-  """A head's halves a, c [n, half] fp32 -> RoPE'd halves (`model.rope`'s rotate-half), after qk-norm
-  when gain (its halves, [1, half] each) is given. cos, sin broadcast against [n, half]."""
-  if gain is not None:  # qk-norm: RMS over the whole head_dim, both halves
-    sq = jnp.sum(a * a, axis=-1, keepdims=True) + jnp.sum(c * c, axis=-1, keepdims=True)
-    r = jax.lax.rsqrt(sq / (2 * a.shape[-1]) + eps)
-    a, c = _rounded(a * r * gain[0], dtype), _rounded(c * r * gain[1], dtype)
-  return _rounded(a * cos - c * sin, dtype), _rounded(c * cos + a * sin, dtype)
 
 
 def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_heads: int, block_k: int, splits: int,
@@ -185,7 +144,7 @@ def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_hea
   m_new = jnp.where(j == splits - 1, jnp.maximum(m, s_new[:, 0]), m)
   p_new = jnp.where(j == splits - 1, jnp.exp(s_new[:, 0] - m_new), 0.0)  # [16]
   r = jnp.exp(m - m_new)
-  o_ref[b, kvh, j, :, :] = o * r[:, None] + _rounded(p_new, dtype)[:, None] * v_new
+  o_ref[b, kvh, j, :, :] = o * r[:, None] + rounded(p_new, dtype)[:, None] * v_new
   m_ref[b, kvh, j, :] = m_new
   l_ref[b, kvh, j, :] = l * r + p_new
 
@@ -244,7 +203,6 @@ def attend(
   splits = splits or default_splits(B, Hkv, S, block_k)
   if not 1 <= splits <= S // block_k:  # any count: the merge pads the splits to a power of two and masks them
     raise ValueError(f"splits={splits} must be between 1 and max_len / block_k = {S // block_k}")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+  interpret = interpret_mode(interpret)
   return _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, heads=heads, kv_heads=Hkv, eps=eps, dtype=dtype,
                     splits=splits, block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)

@@ -8,12 +8,12 @@ accumulates x * W in fp32 (no tensor cores: one row has nothing to reuse), reduc
 the end; the per-output-channel scale is applied on the way out. bf16 weights stay XLA's: this
 kernel over them is slower than XLA's row reduction.
 
-Layouts, as the engine stores them (`engine.LayerWeights`): W^T [N, K] (q/k/v, o, down; the tile
+Layouts, as the decoder stores them (`decode.weights.LayerWeights`): W^T [N, K] (q/k/v, o, down; the tile
 is `block_n` rows of `block_k` contiguous bytes) or W [K, N] (gate/up; `block_k` rows of
 `block_n` contiguous bytes). `splits` > 1 also divides K over the grid (for a matrix with few
 output tiles, like down's 1536 rows of 8960); the splits' partial sums are added by XLA, in the
-consumer's fusion. Runs compiled on a GPU (Triton) and interpreted elsewhere (tests compare it with
-the dequantised product on CPU).
+consumer's fusion. Runs compiled on a GPU (Triton) and interpreted elsewhere; `reference` is the
+dequantised product it must equal.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tidar_jax.decode.split_kv_attention import triton_params
+from tidar_jax.kernels.pallas_common import interpret_mode, triton_params
 
 
 class Tiling(NamedTuple):
@@ -59,12 +59,6 @@ def default_tiling(n: int, k: int, transposed: bool) -> Tiling:
   return Tiling(block_n, block_k, _splits(k // block_k, 6))
 
 
-def use() -> bool:
-  """Whether the engine's one-row int8 matmuls take this kernel: compiled on a GPU. Elsewhere XLA's
-  product is faster than the interpreted kernel (tests switch it on to check it in the step)."""
-  return jax.default_backend() == "gpu"
-
-
 def _kernel(x_ref, w_ref, s_ref, o_ref, *, transposed: bool, block_n: int, block_k: int, steps: int):
   # x [K]; w [N, K] (transposed) or [K, N] int8; s [N] fp32; o [splits, N] fp32
   outs = pl.ds(pl.multiple_of(pl.program_id(0) * block_n, block_n), block_n)
@@ -94,8 +88,7 @@ def gemv(x: jax.Array, q: jax.Array, scale: jax.Array, *, transposed: bool, tili
   t = tiling or default_tiling(n, k, transposed)
   if n % t.block_n or k % (t.block_k * t.splits):
     raise ValueError(f"gemv: {t} does not tile N={n}, K={k} (block_n must divide N, block_k * splits K)")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+  interpret = interpret_mode(interpret)
   kernel = functools.partial(_kernel, transposed=transposed, block_n=t.block_n, block_k=t.block_k,
                              steps=k // (t.block_k * t.splits))
   partial = pl.pallas_call(
@@ -107,3 +100,9 @@ def gemv(x: jax.Array, q: jax.Array, scale: jax.Array, *, transposed: bool, tili
       name="int8_gemv",
   )(x, q, scale.astype(jnp.float32))
   return partial[0] if t.splits == 1 else jnp.sum(partial, axis=0)
+
+
+def reference(x: jax.Array, q: jax.Array, scale: jax.Array, *, transposed: bool) -> jax.Array:
+  """`gemv` in XLA: x [K] against the dequantised matrix, fp32 -> [N]."""
+  w = q.astype(jnp.float32) * (scale[:, None] if transposed else scale[None, :])
+  return jnp.dot(w, x.astype(jnp.float32)) if transposed else jnp.dot(x.astype(jnp.float32), w)

@@ -1,13 +1,14 @@
-"""The one-row int8 GEMV kernel (`decode/gemv.py`, interpreted here; compiled on a GPU) computes
-x @ (q * scale) in fp32 for both weight layouts, with K split over programs or not."""
+"""The one-row int8 GEMV kernel (`kernels/int8_gemv.py`, interpreted here; compiled on a GPU)
+computes x @ (q * scale) in fp32 for both weight layouts, with K split over programs or not, as its
+XLA reference does."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tidar_jax.decode import gemv
-from tidar_jax.decode.engine import quantize_int8
+from tidar_jax.decode.weights import quantize_int8
+from tidar_jax.kernels import int8_gemv as gemv
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -29,6 +30,8 @@ def test_gemv_equals_the_dequantised_product(transposed, tiling):
   y = gemv.gemv(x, w, q.scale, transposed=transposed, tiling=tiling)
   assert y.shape == (64,) and y.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  ref = gemv.reference(x, w, q.scale, transposed=transposed)
+  np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_gemv_reads_a_bf16_row():

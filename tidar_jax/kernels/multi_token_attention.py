@@ -12,7 +12,7 @@ head_dim]. Here:
     group; the tile padding repeats the last row, so every load is in bounds); key/value programs
     write step token u's key and value into the cache at slot lengths[b] + u, in place (aliased).
   the split-KV kernel (`split_kv_attention.partials`), unchanged: the step's keys are in the cache.
-  `split_kv_attention.merge`, grid (batch x T x heads): merges one query row's split partials
+  `pallas_common.merge`, grid (batch x T x heads): merges one query row's split partials
     and writes [batch, T, heads, head_dim], ready for the o projection.
 
 Six launches per layer become three. A one-token step has its own two kernels
@@ -29,18 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from tidar_jax.decode.one_token_attention import Projection, finish_projection, rope_halves, rope_head_dim
-from tidar_jax.decode.split_kv_attention import (Intervals, interval_form, key_block, merge, partials, tiling,
-                                                 triton_params)
+from tidar_jax.kernels.pallas_common import interpret_mode, key_block, merge, triton_params
+from tidar_jax.kernels.qkv_epilogue import Projection, finish_projection, rope_halves, rope_head_dim
+from tidar_jax.kernels.split_kv_attention import partials, tiling
+from tidar_jax.masks import StepIntervals
 
 
 _PROLOGUE_ROWS = 16  # query rows / step tokens per prologue program: many small programs
 
 
-def supported(head_dim: int, step_mask: np.ndarray, max_len: int) -> bool:
-  """A power-of-two head_dim (its halves are RoPE's), an interval-form step mask, key blocks that
-  tile the cache."""
-  return rope_head_dim(head_dim) and key_block(max_len) is not None and interval_form(step_mask) is not None
+def supported(head_dim: int, max_len: int) -> bool:
+  """A power-of-two head_dim (its halves are RoPE's) and key blocks that tile the cache."""
+  return rope_head_dim(head_dim) and key_block(max_len) is not None
 
 
 def _prologue_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, T: int, heads: int, kv_heads: int, tile: int,
@@ -90,9 +90,9 @@ def _prologue_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, T: int, heads: i
     v_out[b, slots, kvh, :] = v.astype(v_out.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("intervals_key", "heads", "eps", "dtype", "row_tile", "splits",
+@functools.partial(jax.jit, static_argnames=("step_key", "heads", "eps", "dtype", "row_tile", "splits",
                                              "block_k", "num_warps", "num_stages", "interpret"))
-def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, intervals_key, heads, eps, dtype, row_tile, splits,
+def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, step_key, heads, eps, dtype, row_tile, splits,
                block_k, num_warps, num_stages, interpret):
   B, T, _ = qkv.shape
   _, S, Hkv, D = k_buf.shape
@@ -114,7 +114,7 @@ def _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, *, intervals_key, hea
       interpret=interpret,
       name="multi_token_attention_prologue",
   )(lengths.astype(jnp.int32), cos, sin, qkv.reshape(B, -1, D), *extra, k_buf, v_buf)
-  o, m, l = partials(q_rows, k_buf, v_buf, lengths, Intervals(*(np.asarray(a, np.int32) for a in intervals_key)), G,
+  o, m, l = partials(q_rows, k_buf, v_buf, lengths, StepIntervals(*(np.asarray(a, np.int32) for a in step_key)), G,
                      tile=tile, splits=n_splits, block_k=block_k, num_warps=num_warps,
                      num_stages=num_stages, interpret=interpret)
   out = merge(o, m, l, T, heads, dtype, name="multi_token_attention_merge", interpret=interpret)  # [B, T, H, D]
@@ -130,7 +130,7 @@ def attend(
     k_buf: jax.Array,  # [batch, max_len, kv_heads, head_dim]: committed slots < lengths
     v_buf: jax.Array,  # [batch, max_len, kv_heads, head_dim]
     lengths: jax.Array,  # [batch] int32: step token u goes to slot lengths[b] + u
-    step_mask: np.ndarray,  # [T, T] static: which step tokens each step token sees
+    step: StepIntervals,  # static: which step tokens each step token sees
     *,
     heads: int,
     eps: float,
@@ -146,17 +146,14 @@ def attend(
   B, S, Hkv, D = k_buf.shape
   if proj.x is not None:
     raise ValueError("multi-token attention takes normed q/k/v (Projection.x=None): the norm is folded only at one row")
-  if not supported(D, step_mask, S):
-    raise ValueError(f"multi-token attention needs a power-of-two head_dim (got {D}), a step mask in interval "
-                     f"form and max_len % 16 == 0 (got {S}); use the split-KV step attention")
+  if not supported(D, S):
+    raise ValueError(f"multi-token attention needs a power-of-two head_dim (got {D}) and max_len % 16 == 0 "
+                     f"(got {S}); use the split-KV step attention")
   block_k = block_k or key_block(S)
   if S % block_k:
     raise ValueError(f"block_k={block_k} must divide max_len={S}")
   if row_tile % _PROLOGUE_ROWS:
     raise ValueError(f"row_tile={row_tile} must be a multiple of {_PROLOGUE_ROWS} (0: the default)")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  key = tuple(tuple(int(x) for x in a) for a in interval_form(step_mask))
-  return _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, intervals_key=key, heads=heads, eps=eps, dtype=dtype,
+  return _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, step_key=step.key(), heads=heads, eps=eps, dtype=dtype,
                     row_tile=row_tile, splits=splits, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-                    interpret=interpret)
+                    interpret=interpret_mode(interpret))
