@@ -9,9 +9,9 @@ import jax.numpy as jnp
 from tidar_jax.decode import tidar
 
 
-def _accept_all(st, keys, target_logits, q, drafts, data):
+def _accept_all(st, keys, target_logits, q, drafts, n_valid, data):
   """Every step accepts its k - 1 drafts; the next token is the verifier's own draw."""
-  accepted, nxt = tidar.verify(st, keys, target_logits, q, drafts)
+  accepted, nxt = tidar.verify(st, keys, target_logits, q, drafts, n_valid)
   return jnp.full_like(accepted, st.block_size - 1), nxt
 
 

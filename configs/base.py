@@ -43,6 +43,10 @@ def get_config() -> ConfigDict:
   c.tidar.loss_alpha = 4.0  # weight of the AR loss: (alpha * L_AR + L_diff) / (1 + alpha); 4 here: a CPU-minutes
   # budget learns the AR head faster (the paper and the big configs use 1)
   c.tidar.verify_beta = 1.0  # decode: beta * AR + (1 - beta) * diffusion logits for verification (1 = exact AR)
+  # decode: the acceptance counts whose draft blocks a step feeds: "all" (k + k² tokens per row, the paper's),
+  # a set of counts such as "0,1,2,7" or (0, 1, 2, 7) (k + |S|·k tokens; still exact), or "auto" (generate /
+  # evaluate pick the set for a measured acceptance histogram and the batch size: tidar_jax/predraft.py)
+  c.tidar.predraft = config_dict.FieldReference("all", field_type=object)
 
   c.data = ConfigDict()
   c.data.dataset = "local_code"  # local_code (stdlib .py files) | text_files | any registered tfds dataset name

@@ -9,14 +9,17 @@ import numpy as np
 
 from tidar_jax.decode import sampling, tidar
 
-FAULTS = ("", "always_accept", "residual_from_p", "wrong_q", "wrong_block")  # "" is the correct step
+FAULTS = ("", "always_accept", "residual_from_p", "wrong_q", "wrong_block", "fallback_q")  # "": correct
 
 
-def _verify(st, keys, target_logits, q, drafts, data):
+def _verify(st, keys, target_logits, q, drafts, n_valid, data):
   """always_accept: every draft passes, the bonus from p[k-1]; residual_from_p: a rejection draws from
-  p instead of max(0, p - q); wrong_q: the drafts are judged with a uniform q."""
-  q = jnp.where((data == FAULTS.index("wrong_q"))[:, None, None], -math.log(q.shape[-1]), q)
-  accepted, nxt = tidar.verify(st, keys, target_logits, q, drafts)
+  p instead of max(0, p - q); wrong_q: the drafts are judged with a uniform q; fallback_q: only the
+  drafts of a pruned step's fallback block (rows with fewer than k-1 valid drafts) are."""
+  uniform = -math.log(q.shape[-1])
+  fallback = (data == FAULTS.index("fallback_q")) & (n_valid < st.block_size - 1)
+  q = jnp.where(((data == FAULTS.index("wrong_q")) | fallback)[:, None, None], uniform, q)
+  accepted, nxt = tidar.verify(st, keys, target_logits, q, drafts, n_valid)
   always = data == FAULTS.index("always_accept")
   accepted = jnp.where(always, st.block_size - 1, accepted)
   from_p = always | (data == FAULTS.index("residual_from_p"))

@@ -11,6 +11,11 @@ processed by `stats.decoding_law` (numpy, independent of `sampling.process_logit
   step's drafts come from block a1 of the first, so drafting from another block changes this law
   while the token law stays exact (any proposal with its own q is exact).
 Broken decoders (`decode_faults`) must fail the same check: that is what shows 2^17 samples suffice.
+
+Pruned pre-drafting (`predraft=(1,)`: only block 1 is fed) takes every path of the fallback rule:
+a1 = 0 has no draft (the second step is a plain AR step: its token is the bonus sample from p, token
+3), a1 = 1 drafts from its own block, a1 = 2 from block 1 shifted by one (one valid draft); the same
+two laws hold, and judging the fallback drafts with a wrong q (`fallback_q`) breaks them.
 """
 
 import functools
@@ -24,7 +29,7 @@ import pytest
 import stats
 from decode_faults import faulty
 from test_decode_ar import random_params
-from tidar_jax import masks
+from tidar_jax import masks, predraft
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode.sampling import SamplingParams
 from tidar_jax.decode.tidar import trace_tidar
@@ -54,7 +59,7 @@ def params():
   return random_params(CFG, **PARAMS)
 
 
-def decode(params, sampling: SamplingParams, faults: list[str]):
+def decode(params, sampling: SamplingParams, faults: list[str], kept=None):
   """(first TOKENS tokens [rows, TOKENS], outcome index a1 * K + a2 [rows]) of one batched TiDAR run,
   one row per entry of `faults` ("" = the correct decoder), one key per row. The rows are decoded
   CHUNK at a time by one compiled program (the fault-knob one for every chunk if any row is broken):
@@ -68,7 +73,7 @@ def decode(params, sampling: SamplingParams, faults: list[str]):
   for a in range(0, rows, CHUNK):
     trace = trace_tidar(params, CFG, np.broadcast_to(PROMPT, (CHUNK, n)), np.full(CHUNK, n), steps=STEPS,
                         max_new_tokens=NEW, sampling=sampling, key=keys[a:a + CHUNK], eos_id=None, mask_id=MASK_ID,
-                        block_size=K, max_len=n + NEW + K + K * K,
+                        block_size=K, max_len=n + NEW + K + K * K, predraft=kept or "all",
                         **(faulty(faults[a:a + CHUNK]) if knob else {}))
     per_step = np.diff(np.asarray(trace.accepted_hist), axis=0)  # [STEPS, CHUNK, K]: one-hot at each step's a
     assert np.all(per_step.sum(-1) == 1) and np.all(np.asarray(trace.generated[-1]) >= TOKENS)
@@ -110,20 +115,29 @@ def first_step(p, q, a: int) -> np.ndarray:
   return w[..., None] * (p(a + 1) if a == K - 1 else np.maximum(p(a + 1) - q[a], 0.0))
 
 
-def second_step_at_least(p, q, block, a: int) -> np.ndarray:
-  """[P(a1 = a, a2 >= b) for b = 0 .. K-1]: the second step verifies t_0' = x, then drafts e_i drawn
-  from block a of the first step (it saw t_0 d_1 .. d_a: `block` is [V]^(a+1) + [K-1, V])."""
+def second_step_at_least(p, q, drafters, a: int, kept: tuple[int, ...]) -> np.ndarray:
+  """[P(a1 = a, a2 >= b) for b = 0 .. K-1]: the second step verifies t_0' = x, then its valid drafts
+  e_i: from block a of the first step (it saw t_0 d_1 .. d_a), or, when a's block was pruned, from the
+  kept block of the largest count a' < a at offsets shifted by a - a' (it saw t_0 .. d_a'), k-1-(a-a')
+  of them; none when no kept count is <= a. drafters[j] is [V]^j + [K-1, V]."""
   w = first_step(p, q, a)  # [V]^(a+2): t_0 d_1 .. d_a, x
+  source, n_valid = predraft.fallback(kept, K)
   at_least = [w.sum()]
   for i in range(1, K):
-    e = block[..., i - 1, :].reshape(block.shape[:a + 1] + (1,) * i + (V,))  # e_i's law; x, e_1 .. e_{i-1} broadcast
+    if i > n_valid[a]:  # acceptance stops at the valid drafts
+      at_least.append(0.0)
+      continue
+    a_src = kept[source[a]]
+    block = drafters[a_src + 1]
+    # e_i's law; d_{a'+1} .. d_a, x and e_1 .. e_{i-1} broadcast
+    e = block[..., a - a_src + i - 1, :].reshape(block.shape[:a_src + 1] + (1,) * (a - a_src + i) + (V,))
     w = w[..., None] * np.minimum(e, p(a + 1 + i))
     at_least.append(w.sum())
   return np.array(at_least)
 
 
-@functools.cache  # per sampling setting
-def exact_laws(sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+@functools.cache  # per sampling setting and kept blocks
+def exact_laws(sampling: SamplingParams, kept: tuple[int, ...] = tuple(range(K))) -> tuple[np.ndarray, np.ndarray]:
   """(joint law of the first TOKENS tokens [V^TOKENS], (a1, a2) law [K * K]) by enumeration."""
   ar, blocks = model_logits(random_params(CFG, **PARAMS))
   ar = stats.decoding_law(ar, sampling).reshape((V,) * CONTEXT + (CONTEXT + 1, V))  # [s_1..s_5, j, next]
@@ -136,14 +150,14 @@ def exact_laws(sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
   for j in range(1, TOKENS):
     tokens_law = tokens_law[..., None] * p(j)
   q = drafters[0]  # the prefill's drafts, independent of t_0
-  outcome_law = np.concatenate([-np.diff(np.append(second_step_at_least(p, q, drafters[a + 1], a), 0.0))
+  outcome_law = np.concatenate([-np.diff(np.append(second_step_at_least(p, q, drafters, a, kept), 0.0))
                                 for a in range(K)])
   return tokens_law.ravel(), outcome_law
 
 
-def check(tokens, outcome, sampling) -> tuple[stats.CountCheck, stats.CountCheck]:
+def check(tokens, outcome, sampling, kept=tuple(range(K))) -> tuple[stats.CountCheck, stats.CountCheck]:
   """(first-tokens check, acceptance-outcome check) of decoded rows against the exact laws."""
-  tokens_law, outcome_law = exact_laws(sampling)
+  tokens_law, outcome_law = exact_laws(sampling, kept)
   joint = np.ravel_multi_index(tuple(tokens.T), (V,) * TOKENS)
   return (stats.check_counts(np.bincount(joint, minlength=V**TOKENS), tokens_law),
           stats.check_counts(np.bincount(outcome, minlength=len(OUTCOMES)), outcome_law))
@@ -187,3 +201,30 @@ def test_broken_decoders_fail_the_same_check(top_k_rows, fault, broken):
   assert not (tokens_check and outcome_check)
   assert not {"tokens": tokens_check, "acceptance": outcome_check}[broken], (tokens_check.message,
                                                                              outcome_check.message)
+
+
+PRUNED = (1,)  # one kept block: every fallback path at K = 3
+
+
+@pytest.fixture(scope="module")
+def pruned_rows(params):
+  """N_SAMPLES correct rows and CONTROL_SAMPLES fallback_q rows, decoded with only block 1 kept."""
+  faults = [""] * N_SAMPLES + ["fallback_q"] * CONTROL_SAMPLES
+  tokens, outcome = decode(params, TOP_K, faults, kept=PRUNED)
+  return {"": (tokens[:N_SAMPLES], outcome[:N_SAMPLES]), "fallback_q": (tokens[N_SAMPLES:], outcome[N_SAMPLES:])}
+
+
+def test_pruned_predrafting_has_the_exact_ar_law(pruned_rows):
+  tokens, outcome = pruned_rows[""]
+  tokens_check, outcome_check = check(tokens, outcome, TOP_K, PRUNED)
+  assert tokens_check, f"first {TOKENS} tokens: {tokens_check.message}"
+  assert outcome_check, f"acceptance outcomes {OUTCOMES}: {outcome_check.message}"
+  law = exact_laws(TOP_K, PRUNED)[1].reshape(K, K)  # the fallback paths are exercised:
+  assert law[0, 0] > 0.05 and law[0, 1:].sum() == 0  # a1 = 0: no draft, a plain AR step
+  assert law[2, 1] > 0.05 and law[2, 2] == 0  # a1 = 2: one valid draft, accepted or not, never two
+  assert not np.allclose(law, exact_laws(TOP_K)[1].reshape(K, K), atol=0.01)  # pruning changes acceptance
+
+
+def test_pruned_fallback_judged_with_a_wrong_q_fails_the_check(pruned_rows):
+  tokens_check, outcome_check = check(*pruned_rows["fallback_q"], TOP_K, PRUNED)
+  assert not (tokens_check and outcome_check)

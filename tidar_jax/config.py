@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from tidar_jax import batch_plan
+from tidar_jax import batch_plan, predraft
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots")
@@ -148,6 +148,15 @@ def config_errors(config: Any) -> list[str]:
     errors.append(f"tidar.loss_alpha={t.loss_alpha!r}: must be >= 0")
   if not 0.0 <= t.verify_beta <= 1.0:
     errors.append(f"tidar.verify_beta={t.verify_beta!r}: must lie in [0, 1] (1 = exact AR verification)")
+  setting = t.get("predraft", predraft.ALL)
+  if setting != predraft.AUTO and isinstance(t.block_size, int) and t.block_size >= 1:
+    try:
+      kept = predraft.counts(setting, t.block_size)
+      if t.verify_beta < 1 and not predraft.is_full(kept, t.block_size):
+        errors.append(f"tidar.predraft={setting!r} needs tidar.verify_beta=1 (mixing diffusion logits into "
+                      "verification needs every block); use predraft='all' or verify_beta=1")
+    except ValueError as e:
+      errors.append(str(e))
   for name in ("seq_len", "batch_size", "steps"):
     value = getattr(tr, name)
     if not isinstance(value, int) or value < 1:

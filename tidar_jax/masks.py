@@ -144,23 +144,26 @@ def causal_step(tokens: int) -> StepIntervals:
 
 
 @functools.cache
-def decode_step_intervals(block_size: int) -> StepIntervals:
-  """The TiDAR step (docs/method.md §2), T = k + k² new tokens.
+def decode_step_intervals(block_size: int, kept: tuple[int, ...] | None = None) -> StepIntervals:
+  """The TiDAR step (docs/method.md §2): T = k + |kept|·k new tokens.
 
-  Index layout: 0..k-1 verification `[t_0, d_1..d_{k-1}]` (causal); then k draft blocks, block a at
-  indices k + a*k .. k + a*k + k - 1, seeing verification 0..a and its own block only.
+  Index layout: 0..k-1 verification `[t_0, d_1..d_{k-1}]` (causal); then one draft block per kept
+  acceptance count (None: every count 0..k-1, the paper's step), the j-th block (count a = kept[j])
+  at indices k + j*k .. k + j*k + k - 1, seeing verification 0..a and its own block only.
   """
   k = block_size
-  a = np.repeat(np.arange(k), k)  # [k*k] the block of each draft token
+  kept = tuple(range(k)) if kept is None else kept
+  a = np.repeat(np.asarray(kept, np.int32), k)  # [|kept| k] the count of each draft token's block
+  start = k + np.repeat(np.arange(len(kept)), k) * k  # its block's first index
   return _frozen_intervals(np.concatenate([np.arange(1, k + 1), a + 1]),
-                           np.concatenate([np.zeros(k), k + a * k]), np.concatenate([np.zeros(k), k + (a + 1) * k]))
+                           np.concatenate([np.zeros(k), start]), np.concatenate([np.zeros(k), start + k]))
 
 
 @functools.cache
-def decode_step_mask(block_size: int) -> np.ndarray:
-  """[T, T] bool, T = k + k²: `decode_step_intervals(k)` as a dense mask (the reference attention's
-  and the tests' view of the step)."""
-  return decode_step_intervals(block_size).dense()
+def decode_step_mask(block_size: int, kept: tuple[int, ...] | None = None) -> np.ndarray:
+  """[T, T] bool: `decode_step_intervals` as a dense mask (the reference attention's and the tests'
+  view of the step)."""
+  return decode_step_intervals(block_size, kept).dense()
 
 
 @functools.cache
@@ -178,8 +181,10 @@ def prefill_mask(prompt_len: int, block_size: int) -> np.ndarray:
   return mask
 
 
-def decode_step_offsets(block_size: int) -> np.ndarray:
-  """[T] position of each step token relative to p (t_0's position): 0..k-1, then block a at a+1..a+k."""
+def decode_step_offsets(block_size: int, kept: tuple[int, ...] | None = None) -> np.ndarray:
+  """[T] position of each step token relative to p (t_0's position): 0..k-1, then the block of
+  count a at a+1..a+k (kept: as in `decode_step_intervals`)."""
   k = block_size
-  blocks = (np.arange(k)[:, None] + 1 + np.arange(k)[None, :]).reshape(-1)  # [k*k]
+  kept = tuple(range(k)) if kept is None else kept
+  blocks = (np.asarray(kept)[:, None] + 1 + np.arange(k)[None, :]).reshape(-1)  # [|kept| k]
   return np.concatenate([np.arange(k), blocks]).astype(np.int32)

@@ -96,7 +96,7 @@ def sample_logits(key: jax.Array, logits: jax.Array, params: SamplingParams) -> 
 
 
 def verify(key: jax.Array, p_logprobs: jax.Array, q_logprobs: jax.Array, drafts: jax.Array,
-           greedy: bool) -> tuple[jax.Array, jax.Array]:
+           greedy: bool, n_valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Accept a prefix of the drafts and pick the next committed token, for every row at once.
 
   Verification index i (0..k-1) holds `[t_0, d_1 .. d_{k-1}]`; `p_logprobs[..., i, :]` is the
@@ -113,6 +113,9 @@ def verify(key: jax.Array, p_logprobs: jax.Array, q_logprobs: jax.Array, drafts:
     greedy: accept while the draft equals argmax p; otherwise the exact rejection rule
       (accept with prob min(1, p/q), resample from normalize(max(0, p - q)) at the first
       rejection, bonus sample from p[..., k-1] if all drafts pass).
+    n_valid: [...] int32, how many leading drafts are proposals (None: all k-1). Acceptance stops
+      there: if the first n_valid drafts all pass, the next token is a plain sample from
+      p[..., n_valid] (the bonus), exactly as if the drafts after them did not exist.
 
   Returns:
     accepted: [...] int32 in 0..k-1, the number of leading drafts accepted (a).
@@ -126,9 +129,11 @@ def verify(key: jax.Array, p_logprobs: jax.Array, q_logprobs: jax.Array, drafts:
   logq = q_logprobs.astype(jnp.float32)  # [..., k-1, V]
   drafts = drafts.astype(jnp.int32)
 
+  valid = True if n_valid is None else jnp.arange(k - 1) < n_valid[..., None]  # [..., k-1]
+
   if greedy:
     target = jnp.argmax(logp, axis=-1).astype(jnp.int32)  # [..., k]
-    accepted = _leading_true(drafts == target[..., :-1])  # [...]
+    accepted = _leading_true((drafts == target[..., :-1]) & valid)  # [...]
     next_token = jnp.take_along_axis(target, accepted[..., None], axis=-1)[..., 0]
     return accepted, next_token
 
@@ -136,7 +141,7 @@ def verify(key: jax.Array, p_logprobs: jax.Array, q_logprobs: jax.Array, drafts:
   logp_d = jnp.take_along_axis(logp[..., :-1, :], drafts[..., None], axis=-1)[..., 0]  # [..., k-1]
   logq_d = jnp.take_along_axis(logq, drafts[..., None], axis=-1)[..., 0]  # [..., k-1]
   log_u = jnp.log(jax.random.uniform(key_accept, drafts.shape, jnp.float32))  # [..., k-1]
-  accepted = _leading_true(_accept(log_u, logp_d, logq_d))  # [...]
+  accepted = _leading_true(_accept(log_u, logp_d, logq_d) & valid)  # [...]
 
   # Row a of p and q; q gets a zero-mass row at k-1, so when all drafts pass the residual is
   # p[..., k-1] itself: the bonus sample needs no separate branch.
@@ -144,6 +149,8 @@ def verify(key: jax.Array, p_logprobs: jax.Array, q_logprobs: jax.Array, drafts:
   index = accepted[..., None, None]  # [..., 1, 1]
   logp_a = jnp.take_along_axis(logp, index, axis=-2)[..., 0, :]  # [..., V]
   logq_a = jnp.take_along_axis(logq_ext, index, axis=-2)[..., 0, :]  # [..., V]
+  if n_valid is not None:  # stopped at the last valid draft: no proposal there, the bonus is p itself
+    logq_a = jnp.where((accepted >= n_valid)[..., None], -jnp.inf, logq_a)
   residual = _residual_logprobs(logp_a, logq_a)  # [..., V]
   # p == q leaves no residual mass (a rejection there has probability zero, but a draft outside
   # both supports gets there); fall back to p rather than sampling from all -inf.

@@ -11,6 +11,18 @@ verification rows (plus slot 0 of every block when verify_beta < 1) and, after a
 chosen block's offsets 1 .. k-1 only: never on all T rows (at k = 16 and a 152k vocab that buffer
 is ~165 MB per row).
 
+Pruned pre-drafting (`predraft`: a set S of acceptance counts) feeds only the blocks of the counts
+in S: T = k + |S|·k. A row then carries n_valid <= k-1 valid drafts. When the realised count a has a
+block, the next drafts are its offsets 1 .. k-1 (n_valid = k-1); otherwise they are the offsets
+a-a'+1 .. k-1 of the kept block with the largest count a' < a, which sits a-a' positions earlier
+(n_valid = k-1-(a-a')), or there are none (n_valid = 0). Verification accepts at most n_valid drafts;
+if all of them pass, the next token is a plain sample from the AR distribution at index n_valid
+(the bonus), as if the invalid drafts did not exist. This stays exact for the same reason the full
+step is: each draft is a proposal drawn from a distribution q that is fixed before its acceptance
+draw and known to the verifier (the fallback block's q at that offset), and speculative sampling
+with any such proposal emits exactly the AR law; a step with fewer proposals is the same rule with
+fewer drafts. Invalid verification slots are written past the committed length and overwritten.
+
 `trace_tidar` (tests only) runs the same prefill and steps and returns the state after each: the
 drafts and q that the loop carries from step to step are not part of the output.
 """
@@ -25,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tidar_jax import masks
+from tidar_jax import predraft as predraft_lib
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode import cache as cache_lib
 from tidar_jax.decode import engine, loop, sampling
@@ -39,6 +52,7 @@ class _State(NamedTuple):
   cache: cache_lib.KVCache  # lengths = p per row: exact K/V of the committed positions 0 .. p-1
   t0: jax.Array  # [batch] newest committed token, at position p, not yet in the cache
   drafts: jax.Array  # [batch, k-1] drafts for positions p+1 .. p+k-1
+  n_valid: jax.Array  # [batch] int32: the leading drafts that are proposals (k-1 unless a block was pruned)
   q: jax.Array  # [batch, k-1, vocab] processed log-probs the drafts were drawn from ([.., 1] if greedy)
   out: jax.Array  # [batch, max_new_tokens + k]
   generated: jax.Array  # [batch]
@@ -55,6 +69,7 @@ class _Static(NamedTuple):
   max_len: int
   sampling: SamplingParams
   verify_beta: float
+  kept: tuple[int, ...]  # the acceptance counts whose draft blocks a step feeds (`predraft_lib.counts`)
   hooks: StepHooks
 
 
@@ -92,18 +107,21 @@ def _force_drafts(st: _Static, forced: jax.Array | None, t0_position: jax.Array,
 
 
 def verify(st: _Static, keys: jax.Array, target_logits: jax.Array, q: jax.Array, drafts: jax.Array,
-           data: Any = None) -> tuple[jax.Array, jax.Array]:
+           n_valid: jax.Array, data: Any = None) -> tuple[jax.Array, jax.Array]:
   """Rejection sampling of each row's drafts against the verifier: keys [batch, uses], target_logits
-  [batch, k, vocab], q [batch, k-1, vocab'] (the drafts' processed log-probs), drafts [batch, k-1] ->
-  (accepted [batch] in 0..k-1, next token [batch]). `data`: unused (`StepHooks`)."""
+  [batch, k, vocab], q [batch, k-1, vocab'] (the drafts' processed log-probs), drafts [batch, k-1],
+  n_valid [batch] (acceptance stops there) -> (accepted [batch] in 0..n_valid, next token [batch]).
+  `data`: unused (`StepHooks`)."""
   # Greedy verification only needs the argmax, which processing does not move.
   greedy = st.sampling.greedy
   logp = target_logits if greedy else sampling.process_logits(target_logits, st.sampling)  # [batch, k, vocab]
-  return jax.vmap(functools.partial(sampling.verify, greedy=greedy))(keys[:, 0], logp, q, drafts)
+  n = None if predraft_lib.is_full(st.kept, st.block_size) else n_valid  # full pre-drafting: always k-1
+  return jax.vmap(functools.partial(sampling.verify, greedy=greedy))(keys[:, 0], logp, q, drafts, n_valid=n)
 
 
 def own_block(accepted: jax.Array, data: Any = None) -> jax.Array:
-  """The draft block the next step takes: the one drafted for the realised count, [batch]."""
+  """The acceptance count whose drafts the next step takes: the realised one, [batch] (its block,
+  or the pruned step's fallback for it)."""
   return accepted
 
 
@@ -121,19 +139,21 @@ HOOKS = StepHooks(verify, own_block)
 
 def _step(w: DecodeWeights, st: _Static, key_table: jax.Array, forced: jax.Array | None,
           hook_data: jax.Array | None, eos_id: jax.Array, mask_id: jax.Array, s: _State) -> _State:
-  k, cfg = st.block_size, st.cfg
+  k, cfg, m = st.block_size, st.cfg, len(st.kept)
   B = s.t0.shape[0]
   p = s.cache.lengths  # [batch]
-  tokens = jnp.concatenate([s.t0[:, None], s.drafts, jnp.full((B, k * k), mask_id, jnp.int32)], axis=1)  # [B, T]
-  positions = p[:, None] + jnp.asarray(masks.decode_step_offsets(k))[None, :]  # [B, T]
+  # Drafts past a row's n_valid are fed too (fixed shapes) but never accepted, and their slots lie
+  # past the committed length.
+  tokens = jnp.concatenate([s.t0[:, None], s.drafts, jnp.full((B, m * k), mask_id, jnp.int32)], axis=1)  # [B, T]
+  positions = p[:, None] + jnp.asarray(masks.decode_step_offsets(k, st.kept))[None, :]  # [B, T]
   # All T tokens' K/V land at slots p .. p+T-1; the cache part of the mask is slot < p per row.
-  hidden, written = engine.forward(w, cfg, s.cache, tokens, positions, masks.decode_step_intervals(k))
-  blocks = hidden[:, k:].reshape(B, k, k, cfg.d_model)  # [batch, block a, offset, d_model]
+  hidden, written = engine.forward(w, cfg, s.cache, tokens, positions, masks.decode_step_intervals(k, st.kept))
+  blocks = hidden[:, k:].reshape(B, m, k, cfg.d_model)  # [batch, kept block, offset, d_model]
   diffusion0 = engine.logits(w, blocks[:, :, 0]) if st.verify_beta < 1 else None  # [batch, k, vocab]
   target = _target_logits(engine.logits(w, hidden[:, :k]), diffusion0, st.verify_beta)  # [batch, k, vocab]
 
   keys = loop.keys_at(key_table, s.step + 1)  # [batch, _KEY_USES]
-  accepted, nxt = st.hooks.verify(st, keys, target, s.q, s.drafts, hook_data)
+  accepted, nxt = st.hooks.verify(st, keys, target, s.q, s.drafts, s.n_valid, hook_data)
 
   # Commit t_0, d_1 .. d_a; emit d_1 .. d_a and the next token t_0' (cut at EOS / max_new_tokens).
   active = ~s.done
@@ -148,17 +168,37 @@ def _step(w: DecodeWeights, st: _Static, key_table: jax.Array, forced: jax.Array
   # and overwritten next step.
   cache = cache_lib.with_lengths(written, p_new)
 
-  block_index = st.hooks.draft_block(accepted, hook_data)  # [batch]
-  chosen = jnp.take_along_axis(blocks, block_index[:, None, None, None], axis=1)[:, 0]  # [batch, k, d_model]
-  # Block a's offset 0 predicts t_0' (already chosen); offsets 1 .. k-1 draft positions p_new+1 ..
-  drafts, q = _sample_rows(keys[:, 2], engine.logits(w, chosen[:, 1:]), st.sampling)
+  drafting = st.hooks.draft_block(accepted, hook_data)  # [batch] the count whose drafts come next
+  rows, n_valid = _draft_rows(st, blocks, drafting)  # [batch, k-1, d_model], [batch]
+  drafts, q = _sample_rows(keys[:, 2], engine.logits(w, rows), st.sampling)
   drafts, q = _force_drafts(st, forced, p_new, drafts, q)
-  new = _State(cache, nxt, drafts, q, out, generated, s.done | hit_eos | (generated >= st.max_new_tokens),
-               s.forward_passes + active, s.accepted_hist + (active[:, None] & (j == accepted[:, None])),
-               s.step + 1)
+  new = _State(cache, nxt, drafts, n_valid, q, out, generated,
+               s.done | hit_eos | (generated >= st.max_new_tokens), s.forward_passes + active,
+               s.accepted_hist + (active[:, None] & (j == accepted[:, None])), s.step + 1)
   # Finished rows keep their state (their cache K/V past p is ignored; lengths did not move).
-  frozen = loop.freeze_done(s.done, (new.t0, new.drafts, new.q), (s.t0, s.drafts, s.q))
-  return new._replace(t0=frozen[0], drafts=frozen[1], q=frozen[2])
+  kept = (new.t0, new.drafts, new.n_valid, new.q)
+  frozen = loop.freeze_done(s.done, kept, (s.t0, s.drafts, s.n_valid, s.q))
+  return new._replace(t0=frozen[0], drafts=frozen[1], n_valid=frozen[2], q=frozen[3])
+
+
+def _draft_rows(st: _Static, blocks: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The hidden rows the next drafts come from, for the realised count a [batch]: (rows [batch, k-1,
+  d_model], valid drafts [batch]). blocks [batch, kept block, offset, d_model].
+
+  Block a's offset 0 predicts t_0' (already chosen); its offsets 1 .. k-1 draft positions
+  p_new+1 .. (k-1 valid drafts). Pruned (a has no block): the kept block of the largest count a' < a
+  sits a - a' positions earlier, so its offsets a-a'+1 .. k-1 draft those positions (k-1-(a-a') valid;
+  the rest repeat its last offset, never accepted); no kept count below a: no valid draft."""
+  k = st.block_size
+  if predraft_lib.is_full(st.kept, k):
+    chosen = jnp.take_along_axis(blocks, count[:, None, None, None], axis=1)[:, 0]  # [batch, k, d_model]
+    return chosen[:, 1:], jnp.full(count.shape, k - 1, jnp.int32)
+  source, n_valid = (jnp.asarray(a) for a in predraft_lib.fallback(st.kept, k))  # [k] each, by count
+  block = source[count]  # [batch]; -1: none
+  shift = count - jnp.asarray(st.kept, jnp.int32)[jnp.maximum(block, 0)]  # [batch] a - a'
+  chosen = jnp.take_along_axis(blocks, jnp.maximum(block, 0)[:, None, None, None], axis=1)[:, 0]
+  offsets = jnp.minimum(shift[:, None] + jnp.arange(1, k)[None, :], k - 1)  # [batch, k-1]
+  return jnp.take_along_axis(chosen, offsets[:, :, None], axis=1), n_valid[count]
 
 
 def _start(params, prompts, lengths, keys, forced, hook_data, eos_id, mask_id, st: _Static
@@ -180,7 +220,8 @@ def _start(params, prompts, lengths, keys, forced, hook_data, eos_id, mask_id, s
   out = jnp.full((B, st.max_new_tokens + k), loop.PAD_TOKEN, jnp.int32)
   out, generated, hit_eos = loop.emit(out, jnp.zeros((B,), jnp.int32), t0[:, None], jnp.ones((B,), jnp.int32),
                                       eos_id, st.max_new_tokens)
-  state = _State(cache, t0, drafts, q, out, generated, hit_eos | (generated >= st.max_new_tokens),
+  state = _State(cache, t0, drafts, jnp.full((B,), k - 1, jnp.int32), q, out, generated,
+                 hit_eos | (generated >= st.max_new_tokens),
                  jnp.ones((B,), jnp.int32), jnp.zeros((B, k), jnp.int32), jnp.int32(0))
   return state, functools.partial(_step, w, st, keys, forced, hook_data, eos_id, mask_id)
 
@@ -208,15 +249,17 @@ _trace_tidar = loop.decode_jit(_trace_tidar, static_argnames=("st", "steps"))
 def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
                    sampling: SamplingParams, key: Any, eos_id: int | None, mask_id: int,
                    max_len: int | None = None, block_size: int | None = None, verify_beta: float | None = None,
-                   forced_drafts: Any = None, hooks: StepHooks = HOOKS, hook_data: Any = None
-                   ) -> loop.DecodeOutput:
+                   forced_drafts: Any = None, predraft: Any = None, hooks: StepHooks = HOOKS,
+                   hook_data: Any = None) -> loop.DecodeOutput:
   """Decodes right-padded prompts [batch, N] (row b has prompt_lengths[b] tokens) with TiDAR steps.
 
-  config: the checkpoint's ConfigDict (block_size and verify_beta default to its `tidar` section,
-  and a different block_size is an error) or a bare ModelConfig (then block_size is required).
+  config: the checkpoint's ConfigDict (block_size, verify_beta and predraft default to its `tidar`
+  section, and a different block_size is an error) or a bare ModelConfig (then block_size is
+  required). predraft: the acceptance counts whose draft blocks a step feeds (`predraft.counts`:
+  "all", the default, or e.g. (0, 1, 2, 7)); pruned sets need verify_beta = 1.
   key: one PRNG key, or [batch] keys (row i then equals the batch-of-1 run with key i).
   mask_id: the tokenizer's mask token. max_len: cache slots (default: prompt bucket +
-  max_new_tokens + k + k², the tokens one step writes; allocated as `dispatch.cache_slots`: on a GPU
+  max_new_tokens + the tokens one step writes (k + k² with every block); allocated as `dispatch.cache_slots`: on a GPU
   rounded up to a multiple of 128). forced_drafts: optional [batch, positions] int32; the draft for
   position x becomes forced_drafts[row, x] with a one-hot q where that entry is >= 0 (-1, or past
   the table's width: the model's own draft). Tests force an oracle continuation, benchmarks force
@@ -227,7 +270,8 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
   """
   args, st = _request(params, config, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
                       key=key, eos_id=eos_id, mask_id=mask_id, max_len=max_len, block_size=block_size,
-                      verify_beta=verify_beta, forced_drafts=forced_drafts, hooks=hooks, hook_data=hook_data)
+                      verify_beta=verify_beta, forced_drafts=forced_drafts, predraft=predraft, hooks=hooks,
+                      hook_data=hook_data)
   return _generate_tidar(*args, st=st)
 
 
@@ -247,8 +291,8 @@ def trace_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
 def _request(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
              sampling: SamplingParams, key: Any, eos_id: int | None, mask_id: int,
              max_len: int | None = None, block_size: int | None = None, verify_beta: float | None = None,
-             forced_drafts: Any = None, hooks: StepHooks = HOOKS, hook_data: Any = None
-             ) -> tuple[tuple, _Static]:
+             forced_drafts: Any = None, predraft: Any = None, hooks: StepHooks = HOOKS,
+             hook_data: Any = None) -> tuple[tuple, _Static]:
   """Checks a `generate_tidar` request on the host: (the jitted decoder's arguments, its static config)."""
   cfg, tidar_cfg = loop.resolve_config(config)
   trained_k = None if tidar_cfg is None else tidar_cfg.get("block_size")
@@ -266,8 +310,14 @@ def _request(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max
     verify_beta = 1.0 if tidar_cfg is None else float(tidar_cfg.get("verify_beta", 1.0))
   if not 0.0 <= verify_beta <= 1.0:
     raise ValueError(f"verify_beta={verify_beta!r}: must lie in [0, 1] (1 = exact AR verification)")
+  if predraft is None:
+    predraft = predraft_lib.ALL if tidar_cfg is None else tidar_cfg.get("predraft", predraft_lib.ALL)
+  kept = predraft_lib.counts(predraft, block_size)
+  if verify_beta < 1 and not predraft_lib.is_full(kept, block_size):
+    raise ValueError(f"predraft={predraft!r} with verify_beta={verify_beta}: mixing diffusion logits into "
+                     "verification needs every block; use predraft='all' or verify_beta=1")
   req = loop.check_request(cfg, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
-                           key=key, max_len=max_len, lookahead=loop.step_tokens(block_size),
+                           key=key, max_len=max_len, lookahead=predraft_lib.step_tokens(block_size, kept),
                            token_ids={"eos_id": eos_id, "mask_id": mask_id})
   if forced_drafts is not None:
     forced_drafts = np.asarray(forced_drafts)
@@ -286,7 +336,7 @@ def _request(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max
     hook_data = np.asarray(hook_data)
     if hook_data.ndim < 1 or hook_data.shape[0] != req.prompts.shape[0]:
       raise ValueError(f"hook_data must be [batch={req.prompts.shape[0]}, ...], got shape {hook_data.shape}")
-  st = _Static(cfg, block_size, int(max_new_tokens), req.max_len, sampling, float(verify_beta), hooks)
+  st = _Static(cfg, block_size, int(max_new_tokens), req.max_len, sampling, float(verify_beta), kept, hooks)
   args = (params, req.prompts, req.lengths, req.keys, forced_drafts, hook_data, loop.eos_array(eos_id),
           jnp.asarray(mask_id, jnp.int32))
   return args, st
