@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import common, decode_latency, generate_throughput, profile_step, train_levers, train_step
+from benchmarks import common, decode_latency, generate_throughput, profile_step, train_step
 from tidar_jax import flops
 
 
@@ -81,11 +81,6 @@ def test_profile_step(out):
   decode, train = result["profiles"]
   assert decode["per_step"]["kernel_us_total"] > 0 and decode["steps"] == 2
   assert train["step"]["kernel_us_total"] > 0 and train["step"]["by_part_us"]
-
-
-def test_train_levers(out):
-  result = run(train_levers, out, "train_levers")
-  assert all("ms" in r for r in result["records"]) and len(result["records"]) >= 5
 
 
 def test_flop_and_byte_counts():
