@@ -12,7 +12,6 @@ import argparse
 import functools
 import dataclasses
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.config_loader import load_config
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode.loop import step_tokens
 from tidar_jax.flops import count_params
@@ -46,16 +46,11 @@ def shared_max_len(prompt_len: int, new_tokens: int, blocks) -> int:
 # Model shapes and random weights
 
 
-def load_config(name: str):
-  """The ConfigDict of configs/<name>.py (names like "1p5b" are not valid identifiers)."""
-  return importlib.import_module(f"configs.{name}").get_config()
-
-
 def model_config(name: str, **overrides: Any) -> ModelConfig:
-  """The model shape of configs/<name>.py as a ModelConfig, with field overrides."""
-  fields = dict(load_config(name).model)
-  fields.update({k: v for k, v in overrides.items() if v is not None})
-  return ModelConfig(**fields)
+  """The model shape of configs/<name>.py as a ModelConfig, with ModelConfig field overrides (None:
+  the config's value; decode-only fields such as decode_quant are not in the configs)."""
+  cfg = ModelConfig(**dict(load_config(name).model))
+  return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def inference_config(name: str, *, dtype: str = "bfloat16", scan_layers: bool | None = None,

@@ -27,20 +27,16 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from benchmarks.config_loader import apply_overrides, load_config
 from tidar_jax import flops
 
 
 def build(name: str, *, seq_len: int, batch: int, objective: str, overrides: dict[str, Any]):
   """(model config, full ConfigDict) for one benchmark point."""
   from tidar_jax.config import validate
-  config = common.load_config(name)
-  config.train.seq_len = seq_len
-  config.train.batch_size = batch
-  config.train.grad_accum = 1
-  config.tidar.objective = objective
-  for k, v in overrides.items():
-    if v is not None:
-      setattr(config.model, k, v)
+  config = apply_overrides(load_config(name), {
+      "train.seq_len": seq_len, "train.batch_size": batch, "train.grad_accum": 1, "tidar.objective": objective,
+      **{f"model.{k}": v for k, v in overrides.items() if v is not None}})
   return validate(config), config
 
 
