@@ -1,6 +1,6 @@
 """benchmarks/reproduce/ (issue 8): the --smoke reproduction trains AR-only and TiDAR with the
-project's trainer on CPU, evaluates likelihood and decoding, and renders RESULTS.md; plus its
-argument checks. Training runs once for the module, compiled without XLA's expensive backend
+project's trainer on CPU, evaluates likelihood and decoding, and renders RESULTS.md (with or
+without matplotlib); plus its argument checks. Training runs once for the module, compiled without XLA's expensive backend
 optimisations (conftest.fast_compile): nearly all of a smoke run is compilation."""
 
 import importlib.util
@@ -78,7 +78,7 @@ def test_smoke_renders_results_md(smoke):
     for png in PNGS:
       assert (out / png).stat().st_size > 0 and f"]({png})" in text
   else:
-    assert "(plots skipped:" in text and "pip install" in text
+    assert "(plots skipped:" in text and "pip install -e '.[bench]'" in text
     assert not any((out / png).exists() for png in PNGS)
 
 
@@ -97,6 +97,17 @@ def test_render_is_repeatable_from_the_json_alone(smoke, tmp_path):
   text = render.render(str(tmp_path), with_plots=False)
   assert text == (tmp_path / results.RESULTS_MD).read_text()
   assert "| tidar4 | 4 |" in text and "## Plots" not in text
+
+
+def test_render_without_matplotlib_names_the_extra(smoke, tmp_path, monkeypatch):
+  """matplotlib is the `bench` extra: without it RESULTS.md is written all the same, saying how to
+  get the plots."""
+  copy_results(smoke[0], tmp_path)
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+  text = render.render(str(tmp_path))
+  assert "(plots skipped: the reproduction's plots need matplotlib: pip install -e '.[bench]')" in text
+  assert "## Plots" not in text and "| tidar4 | 4 |" in text
+  assert not any((tmp_path / png).exists() for png in PNGS)
 
 
 def test_module_command_renders(smoke, tmp_path):

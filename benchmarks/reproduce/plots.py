@@ -1,5 +1,6 @@
 """The reproduction's PNGs beside RESULTS.md: loss curves, T/NFE vs block size, decoding tokens/s.
-matplotlib is imported only when plotting."""
+matplotlib is an optional dependency (the `bench` extra), imported only when plotting, so the rest of
+benchmarks/ runs without it."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import numpy as np
 
 from benchmarks.reproduce.results import lookup, read_metrics
 
+INSTALL = "pip install -e '.[bench]'"
+
 
 def pyplot():
-  """matplotlib.pyplot on the file-only Agg backend."""
-  import matplotlib
-
+  """matplotlib.pyplot on the file-only Agg backend; an ImportError naming the extra without it."""
+  try:
+    import matplotlib
+  except ImportError as e:
+    raise ImportError(f"the reproduction's plots need matplotlib: {INSTALL}") from e
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt

@@ -211,8 +211,7 @@ def _plots(results: list[dict[str, Any]], summaries: list[dict[str, Any]], out_d
     pngs = plot(results, summaries, out_dir)
   except ImportError as e:
     log(f"plots skipped: {e}")
-    return [f"(plots skipped: {e}; matplotlib is a dependency of tidar_jax: `pip install -e .` or "
-            "`pip install matplotlib`)", ""]
+    return [f"(plots skipped: {e})", ""]
   return ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
 
 
