@@ -276,6 +276,11 @@ def meta_line(meta: dict[str, Any]) -> str:
   return "; ".join(parts)
 
 
+def section(name: str, meta: dict[str, Any], prose: str, table: str) -> str:
+  """A benchmark's markdown section: its name and date, the device line, what was measured, the table."""
+  return f"### {name} ({meta.get('date', '?')})\n\n{meta_line(meta)}. {prose}\n\n{table}\n"
+
+
 def append_markdown(path: str, text: str) -> None:
   with open(path, "a") as f:
     f.write("\n" + text.rstrip() + "\n")
@@ -296,6 +301,16 @@ class Deadline:
 
   def spent(self) -> bool:
     return self.left() <= 0
+
+
+def add_chain_args(p: argparse.ArgumentParser, reps: int) -> None:
+  """The flags of the kernel microbenchmarks (step_attention, step_matmuls), which time one piece of
+  a step over every layer's own copy, chained: the model shape, the layers (0: the model's), the
+  calls timed, a soft time budget."""
+  p.add_argument("--model", default="1p5b")
+  p.add_argument("--layers", type=int, default=0, help="0: the model's")
+  p.add_argument("--reps", type=int, default=reps)
+  p.add_argument("--budget-s", type=float, default=0)
 
 
 def cli(doc: str, add_args: Callable[[argparse.ArgumentParser], None],

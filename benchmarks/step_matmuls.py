@@ -92,17 +92,14 @@ def render(result: dict[str, Any]) -> str:
     val = [round(r["us_per_matrix"], 1), round(r["GBps"])] if "us_per_matrix" in r else \
         [(r.get("error") or r.get("skipped", ""))[:60], ""]
     rows.append([r["matrix"], f"{r.get('rows', 1)} x {r['K']} x {r['N']}", r["variant"], *val])
-  return (f"### step_matmuls ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. {meta.get('shape', '')}; "
-          f"median of {meta.get('reps', '?')} calls of all layers chained.\n\n"
-          + common.md_table(["matrix", "rows x K x N", "variant", "µs per matrix", "GB/s of weights"], rows) + "\n")
+  return common.section("step_matmuls", meta, f"{meta.get('shape', '')}; median of {meta.get('reps', '?')} calls of "
+                        "all layers chained.",
+                        common.md_table(["matrix", "rows x K x N", "variant", "µs per matrix", "GB/s of weights"], rows))
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", default="1p5b")
-  p.add_argument("--layers", type=int, default=0, help="0: the model's")
-  p.add_argument("--reps", type=int, default=20)
+  common.add_chain_args(p, reps=20)
   p.add_argument("--rows", default="1", help="comma list of input rows (a TiDAR step: k + k², e.g. 72, 272)")
-  p.add_argument("--budget-s", type=float, default=0)
 
 
 def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -134,11 +134,10 @@ def render(result: dict[str, Any]) -> str:
   table = common.md_table(["model", "objective", "seq_len", "batch", "remat/attention", "step ms",
                            "clean tok/s", "model tok/s", "model TFLOP/step", "TFLOP/s", "MFU", "TiDAR ÷ AR",
                            "process peak GiB so far"], rows)
-  return (f"### train_step ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. One device, the trainer's "
-          f"jitted step (AdamW, state donated), random tokens, median of {meta.get('steps', '?')} steps after "
-          f"2 warm-up steps. MFU = model FLOPs (matmuls incl. LM head + attended pairs, no remat recompute) ÷ "
-          f"{_peak_words(meta)}. TiDAR feeds 2 x seq_len "
-          f"tokens per row.\n\n{table}\n")
+  return common.section("train_step", meta, (
+      f"One device, the trainer's jitted step (AdamW, state donated), random tokens, median of "
+      f"{meta.get('steps', '?')} steps after 2 warm-up steps. MFU = model FLOPs (matmuls incl. LM head + "
+      f"attended pairs, no remat recompute) ÷ {_peak_words(meta)}. TiDAR feeds 2 x seq_len tokens per row."), table)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
