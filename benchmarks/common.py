@@ -162,7 +162,6 @@ def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> dict[str, float]:
   x = jax.block_until_ready(jnp.arange(n, dtype=jnp.int32))  # not zeros: no shortcut for constant data
   f = jax.jit(lambda a: a + 1)
   times = time_calls(lambda: f(x), reps, warmup=2)
-  del x
   t = statistics.median(times)
   return {"bytes": float(2 * n * 4), "median_s": t, "GBps": 2 * n * 4 / t / 1e9}
 
