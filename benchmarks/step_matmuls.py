@@ -1,8 +1,8 @@
 """A decode step's weight matmuls alone, `rows` rows against each of the model's layer matrices
 (q/k/v fused, o, gate/up fused, down), every layer's own copy chained so the weights stream from
 HBM. One row (the AR step): XLA as is (a GEMV fusion), XLA with the row padded to 16 (a GEMM
-kernel: what the decode engine did for small weights until 2026-11-23 16:00), a multiply + row
-reduction over the weight stored transposed [N, K] (what the engine does now for q/k/v, o and
+kernel: what the decode engine did for small weights before the transposed layout), a multiply +
+row reduction over the weight stored transposed [N, K] (what the engine does for q/k/v, o and
 down). More rows (a TiDAR step, --rows 72,272): XLA as is, padded to a multiple of 128 rows, and
 the weight stored transposed.
 
