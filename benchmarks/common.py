@@ -12,7 +12,6 @@ import argparse
 import functools
 import dataclasses
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.config_loader import load_config
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode.loop import step_tokens
 from tidar_jax.flops import count_params
@@ -46,16 +46,11 @@ def shared_max_len(prompt_len: int, new_tokens: int, blocks) -> int:
 # Model shapes and random weights
 
 
-def load_config(name: str):
-  """The ConfigDict of configs/<name>.py (names like "1p5b" are not valid identifiers)."""
-  return importlib.import_module(f"configs.{name}").get_config()
-
-
 def model_config(name: str, **overrides: Any) -> ModelConfig:
-  """The model shape of configs/<name>.py as a ModelConfig, with field overrides."""
-  fields = dict(load_config(name).model)
-  fields.update({k: v for k, v in overrides.items() if v is not None})
-  return ModelConfig(**fields)
+  """The model shape of configs/<name>.py as a ModelConfig, with ModelConfig field overrides (None:
+  the config's value; decode-only fields such as decode_quant are not in the configs)."""
+  cfg = ModelConfig(**dict(load_config(name).model))
+  return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def inference_config(name: str, *, dtype: str = "bfloat16", scan_layers: bool | None = None,
@@ -167,7 +162,6 @@ def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> dict[str, float]:
   x = jax.block_until_ready(jnp.arange(n, dtype=jnp.int32))  # not zeros: no shortcut for constant data
   f = jax.jit(lambda a: a + 1)
   times = time_calls(lambda: f(x), reps, warmup=2)
-  del x
   t = statistics.median(times)
   return {"bytes": float(2 * n * 4), "median_s": t, "GBps": 2 * n * 4 / t / 1e9}
 
@@ -281,6 +275,11 @@ def meta_line(meta: dict[str, Any]) -> str:
   return "; ".join(parts)
 
 
+def section(name: str, meta: dict[str, Any], prose: str, table: str) -> str:
+  """A benchmark's markdown section: its name and date, the device line, what was measured, the table."""
+  return f"### {name} ({meta.get('date', '?')})\n\n{meta_line(meta)}. {prose}\n\n{table}\n"
+
+
 def append_markdown(path: str, text: str) -> None:
   with open(path, "a") as f:
     f.write("\n" + text.rstrip() + "\n")
@@ -301,6 +300,16 @@ class Deadline:
 
   def spent(self) -> bool:
     return self.left() <= 0
+
+
+def add_chain_args(p: argparse.ArgumentParser, reps: int) -> None:
+  """The flags of the kernel microbenchmarks (step_attention, step_matmuls), which time one piece of
+  a step over every layer's own copy, chained: the model shape, the layers (0: the model's), the
+  calls timed, a soft time budget."""
+  p.add_argument("--model", default="1p5b")
+  p.add_argument("--layers", type=int, default=0, help="0: the model's")
+  p.add_argument("--reps", type=int, default=reps)
+  p.add_argument("--budget-s", type=float, default=0)
 
 
 def cli(doc: str, add_args: Callable[[argparse.ArgumentParser], None],

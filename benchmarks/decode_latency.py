@@ -238,12 +238,12 @@ def render(result: dict[str, Any]) -> str:
   table = common.md_table(["model", "batch", "KV (prompt)", "step", "layers", "tokens fed", "ms/step",
                            "HBM roofline ms", "% of roofline", "compute floor ms", "÷ AR step",
                            "tokens/step"], rows)
-  return (f"### decode_latency ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. "
-          f"Random bf16 weights, greedy, {meta.get('max_new_tokens', '?')} new tokens; ms/step = "
-          f"(full run − prefill-only run) / steps inside the jitted while_loop, median of "
-          f"{meta.get('reps', '?')}. Roofline = (weights + average valid KV) bytes ÷ measured copy bandwidth; "
-          f"compute floor = model FLOPs ÷ measured matmul rate. TiDAR drafts forced to the AR continuation "
-          f"(tokens/step = accepted + 1).\n\n{table}\n")
+  return common.section("decode_latency", meta, (
+      f"Random bf16 weights, greedy, {meta.get('max_new_tokens', '?')} new tokens; ms/step = "
+      f"(full run − prefill-only run) / steps inside the jitted while_loop, median of "
+      f"{meta.get('reps', '?')}. Roofline = (weights + average valid KV) bytes ÷ measured copy bandwidth; "
+      f"compute floor = model FLOPs ÷ measured matmul rate. TiDAR drafts forced to the AR continuation "
+      f"(tokens/step = accepted + 1)."), table)
 
 
 def parse_ints(s: str) -> list[int]:

@@ -83,13 +83,12 @@ def render(result: dict[str, Any]) -> str:
   table = common.md_table(["model", "batch", "prompt", "decoder", "prefill+1st token ms", "decode ms",
                            "tokens/row", "tokens/step", "ms/step", "e2e tok/s", "decode tok/s",
                            "tok/s at k/step", "decode speedup vs AR"], rows)
-  return (f"### generate_throughput ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. Random bf16 weights, "
-          f"greedy. TiDAR acceptance: 'forced drafts' = drafts forced to the AR continuation (with random bf16 "
-          f"weights the verifier's argmax differs from the AR run's at near-ties, so few are accepted: see "
-          f"tokens/step); 'always accept' = the decoder's test-only always_accept override (all k − 1 drafts "
-          f"accepted every step). e2e = all generated tokens ÷ (prefill + decode); 'tok/s at k/step' = k ÷ "
-          f"measured step time; median of {meta.get('reps', '?')}.\n\n"
-          f"{table}\n")
+  return common.section("generate_throughput", meta, (
+      "Random bf16 weights, greedy. TiDAR acceptance: 'forced drafts' = drafts forced to the AR continuation "
+      "(with random bf16 weights the verifier's argmax differs from the AR run's at near-ties, so few are "
+      "accepted: see tokens/step); 'always accept' = the decoder's test-only always_accept override (all k − 1 "
+      "drafts accepted every step). e2e = all generated tokens ÷ (prefill + decode); 'tok/s at k/step' = k ÷ "
+      f"measured step time; median of {meta.get('reps', '?')}."), table)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -114,7 +114,7 @@ def run(rec: common.Recorder, cfg, model: str, batches, kvs, blocks, layers: int
           us = statistics.median(times) / layers * 1e6
           rec.add({**label, "us_per_layer": us, "max_abs_err_layer0_vs_dense": err})
           print(f"[step_attention] B={batch} kv={kv} k={block} {name}: {us:.1f} us/layer err {err}", flush=True)
-        del args
+        args = None  # frees this case's caches before the next case's are made (not del: the timing lambda names it)
 
 
 def render(result: dict[str, Any]) -> str:
@@ -135,22 +135,18 @@ def render(result: dict[str, Any]) -> str:
     name = r["variant"] + (f" ({r['tile']} rows, {r['splits']} splits)" if "default" in r["variant"] else "")
     rows.append([r["batch"], r["kv"], "AR" if r["block_size"] == 0 else f"k={r['block_size']}", r["tokens"],
                  name, val, "" if err is None else f"{err:.3g}"])
-  return (f"### step_attention ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. {meta.get('shape', '')}; "
-          f"µs per layer = median over {meta.get('reps', '?')} calls of all layers chained ÷ layers; "
-          f"split-KV sweep rows slower than 1.3 × the best are in the JSON only.\n\n"
-          + common.md_table(["batch", "KV", "step", "queries", "kernel", "µs / layer", "max |Δ| vs dense (bf16)"], rows)
-          + "\n")
+  return common.section("step_attention", meta, (
+      f"{meta.get('shape', '')}; µs per layer = median over {meta.get('reps', '?')} calls of all layers chained ÷ "
+      f"layers; split-KV sweep rows slower than 1.3 × the best are in the JSON only."),
+      common.md_table(["batch", "KV", "step", "queries", "kernel", "µs / layer", "max |Δ| vs dense (bf16)"], rows))
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", default="1p5b")
+  common.add_chain_args(p, reps=10)
   p.add_argument("--batch", default="1")
   p.add_argument("--kv", default="2048")
   p.add_argument("--blocks", default="0,8,16")
-  p.add_argument("--layers", type=int, default=0, help="0: the model's")
-  p.add_argument("--reps", type=int, default=10)
   p.add_argument("--sweep", action="store_true", help="sweep split-KV tilings at batch 1")
-  p.add_argument("--budget-s", type=float, default=0)
 
 
 def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:

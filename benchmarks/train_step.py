@@ -27,20 +27,16 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from benchmarks.config_loader import apply_overrides, load_config
 from tidar_jax import flops
 
 
 def build(name: str, *, seq_len: int, batch: int, objective: str, overrides: dict[str, Any]):
   """(model config, full ConfigDict) for one benchmark point."""
   from tidar_jax.config import validate
-  config = common.load_config(name)
-  config.train.seq_len = seq_len
-  config.train.batch_size = batch
-  config.train.grad_accum = 1
-  config.tidar.objective = objective
-  for k, v in overrides.items():
-    if v is not None:
-      setattr(config.model, k, v)
+  config = apply_overrides(load_config(name), {
+      "train.seq_len": seq_len, "train.batch_size": batch, "train.grad_accum": 1, "tidar.objective": objective,
+      **{f"model.{k}": v for k, v in overrides.items() if v is not None}})
   return validate(config), config
 
 
@@ -138,11 +134,10 @@ def render(result: dict[str, Any]) -> str:
   table = common.md_table(["model", "objective", "seq_len", "batch", "remat/attention", "step ms",
                            "clean tok/s", "model tok/s", "model TFLOP/step", "TFLOP/s", "MFU", "TiDAR ÷ AR",
                            "process peak GiB so far"], rows)
-  return (f"### train_step ({meta.get('date', '?')})\n\n{common.meta_line(meta)}. One device, the trainer's "
-          f"jitted step (AdamW, state donated), random tokens, median of {meta.get('steps', '?')} steps after "
-          f"2 warm-up steps. MFU = model FLOPs (matmuls incl. LM head + attended pairs, no remat recompute) ÷ "
-          f"{_peak_words(meta)}. TiDAR feeds 2 x seq_len "
-          f"tokens per row.\n\n{table}\n")
+  return common.section("train_step", meta, (
+      f"One device, the trainer's jitted step (AdamW, state donated), random tokens, median of "
+      f"{meta.get('steps', '?')} steps after 2 warm-up steps. MFU = model FLOPs (matmuls incl. LM head + "
+      f"attended pairs, no remat recompute) ÷ {_peak_words(meta)}. TiDAR feeds 2 x seq_len tokens per row."), table)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
