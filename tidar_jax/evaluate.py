@@ -31,6 +31,7 @@ import jax
 from absl import app, flags
 from tqdm import tqdm
 
+from tidar_jax import predraft as predraft_lib
 from tidar_jax.config import validate
 from tidar_jax.decode.sampling import SamplingParams
 from tidar_jax.evaluation import decoding, humaneval
@@ -44,8 +45,10 @@ def _sampling_name(temperature: float) -> str:
 
 def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int | None, batch_sizes: Sequence[int],
                        temperatures: Sequence[float], max_new_tokens: int, timeout: float, dtype: str | None,
-                       seed: int = 0) -> dict[str, Any]:
-  """The humaneval report (module docstring) as a JSON-ready dict."""
+                       seed: int = 0, predraft: Any = predraft_lib.ALL) -> dict[str, Any]:
+  """The humaneval report (module docstring) as a JSON-ready dict. predraft other than "all": a third
+  decoder, "tidar_pruned", with those kept draft blocks; "auto" picks them per sampling and batch
+  size from the full TiDAR run's acceptance histogram (`predraft.best_counts`)."""
   if not batch_sizes or min(batch_sizes) < 1:
     raise ValueError(f"--batch_sizes={list(batch_sizes)}: give positive batch sizes, e.g. 1,8")
   if not temperatures or min(temperatures) < 0:
@@ -58,6 +61,10 @@ def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int |
   dparams = decoding.decode_params(params, dtype)
   k = config.tidar.block_size
   modes = ("ar", "tidar") if config.tidar.objective == "tidar" else ("ar",)
+  if predraft != predraft_lib.ALL and "tidar" in modes:
+    if predraft != predraft_lib.AUTO:
+      predraft_lib.counts(predraft, k)  # a bad set fails before anything is decoded
+    modes += ("tidar_pruned",)
   report: dict[str, Any] = {"task": "humaneval", "problems": len(problems), "max_new_tokens": max_new_tokens,
                             "dtype": dtype, "block_size": k, "decoders": list(modes), "stop_sequences":
                             list(humaneval.STOP_SEQUENCES), "decoding": {}, "pass_at_1": {}, "samples": []}
@@ -67,16 +74,28 @@ def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int |
       for b in batch_sizes:
         results = {}
         for mode in modes:
+          kept, predicted = predraft_lib.ALL, None
+          if mode == "tidar_pruned":
+            kept = predraft
+            if predraft == predraft_lib.AUTO:
+              kept, predicted = predraft_lib.best_counts(results["tidar"]["accepted_hist"], b)
           results[mode] = decoding.run_decoder(
-              mode, dparams, model_cfg, prompts, block_size=k, sampling=SamplingParams(temperature=t),
-              max_new_tokens=max_new_tokens, batch=b, seed=seed, eos_id=tokenizer.eos_id, mask_id=tokenizer.mask_id)
-          scored.setdefault((t, mode), results[mode])
+              "tidar" if mode == "tidar_pruned" else mode, dparams, model_cfg, prompts, block_size=k,
+              sampling=SamplingParams(temperature=t), max_new_tokens=max_new_tokens, batch=b, seed=seed,
+              eos_id=tokenizer.eos_id, mask_id=tokenizer.mask_id, predraft=kept)
+          if predicted is not None:
+            results[mode]["predicted_speedup"] = predicted
+          if mode != "tidar_pruned":  # the same law as TiDAR's: its completions are not scored again
+            scored.setdefault((t, mode), results[mode])
           bar.update()
         entry = {mode: decoding.strip_private(r) for mode, r in results.items()}
-        if len(results) == 2:
-          entry["speedup"] = results["tidar"]["tokens_per_s"] / results["ar"]["tokens_per_s"]
-          if t == 0:  # greedy TiDAR must reproduce greedy AR (docs/method.md §2)
-            entry["greedy_agreement"] = decoding.greedy_agreement(results["tidar"], results["ar"])
+        for mode in ("tidar", "tidar_pruned"):
+          if mode in results:
+            entry["speedup" if mode == "tidar" else "speedup_pruned"] = (
+                results[mode]["tokens_per_s"] / results["ar"]["tokens_per_s"])
+            if t == 0:  # greedy TiDAR must reproduce greedy AR (docs/method.md §2)
+              entry["greedy_agreement" if mode == "tidar" else "greedy_agreement_pruned"] = (
+                  decoding.greedy_agreement(results[mode], results["ar"]))
         report["decoding"].setdefault(_sampling_name(t), {})[f"batch{b}"] = entry
   for (t, mode), res in tqdm(list(scored.items()), desc="executing", unit="decoder"):
     completions = [humaneval.truncate(_text(tokenizer, res, i)) for i in range(len(problems))]
@@ -126,13 +145,16 @@ def summary(report: dict[str, Any]) -> str:
     for batch, entry in by_batch.items():
       for mode in report["decoders"]:
         r = entry[mode]
-        hist = f"  accepted drafts 0..{report['block_size'] - 1}: {r['accepted_hist']}" if mode == "tidar" else ""
-        lines.append(f"  {sampling:>7} {batch:>7} {mode:>5}: T/NFE {r['tokens_per_forward']:5.2f}  "
-                     f"{r['tokens_per_s']:9.1f} tokens/s{hist}")
-      if "speedup" in entry:
-        agree = entry.get("greedy_agreement")
-        same = f", TiDAR == AR on {agree['equal_rows']}/{agree['rows']} prompts" if agree else ""
-        lines.append(f"  {sampling:>7} {batch:>7} TiDAR / AR tokens/s: {entry['speedup']:.2f}x{same}")
+        hist = f"  accepted drafts 0..{report['block_size'] - 1}: {r['accepted_hist']}" if mode != "ar" else ""
+        kept = f"  blocks {r['predraft']}" if mode == "tidar_pruned" else ""
+        lines.append(f"  {sampling:>7} {batch:>7} {mode:>12}: T/NFE {r['tokens_per_forward']:5.2f}  "
+                     f"{r['tokens_per_s']:9.1f} tokens/s{hist}{kept}")
+      for key, agree_key, name in (("speedup", "greedy_agreement", "TiDAR"),
+                                   ("speedup_pruned", "greedy_agreement_pruned", "TiDAR pruned")):
+        if key in entry:
+          agree = entry.get(agree_key)
+          same = f", {name} == AR on {agree['equal_rows']}/{agree['rows']} prompts" if agree else ""
+          lines.append(f"  {sampling:>7} {batch:>7} {name} / AR tokens/s: {entry[key]:.2f}x{same}")
   for sampling, by_mode in report["pass_at_1"].items():
     lines.append(f"  pass@1 {sampling}: " + ", ".join(f"{mode} {v:.3f}" for mode, v in by_mode.items()))
   return "\n".join(lines)
@@ -150,6 +172,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                     "humaneval: decode dtype (default: the checkpoint's model.dtype)", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "sampling seed (each problem folds in its index)", flag_values=fv)
+  flags.DEFINE_string("predraft", predraft_lib.ALL, "humaneval: also decode with these kept draft blocks "
+                      "('0,1,2,7'), or 'auto': the best set for each batch size from the full run's acceptance "
+                      "histogram; 'all': only the paper's step", flag_values=fv)
   flags.DEFINE_enum("split", "eval", ["eval", "train"], "nll: corpus split", flag_values=fv)
   flags.DEFINE_integer("eval_batches", 8, "nll: batches of train.batch_size x train.seq_len", flag_values=fv)
   flags.DEFINE_string("data_source", None, "nll: text files (dir or glob) instead of the checkpoint's corpus",
@@ -174,7 +199,8 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
     report = evaluate_humaneval(params, config, tokenizer, limit=fv.limit,
                                 batch_sizes=_numbers("batch_sizes", fv.batch_sizes, int),
                                 temperatures=_numbers("temperatures", fv.temperatures, float),
-                                max_new_tokens=fv.max_new_tokens, timeout=fv.timeout, dtype=fv.dtype, seed=fv.seed)
+                                max_new_tokens=fv.max_new_tokens, timeout=fv.timeout, dtype=fv.dtype, seed=fv.seed,
+                                predraft=fv.predraft)
   else:
     report = evaluate_nll(params, config, tokenizer, split=fv.split, eval_batches=fv.eval_batches,
                           data_source=fv.data_source)

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from tidar_jax import predraft as predraft_lib
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.sampling import SamplingParams
 from tidar_jax.decode.tidar import generate_tidar
@@ -48,6 +49,7 @@ class GenerationResult:
   accepted_hist: list[int]  # TiDAR: steps that accepted 0..k-1 drafts; AR: [steps]
   seconds: float  # this prompt's share of its batch's decode time, compilation excluded
   mode: str
+  predraft: list[int] = dataclasses.field(default_factory=list)  # TiDAR: the acceptance counts with a draft block
 
   @property
   def tokens_per_forward(self) -> float:
@@ -67,12 +69,16 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 def generate(params: Any, config: Any, prompts: Sequence[str], tokenizer: Any, *, mode: str = "tidar",
              sampling: SamplingParams = SamplingParams(temperature=0.0), max_new_tokens: int = 64,
-             seed: int = 0, batch_size: int = 8, max_len: int | None = None) -> list[GenerationResult]:
+             seed: int = 0, batch_size: int = 8, max_len: int | None = None, predraft: Any = None
+             ) -> list[GenerationResult]:
   """Decodes every prompt (in batches of `batch_size`); results in prompt order.
 
-  config: the checkpoint's ConfigDict (TiDAR takes block_size and verify_beta from its `tidar`
-  section). tokenizer: encode/decode, eos_id, mask_id. Every batch has exactly batch_size rows (a
-  short last batch repeats a prompt), so each prompt-length bucket compiles once.
+  config: the checkpoint's ConfigDict (TiDAR takes block_size, verify_beta and predraft from its
+  `tidar` section). tokenizer: encode/decode, eos_id, mask_id. Every batch has exactly batch_size
+  rows (a short last batch repeats a prompt), so each prompt-length bucket compiles once.
+  predraft: TiDAR's kept draft blocks (None: the config's); "auto" decodes the first batch with
+  every block, then the rest with `predraft.best_counts` of its acceptance histogram at this batch
+  size (the choice is logged and in each result's `predraft`).
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: use one of {MODES}")
@@ -86,6 +92,11 @@ def generate(params: Any, config: Any, prompts: Sequence[str], tokenizer: Any, *
   if empty:
     raise ValueError(f"prompts {empty} encode to no tokens; every prompt needs at least one token")
   root = jax.random.key(seed)
+  if predraft is None:
+    tidar_cfg = config.get("tidar") if hasattr(config, "get") else None
+    predraft = predraft_lib.ALL if tidar_cfg is None else tidar_cfg.get("predraft", predraft_lib.ALL)
+  auto = predraft == predraft_lib.AUTO
+  kept = predraft_lib.ALL if auto else predraft
   results: list[GenerationResult | None] = [None] * len(prompts)
   for batch in _batches([len(ids) for ids in encoded], batch_size):
     rows = batch + [batch[0]] * (batch_size - len(batch))
@@ -98,17 +109,20 @@ def generate(params: Any, config: Any, prompts: Sequence[str], tokenizer: Any, *
                   max_len=max_len)
     compile_before, start = _compile_seconds[0], time.perf_counter()
     if mode == "tidar":
-      out = generate_tidar(params, config, tokens, lengths, mask_id=tokenizer.mask_id, **kwargs)
+      out = generate_tidar(params, config, tokens, lengths, mask_id=tokenizer.mask_id, predraft=kept, **kwargs)
     else:
       out = generate_ar(params, config, tokens, lengths, **kwargs)
     out_tokens, out_lengths = np.asarray(out.tokens), np.asarray(out.lengths)  # waits for the device
     seconds = time.perf_counter() - start - (_compile_seconds[0] - compile_before)
     forward_passes, hist = np.asarray(out.stats.forward_passes), np.asarray(out.stats.accepted_hist)
+    used = list(predraft_lib.counts(kept, hist.shape[1])) if mode == "tidar" else []
     for r, i in enumerate(batch):
       ids = out_tokens[r, : out_lengths[r]].tolist()
       text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
       results[i] = GenerationResult(prompts[i], tokenizer.decode(text_ids), ids, int(forward_passes[r]),
-                                    hist[r].tolist(), seconds / len(batch), mode)
+                                    hist[r].tolist(), seconds / len(batch), mode, used)
+    if mode == "tidar" and auto and kept == predraft_lib.ALL:  # the first batch measured the acceptance
+      kept, _ = predraft_lib.best_counts(hist[:len(batch)].sum(axis=0), batch_size)
   return results
 
 
@@ -123,6 +137,10 @@ def summary(results: Sequence[GenerationResult]) -> str:
           f"tokens/s={speed} (compilation excluded)")
   if results[0].mode == "tidar":
     line += f" acceptance_hist={np.sum([r.accepted_hist for r in results], axis=0).tolist()}"
+    k = len(results[0].accepted_hist)
+    sets = sorted({tuple(r.predraft) for r in results if not predraft_lib.is_full(r.predraft, k)})
+    if sets:
+      line += f" pruned_predraft={[list(s) for s in sets]}"
   return line
 
 
@@ -140,6 +158,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt (fewer if EOS)", flag_values=fv)
   flags.DEFINE_integer("batch_size", 8, "prompts decoded together", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "sampling seed (each prompt folds in its index)", flag_values=fv)
+  flags.DEFINE_string("predraft", None, "TiDAR's kept draft blocks: 'all', acceptance counts ('0,1,2,7') or "
+                      "'auto' (chosen for --batch_size from the first batch's acceptance); default: the "
+                      "checkpoint's tidar.predraft", flag_values=fv)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                     "compute dtype for decoding; default: the checkpoint's model.dtype (float32 makes "
                     "--mode=both a token-exact check)", flag_values=fv)
@@ -193,7 +214,8 @@ def run(fv: flags.FlagValues) -> int:
   runs = {}
   for mode in modes:
     runs[mode] = generate(params, config, prompts, tokenizer, mode=mode, sampling=sampling,
-                          max_new_tokens=fv.max_new_tokens, seed=fv.seed, batch_size=fv.batch_size)
+                          max_new_tokens=fv.max_new_tokens, seed=fv.seed, batch_size=fv.batch_size,
+                          predraft=fv.predraft)
     for i, r in enumerate(runs[mode]):
       acceptance = f", acceptance_hist={r.accepted_hist}" if mode == "tidar" else ""
       print(f"=== [{mode}] prompt {i}: {r.prompt!r}\n{r.prompt}{r.text}\n--- {len(r.tokens)} tokens, "

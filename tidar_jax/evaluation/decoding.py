@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tidar_jax import predraft as predraft_lib
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.loop import bucket_length
 from tidar_jax.decode.tidar import generate_tidar
@@ -43,8 +44,9 @@ def decode_params(params, dtype: str):
 
 
 def run_decoder(mode: str, params, model_cfg, prompts: PromptSet, *, block_size: int, sampling, max_new_tokens: int,
-                batch: int, seed: int, eos_id: int, mask_id: int) -> dict[str, Any]:
+                batch: int, seed: int, eos_id: int, mask_id: int, predraft: Any = "all") -> dict[str, Any]:
   """Decodes every prompt of the set in batches; per-row tokens and stats plus the timed totals.
+  predraft: TiDAR's kept draft blocks (`tidar_jax.predraft.counts`).
 
   Each compiled shape (prompt bucket) is run once untimed first, so the timings exclude compilation;
   the decoder's default max_len depends only on the bucket, so chunks of one bucket share it."""
@@ -55,7 +57,7 @@ def run_decoder(mode: str, params, model_cfg, prompts: PromptSet, *, block_size:
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(idx, jnp.uint32))  # per prompt, not per row
     kw = dict(max_new_tokens=max_new_tokens, sampling=sampling, key=keys, eos_id=eos_id)
     if mode == "tidar":
-      kw.update(mask_id=mask_id, block_size=block_size, verify_beta=1.0)
+      kw.update(mask_id=mask_id, block_size=block_size, verify_beta=1.0, predraft=predraft)
     decode = functools.partial(generate_tidar if mode == "tidar" else generate_ar, params, model_cfg,
                                prompts.tokens[idx], prompts.lengths[idx], **kw)
     bucket = bucket_length(int(prompts.lengths[idx].max()), 1 << 30)
@@ -85,6 +87,7 @@ def run_decoder(mode: str, params, model_cfg, prompts: PromptSet, *, block_size:
     steps = hist.sum(axis=0)  # steps that accepted a = 0 .. k-1 drafts (a + 1 tokens committed)
     res["accepted_hist"] = steps.tolist()
     res["mean_tokens_per_step"] = float(np.dot(np.arange(1, len(steps) + 1), steps) / steps.sum())
+    res["predraft"] = list(predraft_lib.counts(predraft, block_size))
   res["_tokens"], res["_lengths"] = tokens, lengths
   return res
 
