@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from benchmarks import acceptance, common
+from tidar_jax import predraft as predraft_lib
 from tidar_jax.decode import tidar
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.sampling import SamplingParams
@@ -63,12 +64,17 @@ def forced_table(ar_tokens: np.ndarray, prompt_len: int, max_len: int) -> np.nda
 
 def measure_generate(params: Any, cfg, *, batch: int, prompt_len: int, max_new_tokens: int, block_size: int,
                      max_len: int, forced: np.ndarray | None = None, reps: int = 3,
-                     verify_beta: float | None = None, always_accept: bool = False) -> tuple[dict[str, Any], np.ndarray]:
+                     verify_beta: float | None = None, always_accept: bool = False, predraft: Any = "all",
+                     law: str | None = None) -> tuple[dict[str, Any], np.ndarray]:
   """Times one decoder configuration; returns (record, the full run's tokens [batch, max_new_tokens]).
 
   always_accept: `acceptance.ALWAYS_ACCEPT` hooks on generate_tidar (every step accepts
-  its k - 1 drafts whatever they are): full acceptance regardless of bf16 near-ties."""
+  its k - 1 drafts whatever they are): full acceptance regardless of bf16 near-ties.
+  law: a name in `acceptance.LAWS`: each row's count drawn per step from that histogram.
+  predraft: TiDAR's kept draft blocks (`tidar_jax.predraft.counts`)."""
   hooks = acceptance.ALWAYS_ACCEPT if always_accept else tidar.HOOKS
+  if law:
+    hooks = acceptance.law_hooks(acceptance.LAWS[law])
   prompts, lengths = make_prompts(cfg, batch, prompt_len)
   key = jax.random.key(0)
 
@@ -78,7 +84,8 @@ def measure_generate(params: Any, cfg, *, batch: int, prompt_len: int, max_new_t
                          key=key, eos_id=eos, max_len=max_len)
     return generate_tidar(params, cfg, prompts, lengths, max_new_tokens=max_new_tokens, sampling=GREEDY,
                           key=key, eos_id=eos, mask_id=cfg.vocab_size - 1, max_len=max_len,
-                          block_size=block_size, forced_drafts=forced, verify_beta=verify_beta, hooks=hooks)
+                          block_size=block_size, forced_drafts=forced, verify_beta=verify_beta, hooks=hooks,
+                          predraft=predraft)
 
   t = time.perf_counter()
   full = jax.block_until_ready(call(None))
@@ -98,6 +105,7 @@ def measure_generate(params: Any, cfg, *, batch: int, prompt_len: int, max_new_t
   # Spread: the same difference from the fastest and the slowest full run.
   spread = (max(t_full) - min(t_full)) / steps
   hist = np.asarray(full.stats.accepted_hist)  # [batch, k]: steps that accepted a drafts
+  kept = list(predraft_lib.counts(predraft, block_size)) if block_size else []
   generated = int(np.asarray(full.lengths).max())
   if block_size:
     a = np.arange(hist.shape[1])
@@ -107,7 +115,9 @@ def measure_generate(params: Any, cfg, *, batch: int, prompt_len: int, max_new_t
     mean_accept, tokens_per_step = 0.0, 1.0
   record = {
       "block_size": block_size, "batch": batch, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
-      "max_len": max_len, "tokens_fed_per_step": 1 if block_size == 0 else block_size + block_size**2,
+      "max_len": max_len,
+      "tokens_fed_per_step": 1 if block_size == 0 else predraft_lib.step_tokens(block_size, kept),
+      "predraft": kept, "law": law,
       "steps": steps, "steps_prefill_only": steps_short, "generated": generated,
       "ms_per_step": per_step * 1e3, "ms_per_step_spread": spread * 1e3,
       "prefill_ms": med_short * 1e3, "total_ms": med_full * 1e3, "first_call_s": first_call_s,

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import common, config_loader, decode_latency, generate_throughput, profile_step, train_step
+from benchmarks import (common, config_loader, decode_latency, generate_throughput, predraft_throughput,
+                        profile_step, train_step)
 from tidar_jax import flops
 
 
@@ -52,6 +53,20 @@ def test_generate_throughput(out):
   path, md = str(out / "throughput_int8.json"), str(out / "throughput_int8.md")
   int8 = generate_throughput.main(["--smoke", "--decode-quant", "int8", "--out", path, "--markdown", md])
   assert {r["decode_quant"] for r in int8["records"]} == {"int8"} and "AR, int8 weights" in open(md).read()
+
+
+def test_predraft_throughput(out):
+  """AR, full and pruned TiDAR under the mean-3 law: the drawn counts reach the decoder (about 3
+  accepted drafts per full step), a pruned step feeds fewer tokens, and the ratios are to AR."""
+  result = run(predraft_throughput, out, "predraft_throughput")
+  recs = result["records"]
+  assert [r["role"] for r in recs][:2] == ["AR", "all"] and {"best", "set"} <= {r["role"] for r in recs}
+  full = recs[1]
+  assert full["tokens_fed_per_step"] == 72 and full["tokens_per_step"] > 2.0  # mean-3 law (short run)
+  for r in recs[2:]:
+    assert r["tokens_fed_per_step"] == 8 + 8 * len(r["predraft"]) < 72
+    assert r["tokens_per_s_ratio_to_ar"] > 0 and r["step_ratio_to_ar"] > 0
+  assert "predicted_ratio_to_ar" in next(r for r in recs if r["role"] == "best")
 
 
 def test_train_step(out):
