@@ -17,7 +17,7 @@ import sys
 import time
 
 from benchmarks import profile_step
-from tidar_jax import flops
+from tidar_jax import accelerators
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
       generate_throughput.run(thr, models=["tiny"], batch=1, prompt_len=256, new_tokens=M, blocks=[0, 8, 16],
                               reps=reps, dtype=dtype, deadline=deadline, accept="always")
       common.drop_params()
-    tmeta = {**meta, "steps": reps if smoke else 5, "peak_tflops": flops.bf16_peak_tflops(meta["device"])}
+    tmeta = {**meta, "steps": reps if smoke else 5, "peak_tflops": accelerators.bf16_peak_tflops(meta["device"])}
     trec = common.Recorder(out("train.json"), tmeta)
     points = [("tiny", 32, 2)] if smoke else [("1p5b", 2048, 2)]
     for name, seq_len, batch in points:

@@ -10,7 +10,7 @@ clipping, the config's remat/attention/scan settings), jitted with the state don
 tokens. Time = median wall time of single steps after two warm-up steps. MFU = model FLOPs
 (6 x matmul params x tokens through the model, LM head included, + 12 x layers x heads x head_dim x
 attended (query, key) pairs; no remat recompute) / step time / peak; the peak is the device's dense
-bf16 datasheet figure (flops.BF16_PEAK_TFLOPS: 989 TFLOP/s on an H100 SXM or H200) and the bf16
+bf16 datasheet figure (accelerators.ACCELERATORS: 989 TFLOP/s on an H100 SXM or H200) and the bf16
 matmul rate measured in the same run is given too.
 TiDAR feeds 2L tokens per row (clean + mask halves), AR feeds L.
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.config_loader import apply_overrides, load_config
-from tidar_jax import flops
+from tidar_jax import accelerators, flops
 
 
 def build(name: str, *, seq_len: int, batch: int, objective: str, overrides: dict[str, Any]):
@@ -89,7 +89,7 @@ def measure(name: str, *, seq_len: int, batch: int, objective: str, steps: int, 
     LAST[run_key(name, seq_len, batch, objective, overrides)] = (step, state, tokens, model_cfg)
   del state
   med = statistics.median(times)
-  peak = flops.bf16_peak_tflops(jax.devices()[0].device_kind)
+  peak = accelerators.bf16_peak_tflops(jax.devices()[0].device_kind)
   step_flops = flops.train_step_flops(model_cfg, batch, seq_len, objective, config.tidar.block_size)
   return {
       "model": name, "objective": objective, "seq_len": seq_len, "batch": batch,
@@ -111,7 +111,7 @@ def _pct(x: float | None) -> str:
 def _peak_words(meta: dict[str, Any]) -> str:
   peak = meta.get("peak_tflops", 989.0)  # results written before the table quoted the H100 SXM's
   if peak is None:
-    return f"the device's bf16 peak (not in flops.BF16_PEAK_TFLOPS for {meta.get('device', '?')}: no MFU)"
+    return f"the device's bf16 peak (not in accelerators.ACCELERATORS for {meta.get('device', '?')}: no MFU)"
   return f"{peak:.0f} TFLOP/s ({meta.get('device', '?')} dense bf16 datasheet peak)"
 
 
@@ -163,7 +163,7 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   seqs += seqs[-1:] * (len(models) - len(seqs))
   batches += batches[-1:] * (len(models) - len(batches))
   meta = {**common.device_info(), "steps": args.steps}
-  meta["peak_tflops"] = flops.bf16_peak_tflops(meta["device"])
+  meta["peak_tflops"] = accelerators.bf16_peak_tflops(meta["device"])
   if not args.no_ceilings and not args.smoke:
     meta["matmul"] = common.matmul_rate()
   rec = common.Recorder(args.out, meta)

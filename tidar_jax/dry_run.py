@@ -47,7 +47,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
-from tidar_jax import batch_plan, dispatch, memory_fit, sharding, train_step
+from tidar_jax import accelerators, batch_plan, dispatch, memory_fit, sharding, train_step
 from tidar_jax.config import ModelConfig, validate
 from tidar_jax.kernels import splash_attention
 from tidar_jax.optimizer import make_optimizer
@@ -182,24 +182,20 @@ def _measure(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules:
 
 
 # Accelerators a dry run can size for: platform and memory per device (GiB, as their allocators see it).
-DEVICES = {
-    "h100": ("gpu", 80.0), "h200": ("gpu", 140.0), "a100": ("gpu", 80.0), "b200": ("gpu", 180.0),
-    "tpu-v4": ("tpu", 32.0), "tpu-v5e": ("tpu", 16.0), "tpu-v5p": ("tpu", 95.0), "tpu-v6e": ("tpu", 32.0),
-}
-
-
 def target_device(name: str | None) -> tuple[str, str, float | None]:
-  """(name, platform, GiB) of `--dry_run_device` (default: this accelerator, else DEVICES["h100"])."""
+  """(name, platform, GiB) of `--dry_run_device` (default: this accelerator, else "h100";
+  `accelerators.ACCELERATORS` names the others)."""
   if name is None:
     backend = jax.default_backend()
     if backend in ("gpu", "tpu"):
       local = memory_fit.device_memory_bytes()
       return jax.devices()[0].device_kind, backend, local / GiB if local else None
     name = "h100"
-  if name not in DEVICES:
-    raise ValueError(f"--dry_run_device={name!r}: use one of {sorted(DEVICES)} (and --dry_run_device_gb for "
-                     "another memory size)")
-  return (name, *DEVICES[name])
+  if name not in accelerators.BY_NAME:
+    raise ValueError(f"--dry_run_device={name!r}: use one of {sorted(accelerators.BY_NAME)} (and "
+                     "--dry_run_device_gb for another memory size)")
+  a = accelerators.BY_NAME[name]
+  return name, a.platform, a.memory_gib
 
 
 def _compiled_attention(m: ModelConfig, objective: str, platform: str) -> str:
@@ -282,7 +278,7 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
   mesh_shape: (data, fsdp, tensor) of a hypothetical mesh (any size); default: `config.mesh`,
   resolved against the current devices (explicit sizes beyond them count as hypothetical).
   measure: compile the train step for activations/temporaries (False: analytic numbers only).
-  device: a name from DEVICES (its platform's attention kernel and memory; default: this
+  device: a name from `accelerators.BY_NAME` (its platform's attention kernel and memory; default: this
   accelerator, else "h100"); device_gb: memory per device in GiB (default: the device's); the
   plan may use `memory_fit.MARGIN` of it.
   """

@@ -1,35 +1,13 @@
-"""Model FLOPs and the devices' bf16 peaks: what MFU is measured against (trainer and benchmarks).
+"""Model FLOPs: what MFU is measured with (trainer and benchmarks).
 
 MFU = model FLOPs (6 x matmul params x tokens through the model, LM head included, + the attention
 score and value products over the (query, key) pairs the mask allows; no remat recompute) / time /
-the device's dense bf16 datasheet peak.
+the device's dense bf16 datasheet peak (`accelerators.bf16_peak_tflops`).
 """
 
 from __future__ import annotations
 
-import re
-
 from tidar_jax.config import ModelConfig
-
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity), matched
-# against the device_kind jax reports, most specific name first (a PCIe variant before the bare
-# name). MFU is quoted against the device's own peak. The H200 and GH200 have the tensor cores of the
-# SXM part before them.
-BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-    ("A100", 312.0), ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5p", 459.0), ("TPU v6 lite", 918.0),
-)
-
-
-def bf16_peak_tflops(device_kind: str) -> float | None:
-  """The datasheet bf16 peak of a device_kind such as "NVIDIA H200", or None when the
-  table does not know the device (then no MFU is reported, rather than one against another chip)."""
-  kind = device_kind.upper()
-  for name, tflops in BF16_PEAK_TFLOPS:
-    if re.search(rf"(^|\W){re.escape(name.upper())}(\W|$)", kind):
-      return tflops
-  return None
-
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
   """Parameter counts from the shape alone: total, per-token matmul weights (layers + LM head)."""

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from tidar_jax import batch_plan, checkpoint, flops, memory_fit, sharding, train_step
+from tidar_jax import accelerators, batch_plan, checkpoint, flops, memory_fit, sharding, train_step
 from tidar_jax.config import DEFAULT_CHECKPOINT_EVERY_S, ModelConfig, steps_of, validate
 from tidar_jax.metrics import MetricsWriter
 from tidar_jax.optimizer import make_optimizer
@@ -246,7 +246,7 @@ class _Speedometer:
     t = config.train
     self.flops = flops.train_step_flops(model_cfg, t.batch_size, t.seq_len, config.tidar.objective,
                                         config.tidar.block_size)["total"]
-    peak = flops.bf16_peak_tflops(jax.devices()[0].device_kind)
+    peak = accelerators.bf16_peak_tflops(jax.devices()[0].device_kind)
     self.peak = None if peak is None else peak * 1e12 * num_devices
 
   def __call__(self, step_s: float) -> dict[str, float]:
