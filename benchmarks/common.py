@@ -15,17 +15,17 @@ import datetime
 import json
 import os
 import platform
-
 import statistics
+import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.config_loader import load_config
+from benchmarks.config_loader import apply_overrides, load_config, split_override_args
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode.loop import step_tokens
 from tidar_jax.flops import count_params
@@ -46,19 +46,22 @@ def shared_max_len(prompt_len: int, new_tokens: int, blocks) -> int:
 # Model shapes and random weights
 
 
-def model_config(name: str, **overrides: Any) -> ModelConfig:
-  """The model shape of configs/<name>.py as a ModelConfig, with ModelConfig field overrides (None:
-  the config's value; decode-only fields such as decode_quant are not in the configs)."""
-  cfg = ModelConfig(**dict(load_config(name).model))
-  return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+def model_config(name: str, config_overrides: Mapping[str, Any] | None = None, **fields: Any) -> ModelConfig:
+  """The model shape of configs/<name>.py (or a config file) as a ModelConfig: first the command
+  line's `--config.<field>=value` overrides (`config_overrides`, any section), then model fields
+  (None: keep the config's), both through `config_loader.apply_overrides`."""
+  config = apply_overrides(load_config(name), dict(config_overrides or {}))
+  apply_overrides(config, {f"model.{k}": v for k, v in fields.items() if v is not None})
+  return ModelConfig(**dict(config.model))
 
 
 def inference_config(name: str, *, dtype: str = "bfloat16", scan_layers: bool | None = None,
-                     attention: str | None = None, decode_quant: str | None = None) -> ModelConfig:
+                     attention: str | None = None, decode_quant: str | None = None,
+                     config_overrides: Mapping[str, Any] | None = None) -> ModelConfig:
   """Serving shape: weights and compute in `dtype`, no remat (attention, decode_quant: override
-  model.attention, model.decode_quant)."""
-  return model_config(name, dtype=dtype, param_dtype=dtype, remat="none", scan_layers=scan_layers,
-                      attention=attention, decode_quant=decode_quant)
+  model.attention, model.decode_quant), after the command line's `--config.*` overrides."""
+  return model_config(name, config_overrides, dtype=dtype, param_dtype=dtype, remat="none",
+                      scan_layers=scan_layers, attention=attention, decode_quant=decode_quant)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0, on_host: bool = False) -> Any:
@@ -318,13 +321,16 @@ def cli(doc: str, add_args: Callable[[argparse.ArgumentParser], None],
   """Every benchmark's command line: its own flags (`add_args`) plus --out JSON, --markdown FILE
   (append the rendered section), --render JSON (render a saved result instead of measuring) and
   --smoke (one tiny CPU iteration, for the test suite). Prints the section; returns the result."""
-  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  config_overrides, argv = split_override_args(list(sys.argv[1:] if argv is None else argv))
+  p = argparse.ArgumentParser(description=doc.splitlines()[0], epilog="--config.<field>=value overrides a "
+                              "field of the models' configs, as on the trainer's command line")
   add_args(p)
   p.add_argument("--out", default=None, help="write the result JSON here (rewritten as it grows)")
   p.add_argument("--markdown", default=None, help="append the rendered section to this markdown file")
   p.add_argument("--render", default=None, help="render an existing result JSON instead of measuring")
   p.add_argument("--smoke", action="store_true", help="tiny shape, one short iteration (CPU CI)")
   args = p.parse_args(argv)
+  args.config_overrides = config_overrides
   result = load_json(args.render) if args.render else measure(args)
   text = render(result)
   print(text)

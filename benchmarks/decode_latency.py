@@ -153,12 +153,12 @@ def run_grid(rec: common.Recorder, *, models: list[str], batches: list[int], kvs
              max_new_tokens: int, reps: int, scan_layers: bool | None, dtype: str, deadline: common.Deadline,
              bw_GBps: float, matmul_TFLOPs: float | None, verify_beta: float | None = None,
              on_host: bool = False, on_config=None, attention: str | None = None,
-             decode_quant: str | None = None) -> None:
+             decode_quant: str | None = None, config_overrides: dict[str, str] | None = None) -> None:
   """Measures every (model, batch, kv, block) in priority order: AR first in each group (its tokens
   force the TiDAR drafts; TiDAR ratios are to it)."""
   for name in models:
     cfg = common.inference_config(name, dtype=dtype, scan_layers=scan_layers, attention=attention,
-                                  decode_quant=decode_quant)
+                                  decode_quant=decode_quant, config_overrides=config_overrides)
     params = common.get_params(cfg, on_host=on_host)
     for batch in batches:
       for kv in kvs:
@@ -298,7 +298,7 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
            scan_layers=False if args.unroll else None, dtype=args.dtype,
            deadline=common.Deadline(args.budget_s), bw_GBps=bw, matmul_TFLOPs=mm,
            verify_beta=args.verify_beta, on_host=args.smoke, attention=args.attention,
-           decode_quant=args.decode_quant)
+           decode_quant=args.decode_quant, config_overrides=args.config_overrides)
   return rec.result
 
 

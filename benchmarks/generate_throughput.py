@@ -25,11 +25,12 @@ from benchmarks.decode_latency import forced_table, measure_generate, parse_ints
 
 def run(rec: common.Recorder, *, models: list[str], batch: int, prompt_len: int, new_tokens: int,
         blocks: list[int], reps: int, dtype: str, deadline: common.Deadline, on_host: bool = False,
-        accept: str = "forced", decode_quant: str | None = None) -> None:
+        accept: str = "forced", decode_quant: str | None = None, config_overrides: dict[str, str] | None = None
+        ) -> None:
   """accept: "forced" (drafts = the AR continuation) or "always" (the decoder's test-only
   always_accept override: every step accepts all k - 1 drafts)."""
   for name in models:
-    cfg = common.inference_config(name, dtype=dtype, decode_quant=decode_quant)
+    cfg = common.inference_config(name, dtype=dtype, decode_quant=decode_quant, config_overrides=config_overrides)
     params = common.get_params(cfg, on_host=on_host)
     max_len = common.shared_max_len(prompt_len, new_tokens, blocks)
     ar = None
@@ -114,7 +115,7 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   run(rec, models=args.models.split(","), batch=args.batch, prompt_len=args.prompt_len,
       new_tokens=args.new_tokens, blocks=parse_ints(args.blocks), reps=args.reps, dtype=args.dtype,
       deadline=common.Deadline(args.budget_s), on_host=args.smoke, accept=args.accept,
-      decode_quant=args.decode_quant)
+      decode_quant=args.decode_quant, config_overrides=args.config_overrides)
   print(f"[throughput] done in {time.perf_counter() - t:.1f}s", flush=True)
   return rec.result
 

@@ -31,9 +31,9 @@ def _sets(text: str) -> list[tuple[int, ...]]:
 
 def run(rec: common.Recorder, *, models: list[str], batches: list[int], kv: int, new_tokens: int, block: int,
         laws: list[str], sets: list[tuple[int, ...]], reps: int, dtype: str, deadline: common.Deadline,
-        on_host: bool = False) -> None:
+        on_host: bool = False, config_overrides: dict[str, str] | None = None) -> None:
   for name in models:
-    cfg = common.inference_config(name, dtype=dtype)
+    cfg = common.inference_config(name, dtype=dtype, config_overrides=config_overrides)
     params = common.get_params(cfg, on_host=on_host)
     max_len = common.shared_max_len(kv, new_tokens, [block])
     for batch in batches:
@@ -109,7 +109,8 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   t = time.perf_counter()
   run(rec, models=args.models.split(","), batches=[int(b) for b in args.batches.split(",")], kv=args.kv,
       new_tokens=args.new_tokens, block=args.block, laws=args.laws.split(","), sets=_sets(args.sets),
-      reps=args.reps, dtype=args.dtype, deadline=common.Deadline(args.budget_s), on_host=args.smoke)
+      reps=args.reps, dtype=args.dtype, deadline=common.Deadline(args.budget_s), on_host=args.smoke,
+      config_overrides=args.config_overrides)
   print(f"[predraft] done in {time.perf_counter() - t:.1f}s", flush=True)
   return rec.result
 

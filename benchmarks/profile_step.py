@@ -410,7 +410,7 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   rec = common.Recorder(args.out, {**common.device_info(), "model": args.model, "decode_quant": args.decode_quant})
   profiles = []
   cfg = common.inference_config(args.model, dtype="float32" if args.smoke else "bfloat16",
-                                decode_quant=args.decode_quant)
+                                decode_quant=args.decode_quant, config_overrides=args.config_overrides)
   params = common.get_params(cfg, on_host=args.smoke)
   # The TiDAR step (drafts forced to the AR continuation, as in decode_latency), then the AR step.
   from benchmarks.decode_latency import forced_table, measure_generate

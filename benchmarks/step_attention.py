@@ -151,7 +151,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   model = "tiny" if args.smoke else args.model
-  cfg = common.model_config(model)
+  cfg = common.model_config(model, args.config_overrides)
   layers = args.layers or cfg.num_layers
   batches, kvs, blocks = ([int(x) for x in s.split(",")] for s in (args.batch, args.kv, args.blocks))
   if args.smoke:

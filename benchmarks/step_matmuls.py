@@ -104,7 +104,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   model = "tiny" if args.smoke else args.model
-  cfg = common.model_config(model)
+  cfg = common.model_config(model, args.config_overrides)
   layers = 2 if args.smoke else (args.layers or cfg.num_layers)
   reps = 1 if args.smoke else args.reps
   shape = f"{model}: rows x each layer matrix (bf16), {layers} layers' copies"

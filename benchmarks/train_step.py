@@ -32,11 +32,12 @@ from tidar_jax import accelerators, flops
 
 
 def build(name: str, *, seq_len: int, batch: int, objective: str, overrides: dict[str, Any]):
-  """(model config, full ConfigDict) for one benchmark point."""
+  """(model config, full ConfigDict) for one benchmark point. overrides: model fields by name, or
+  any field dotted as on the command line ("train.loss_chunk"); None keeps the config's."""
   from tidar_jax.config import validate
   config = apply_overrides(load_config(name), {
       "train.seq_len": seq_len, "train.batch_size": batch, "train.grad_accum": 1, "tidar.objective": objective,
-      **{f"model.{k}": v for k, v in overrides.items() if v is not None}})
+      **{(k if "." in k else f"model.{k}"): v for k, v in overrides.items() if v is not None}})
   return validate(config), config
 
 
@@ -168,7 +169,7 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
     meta["matmul"] = common.matmul_rate()
   rec = common.Recorder(args.out, meta)
   run(rec, models=models, seqs=seqs, batches=batches, objectives=args.objectives.split(","), steps=args.steps,
-      overrides={"remat": args.remat, "attention": args.attention}, deadline=common.Deadline(args.budget_s),
+      overrides={"remat": args.remat, "attention": args.attention, **args.config_overrides}, deadline=common.Deadline(args.budget_s),
       keep_last=args.smoke)
   return rec.result
 

@@ -144,3 +144,8 @@ def test_config_loader():
   # The decode benchmarks' ModelConfig overrides (None keeps the config's value).
   cfg = common.model_config("tiny", remat="full", attention=None, decode_quant="int8")
   assert (cfg.remat, cfg.decode_quant, cfg.attention) == ("full", "int8", common.model_config("tiny").attention)
+  # Every benchmark's command line takes --config.<field>=value, applied before its own model flags.
+  cfg = common.model_config("tiny", {"model.num_layers": "3", "model.decode_quant": "int8"}, remat="full")
+  assert (cfg.num_layers, cfg.decode_quant, cfg.remat) == (3, "int8", "full")
+  with pytest.raises(ValueError, match=r"--config.model.num_layerz=3: unknown field 'num_layerz'"):
+    decode_latency.main(["--smoke", "--no-ceilings", "--config.model.num_layerz=3"])
