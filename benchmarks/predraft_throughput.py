@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 from benchmarks import acceptance, common
@@ -105,13 +104,11 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
   if args.smoke:
     args.models, args.kv, args.new_tokens, args.batches, args.reps, args.dtype = "tiny", 16, 9, "2", 1, "float32"
     args.laws = "mean3"
-  rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps})
-  t = time.perf_counter()
+  rec = common.Recorder(args.out, {**common.device_info(), "reps": args.reps, "laws": acceptance.LAWS})
   run(rec, models=args.models.split(","), batches=[int(b) for b in args.batches.split(",")], kv=args.kv,
       new_tokens=args.new_tokens, block=args.block, laws=args.laws.split(","), sets=_sets(args.sets),
       reps=args.reps, dtype=args.dtype, deadline=common.Deadline(args.budget_s), on_host=args.smoke,
       config_overrides=args.config_overrides)
-  print(f"[predraft] done in {time.perf_counter() - t:.1f}s", flush=True)
   return rec.result
 
 
