@@ -262,8 +262,8 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
   max_new_tokens + the tokens one step writes (k + k² with every block); allocated as `dispatch.cache_slots`: on a GPU
   rounded up to a multiple of 128). forced_drafts: optional [batch, positions] int32; the draft for
   position x becomes forced_drafts[row, x] with a one-hot q where that entry is >= 0 (-1, or past
-  the table's width: the model's own draft). Tests force an oracle continuation, benchmarks force
-  acceptance. hooks, hook_data: tests and benchmarks only (`StepHooks`).
+  the table's width: the model's own draft); with a pruned predraft only a row's valid drafts are
+  verified, forced or not. Tests force an oracle continuation, benchmarks force acceptance. hooks, hook_data: tests and benchmarks only (`StepHooks`).
 
   One compilation per (batch, prompt bucket, max_new_tokens, max_len, block_size, sampling,
   verify_beta). Returns tokens [batch, max_new_tokens], lengths, stats and the final cache.
