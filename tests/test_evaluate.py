@@ -120,3 +120,7 @@ def test_library_rejects_bad_arguments(export_dir):
     ev.evaluate_humaneval(params, config, tokenizer, **{**kwargs, "temperatures": [-1.0]})
   with pytest.raises(ValueError, match="--limit=0"):
     ev.evaluate_humaneval(params, config, tokenizer, **{**kwargs, "limit": 0})
+  with pytest.raises(ValueError, match="--decoders=tidar: use ar or ar,tidar"):
+    ev.evaluate_humaneval(params, config, tokenizer, **{**kwargs, "decoders": ["tidar"]})
+  ar_only = ev.evaluate_humaneval(params, config, tokenizer, **{**kwargs, "decoders": ["ar"]})
+  assert ar_only["decoders"] == ["ar"] and set(ar_only["pass_at_1"]["greedy"]) == {"ar"}

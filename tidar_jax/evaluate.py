@@ -45,10 +45,12 @@ def _sampling_name(temperature: float) -> str:
 
 def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int | None, batch_sizes: Sequence[int],
                        temperatures: Sequence[float], max_new_tokens: int, timeout: float, dtype: str | None,
-                       seed: int = 0, predraft: Any = predraft_lib.ALL) -> dict[str, Any]:
+                       seed: int = 0, predraft: Any = predraft_lib.ALL, decoders: Sequence[str] = ()
+                       ) -> dict[str, Any]:
   """The humaneval report (module docstring) as a JSON-ready dict. predraft other than "all": a third
   decoder, "tidar_pruned", with those kept draft blocks; "auto" picks them per sampling and batch
-  size from the full TiDAR run's acceptance histogram (`predraft.best_counts`)."""
+  size from the full TiDAR run's acceptance histogram (`predraft.best_counts`). decoders: a subset of
+  ("ar", "tidar"); empty: both for a TiDAR-trained checkpoint, AR alone for an AR-only one."""
   if not batch_sizes or min(batch_sizes) < 1:
     raise ValueError(f"--batch_sizes={list(batch_sizes)}: give positive batch sizes, e.g. 1,8")
   if not temperatures or min(temperatures) < 0:
@@ -61,6 +63,11 @@ def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int |
   dparams = decoding.decode_params(params, dtype)
   k = config.tidar.block_size
   modes = ("ar", "tidar") if config.tidar.objective == "tidar" else ("ar",)
+  if decoders:
+    unknown = sorted(set(decoders) - {"ar", "tidar"})
+    if unknown or "ar" not in decoders:
+      raise ValueError(f"--decoders={','.join(decoders)}: use ar or ar,tidar (TiDAR's speed-up is quoted against AR)")
+    modes = tuple(m for m in ("ar", "tidar") if m in decoders)
   if predraft != predraft_lib.ALL and "tidar" in modes:
     if predraft != predraft_lib.AUTO:
       predraft_lib.counts(predraft, k)  # a bad set fails before anything is decoded
@@ -172,6 +179,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                     "humaneval: decode dtype (default: the checkpoint's model.dtype)", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "sampling seed (each problem folds in its index)", flag_values=fv)
+  flags.DEFINE_list("decoders", [], "humaneval: ar or ar,tidar (default: both for a TiDAR checkpoint, ar for an "
+                    "AR-only one; ar alone for a base model whose diffusion head is untrained)", flag_values=fv)
   flags.DEFINE_string("predraft", predraft_lib.ALL, "humaneval: also decode with these kept draft blocks "
                       "('0,1,2,7'), or 'auto': the best set for each batch size from the full run's acceptance "
                       "histogram; 'all': only the paper's step", flag_values=fv)
@@ -200,7 +209,7 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
                                 batch_sizes=_numbers("batch_sizes", fv.batch_sizes, int),
                                 temperatures=_numbers("temperatures", fv.temperatures, float),
                                 max_new_tokens=fv.max_new_tokens, timeout=fv.timeout, dtype=fv.dtype, seed=fv.seed,
-                                predraft=fv.predraft)
+                                predraft=fv.predraft, decoders=fv.decoders)
   else:
     report = evaluate_nll(params, config, tokenizer, split=fv.split, eval_batches=fv.eval_batches,
                           data_source=fv.data_source)
