@@ -3,9 +3,10 @@ last train state are shared between them), in priority order under one soft time
 
     python -m benchmarks.suite --plan decode_1p5b --out-dir $OUT --budget-s 420
     python -m benchmarks.suite --plan decode_8b_train --out-dir $OUT --budget-s 420
+    python -m benchmarks.suite --plan predraft_1p5b --out-dir $OUT --budget-s 420
     python -m benchmarks.suite --plan smoke --out-dir /tmp/bench     # tiny, CPU
 
-Writes decode.json, throughput.json, train.json and profile.json (whichever the plan runs) into
+Writes decode.json, throughput.json, train.json, profile.json and predraft.json (whichever the plan runs) into
 --out-dir, each rewritten as it grows; render them with `python -m benchmarks.<name> --render`.
 """
 
@@ -22,14 +23,14 @@ from tidar_jax import accelerators
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--plan", required=True, choices=["decode_1p5b", "decode_8b_train", "smoke"])
+  p.add_argument("--plan", required=True, choices=["decode_1p5b", "decode_8b_train", "predraft_1p5b", "smoke"])
   p.add_argument("--out-dir", required=True)
   p.add_argument("--budget-s", type=float, default=420)
   p.add_argument("--new-tokens", type=int, default=256)
   args = p.parse_args(argv)
   profile_step.enable_hlo_dump()  # before the backend starts: maps profiled kernels to jax ops
 
-  from benchmarks import common, decode_latency, generate_throughput, train_step
+  from benchmarks import common, decode_latency, generate_throughput, predraft_throughput, train_step
 
   t_start = time.perf_counter()
   deadline = common.Deadline(args.budget_s)
@@ -137,6 +138,13 @@ def main(argv: list[str] | None = None) -> None:
                      steps=tmeta["steps"], overrides={}, deadline=deadline)
       decode(drec, "8b", [1], [2048], [16], beta=0.0)
       decode(drec, "8b", [8], [2048], [0, 16])
+  if args.plan == "predraft_1p5b":
+    # Pruned pre-drafting at k = 8: the mean-3 law first (the 2x-at-batch-8 target), steps of 16, 24
+    # and 40 tokens per row beside the full 72 (the <= 1.15x-AR target at T <= 24, batch 1).
+    rec = common.Recorder(out("predraft.json"), {**meta, "reps": reps})
+    predraft_throughput.run(rec, models=["1p5b"], batches=[1, 8, 32], kv=2048, new_tokens=M, block=8,
+                            laws=["mean3", "small"], sets=[(0,), (0, 1), (0, 1, 2, 7)], reps=reps, dtype=dtype,
+                            deadline=deadline)
   print(f"[suite] done in {time.perf_counter() - t_start:.0f}s", flush=True)
 
 
