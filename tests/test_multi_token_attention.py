@@ -1,5 +1,5 @@
-"""The many-token (TiDAR) step's fused attention block (Pallas, interpreted on CPU) computes what the
-unfused engine step computes -- bias, qk-norm, RoPE at each step token's own position, the cache
+"""The many-token (TiDAR) step's fused attention block (Pallas, interpreted on CPU) computes what its
+reference, the unfused step, computes -- bias, qk-norm, RoPE at each step token's own position, the cache
 writes at slots lengths[b] + u, attention over the committed slots plus the step tokens under the
 TiDAR step mask -- for ragged lengths (0, a block boundary, mid-block, the cache's end), step
 tokens spanning two key blocks, several splits (some with nothing committed), fp32 and bf16, and
@@ -9,30 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tidar_jax.decode.cache import write_rows
 from tidar_jax.kernels import multi_token_attention as mta
-from tidar_jax.kernels import split_kv_attention
+from tidar_jax.kernels import support
 from tidar_jax.kernels.qkv_epilogue import Projection
 from tidar_jax.masks import decode_step_intervals
-from tidar_jax.model import default_inv_freq, rms_norm, rope, rope_cos_sin
+from tidar_jax.model import default_inv_freq, rope_cos_sin
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
 
 H, HKV, D, S, EPS, THETA = 6, 2, 16, 64, 1e-6, 1e4
 INV_FREQ = default_inv_freq(D, THETA)
-
-
-def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step):
-  """The unfused many-token step on the same inputs (as `engine.unfused_attention` computes it)."""
-  B, T, _ = qkv.shape
-  y = qkv if proj.bias is None else qkv + proj.bias[None, None, :]
-  q, k, v = jnp.split(y.reshape(B, T, -1, D), [H, H + HKV], axis=2)
-  if proj.q_norm is not None:
-    q, k = rms_norm(q, proj.q_norm, EPS, dtype), rms_norm(k, proj.k_norm, EPS, dtype)
-  q, k = rope(q, positions, INV_FREQ), rope(k, positions, INV_FREQ)
-  k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
-  mask = split_kv_attention.visible_slots(lengths, step, k_buf.shape[1])
-  return split_kv_attention.reference(q, k_buf, v_buf, mask).reshape(B, T, H * D), k_buf, v_buf
 
 
 @pytest.mark.parametrize("dtype,block,qk_norm,splits,block_k,row_tile", [
@@ -61,8 +47,8 @@ def test_multi_token_attention_equals_the_unfused_step(dtype, block, qk_norm, sp
     k_buf[b, n:], v_buf[b, n:] = 50.0, 1e3
   k_buf, v_buf = jnp.asarray(k_buf, dtype), jnp.asarray(v_buf, dtype)
 
-  want, want_k, want_v = unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths, step)
   cos, sin = rope_cos_sin(positions, INV_FREQ)
+  want, want_k, want_v = mta.reference(qkv, proj, dtype, cos, sin, k_buf, v_buf, lengths, step, heads=H, eps=EPS)
   got, got_k, got_v = mta.attend(qkv, proj, dtype, cos, sin, k_buf, v_buf, lengths, step, heads=H, eps=EPS,
                                  splits=splits, block_k=block_k, row_tile=row_tile, interpret=True)
   tol = 1e-5 if dtype == jnp.float32 else 1e-2
@@ -88,5 +74,5 @@ def test_multi_token_attention_refuses_bad_inputs():
     mta.attend(jnp.zeros((1, 6, (H + 2 * HKV) * D)), Projection(None, None, None, None), *args,
                jnp.zeros((1, S, HKV, D)), jnp.zeros((1, S, HKV, D)), jnp.zeros(1, jnp.int32), step, heads=H, eps=EPS,
                row_tile=8)
-  assert not mta.supported(12, 2048) and not mta.supported(D, 50)
-  assert mta.supported(128, 2048)
+  assert not support.multi_token(12, 2048) and not support.multi_token(D, 50)
+  assert support.multi_token(128, 2048)

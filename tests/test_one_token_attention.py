@@ -1,5 +1,5 @@
-"""The one-token step's fused attention block (Pallas, interpreted on CPU) computes what the unfused
-engine step computes -- norm scale, bias, qk-norm, RoPE, cache write at slot lengths[b], attention
+"""The one-token step's fused attention block (Pallas, interpreted on CPU) computes what its reference,
+the unfused step, computes -- norm scale, bias, qk-norm, RoPE, cache write at slot lengths[b], attention
 over the committed slots plus the new token -- for ragged lengths (0, a block boundary, the last
 slot), several key splits and blocks (including splits with nothing live), in fp32 and bf16, and
 never reads the stale slots past a row's length."""
@@ -8,36 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tidar_jax import masks
-from tidar_jax.decode.cache import write_rows
 from tidar_jax.kernels import one_token_attention as ota
-from tidar_jax.kernels import split_kv_attention
 from tidar_jax.kernels.qkv_epilogue import Projection
-from tidar_jax.model import default_inv_freq, inverse_rms, rms_norm, rope, rope_cos_sin
+from tidar_jax.model import default_inv_freq, rope_cos_sin
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
 
 H, HKV, D, DM, S, EPS, THETA = 6, 2, 16, 48, 64, 1e-6, 1e4
 INV_FREQ = default_inv_freq(D, THETA)
-AR = masks.causal_step(1)
-
-
-def unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths):
-  """The unfused one-token step on the same inputs (as `engine.unfused_attention` computes it)."""
-  B = qkv.shape[0]
-  y = qkv.astype(jnp.float32)
-  if proj.x is not None:
-    y = y * inverse_rms(proj.x.astype(jnp.float32), EPS)
-  y = y.astype(dtype)
-  if proj.bias is not None:
-    y = y + proj.bias[None, :]
-  q, k, v = jnp.split(y.reshape(B, 1, -1, D), [H, H + HKV], axis=2)
-  if proj.q_norm is not None:
-    q, k = rms_norm(q, proj.q_norm, EPS, dtype), rms_norm(k, proj.k_norm, EPS, dtype)
-  q, k = rope(q, positions[:, None], INV_FREQ), rope(k, positions[:, None], INV_FREQ)
-  k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
-  mask = split_kv_attention.visible_slots(lengths, AR, k_buf.shape[1])
-  return split_kv_attention.reference(q, k_buf, v_buf, mask).reshape(B, H * D), k_buf, v_buf
 
 
 @pytest.mark.parametrize("dtype,fold,qk_norm,splits,block_k", [
@@ -62,8 +40,8 @@ def test_one_token_attention_equals_the_unfused_step(dtype, fold, qk_norm, split
     k_buf[b, n + 1:], v_buf[b, n + 1:] = 50.0, 1e3
   k_buf, v_buf = jnp.asarray(k_buf, dtype), jnp.asarray(v_buf, dtype)
 
-  want, want_k, want_v = unfused(qkv, proj, dtype, positions, k_buf, v_buf, lengths)
   cos, sin = rope_cos_sin(positions, INV_FREQ)
+  want, want_k, want_v = ota.reference(qkv, proj, dtype, cos, sin, k_buf, v_buf, lengths, heads=H, eps=EPS)
   got, got_k, got_v = ota.attend(qkv, proj, dtype, cos, sin, k_buf, v_buf, lengths, heads=H, eps=EPS,
                                  splits=splits, block_k=block_k, interpret=True)
   # The cache: the new key/value at slot lengths[b] as the unfused step computes them (to rounding:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from tidar_jax.config import ModelConfig
-from tidar_jax.kernels import multi_token_attention, one_token_attention, split_kv_attention
+from tidar_jax.kernels import support
 
 
 def training_attention(dtype: Any, backend: str | None = None) -> str:
@@ -46,7 +46,7 @@ def decode_attention(setting: str, dtype: Any, tokens: int, max_len: int, batch:
   if setting == "auto":
     if training_attention(dtype) != "cudnn":
       return "dense"
-    if batch * tokens <= SPLIT_KV_MAX_ROWS and split_kv_attention.supported(max_len):
+    if batch * tokens <= SPLIT_KV_MAX_ROWS and support.split_kv(max_len):
       return "split_kv"
     return "cudnn"
   return "cudnn" if setting == "cudnn" and jax.default_backend() == "gpu" else "dense"
@@ -56,8 +56,8 @@ def fused_attention(cfg: ModelConfig, tokens: int, max_len: int) -> bool:
   """Whether a step on the split-KV path runs its whole attention block in Pallas (`engine`'s
   `fused_attention`): `one_token_attention` at one token, `multi_token_attention` at more."""
   if tokens == 1:
-    return one_token_attention.supported(cfg.head_dim, cfg.num_heads // cfg.num_kv_heads, max_len)
-  return multi_token_attention.supported(cfg.head_dim, max_len)
+    return support.one_token(cfg.head_dim, cfg.num_heads // cfg.num_kv_heads, max_len)
+  return support.multi_token(cfg.head_dim, max_len)
 
 
 def int8_gemv(rows: int) -> bool:

@@ -78,7 +78,12 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
 
   x: [batch, q_len, heads, head_dim]; positions: [batch, q_len] int; inv_freq [head_dim / 2].
   """
-  cos, sin = rope_cos_sin(positions, inv_freq)  # [batch, q_len, D/2]
+  return apply_rope(x, *rope_cos_sin(positions, inv_freq))
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [batch, q_len, heads, head_dim] rotated by the angles' cos, sin [batch, q_len, head_dim / 2]
+  (`rope_cos_sin`), half-rotation layout; computed in fp32, returned in x's dtype."""
   cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

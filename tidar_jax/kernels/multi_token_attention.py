@@ -16,8 +16,8 @@ head_dim]. Here:
     and writes [batch, T, heads, head_dim], ready for the o projection.
 
 Six launches per layer become three. A one-token step has its own two kernels
-(`one_token_attention.py`). Runs compiled on a GPU (Triton) and interpreted elsewhere; tests
-compare it with the unfused step.
+(`one_token_attention.py`). Runs compiled on a GPU (Triton) and interpreted elsewhere; `reference`
+is the unfused step it must equal.
 """
 
 from __future__ import annotations
@@ -29,18 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from tidar_jax.decode.cache import write_rows
+from tidar_jax.kernels import split_kv_attention, support
 from tidar_jax.kernels.pallas_common import interpret_mode, key_block, merge, triton_params
-from tidar_jax.kernels.qkv_epilogue import Projection, finish_projection, rope_halves, rope_head_dim
+from tidar_jax.kernels.qkv_epilogue import Projection, finish_projection, rope_halves
 from tidar_jax.kernels.split_kv_attention import partials, tiling
 from tidar_jax.masks import StepIntervals
+from tidar_jax.model import apply_rope, rms_norm
 
 
 _PROLOGUE_ROWS = 16  # query rows / step tokens per prologue program: many small programs
-
-
-def supported(head_dim: int, max_len: int) -> bool:
-  """A power-of-two head_dim (its halves are RoPE's) and key blocks that tile the cache."""
-  return rope_head_dim(head_dim) and key_block(max_len) is not None
 
 
 def _prologue_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, T: int, heads: int, kv_heads: int, tile: int,
@@ -146,7 +144,7 @@ def attend(
   B, S, Hkv, D = k_buf.shape
   if proj.x is not None:
     raise ValueError("multi-token attention takes normed q/k/v (Projection.x=None): the norm is folded only at one row")
-  if not supported(D, S):
+  if not support.multi_token(D, S):
     raise ValueError(f"multi-token attention needs a power-of-two head_dim (got {D}) and max_len % 16 == 0 "
                      f"(got {S}); use the split-KV step attention")
   block_k = block_k or key_block(S)
@@ -157,3 +155,21 @@ def attend(
   return _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, step_key=step.key(), heads=heads, eps=eps, dtype=dtype,
                     row_tile=row_tile, splits=splits, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                     interpret=interpret_mode(interpret))
+
+
+def reference(qkv: jax.Array, proj: Projection, dtype, cos: jax.Array, sin: jax.Array, k_buf: jax.Array,
+              v_buf: jax.Array, lengths: jax.Array, step: StepIntervals, *, heads: int, eps: float
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`attend` in XLA ops, the unfused step's way (bias, qk-norm, RoPE at each token's position, the
+  cache writes, `split_kv_attention.reference`), each intermediate stored in `dtype`: what the kernels
+  must compute. Same arguments and results as `attend`."""
+  B, T, _ = qkv.shape
+  S, Hkv, D = k_buf.shape[1:]
+  y = qkv if proj.bias is None else qkv + proj.bias[None, None, :]
+  q, k, v = jnp.split(y.reshape(B, T, -1, D), [heads, heads + Hkv], axis=2)  # [batch, T, heads, head_dim], ...
+  if proj.q_norm is not None:
+    q, k = rms_norm(q, proj.q_norm, eps, dtype), rms_norm(k, proj.k_norm, eps, dtype)
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
+  mask = split_kv_attention.visible_slots(lengths, step, S)
+  return split_kv_attention.reference(q, k_buf, v_buf, mask).reshape(B, T, heads * D), k_buf, v_buf

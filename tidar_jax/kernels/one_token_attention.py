@@ -17,7 +17,7 @@ RoPE, two cache writes, the split-KV kernel and an XLA merge are seven kernels p
 
 Programs only read slots < lengths[b] from the cache, and only (b, kv head, split 0) writes slot
 lengths[b], so there is no read/write race. Runs compiled on a GPU (Triton) and interpreted
-elsewhere; tests compare it with the unfused step on CPU.
+elsewhere; `reference` is the unfused step it must equal.
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ from jax.experimental import pallas as pl
 
 from tidar_jax.kernels.pallas_common import (interpret_mode, key_block, merge, online_softmax, online_softmax_start,
                                               triton_params)
-from tidar_jax.kernels.qkv_epilogue import Projection, finish_projection, rope_halves, rope_head_dim, rounded
+from tidar_jax.decode.cache import write_rows
+from tidar_jax.kernels import split_kv_attention, support
+from tidar_jax.kernels.qkv_epilogue import Projection, finish_projection, rope_halves, rounded
+from tidar_jax.masks import causal_step
+from tidar_jax.model import apply_rope, inverse_rms, rms_norm
 
-_ROWS = 16  # query rows per program: a KV head's query group, padded to what Triton's dot needs
+_ROWS = support.GROUP_ROWS  # query rows per program: a KV head's query group, padded to what Triton's dot needs
 
 
 def _pow2_at_most(n: int) -> int:
@@ -42,12 +46,6 @@ def _pow2_at_most(n: int) -> int:
 def _chunk(n: int) -> int:
   """Largest power of two <= 1024 dividing n: Triton's tensors have power-of-two sizes."""
   return int(np.gcd(n, 1024))
-
-
-def supported(head_dim: int, group: int, max_len: int) -> bool:
-  """A head_dim Triton can split into RoPE halves, key blocks that tile the cache, and a KV head's
-  query group (heads / kv_heads) that fits one 16-row tile."""
-  return rope_head_dim(head_dim) and group <= _ROWS and key_block(max_len) is not None
 
 
 def default_splits(batch: int, kv_heads: int, max_len: int, block_k: int) -> int:
@@ -195,7 +193,7 @@ def attend(
   """-> (attention output [batch, heads * head_dim] in `dtype`, k_buf, v_buf with the new token's
   key/value at slot lengths[b]). The caller guarantees lengths < max_len (`loop.check_request`)."""
   B, S, Hkv, D = k_buf.shape
-  if not supported(D, heads // Hkv, S):
+  if not support.one_token(D, heads // Hkv, S):
     raise ValueError(f"one-token attention needs a power-of-two head_dim (got {D}), at most {_ROWS} query "
                      f"heads per KV head (got {heads // Hkv}) and max_len % 16 == 0 (got {S}); use the "
                      "split-KV step attention")
@@ -206,3 +204,25 @@ def attend(
   interpret = interpret_mode(interpret)
   return _attention(qkv, proj, cos, sin, k_buf, v_buf, lengths, heads=heads, kv_heads=Hkv, eps=eps, dtype=dtype,
                     splits=splits, block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+def reference(qkv: jax.Array, proj: Projection, dtype, cos: jax.Array, sin: jax.Array, k_buf: jax.Array,
+              v_buf: jax.Array, lengths: jax.Array, *, heads: int, eps: float
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`attend` in XLA ops, the unfused step's way (the folded norm's scale, bias, qk-norm, RoPE, the
+  cache write, `split_kv_attention.reference`), each intermediate stored in `dtype`: what the kernels
+  must compute. Same arguments and results as `attend`."""
+  B, S, Hkv, D = k_buf.shape
+  y = qkv.astype(jnp.float32)
+  if proj.x is not None:
+    y = y * inverse_rms(proj.x.astype(jnp.float32), eps)
+  y = y.astype(dtype)
+  if proj.bias is not None:
+    y = y + proj.bias[None, :]
+  q, k, v = jnp.split(y.reshape(B, 1, -1, D), [heads, heads + Hkv], axis=2)  # [batch, 1, heads, head_dim], ...
+  if proj.q_norm is not None:
+    q, k = rms_norm(q, proj.q_norm, eps, dtype), rms_norm(k, proj.k_norm, eps, dtype)
+  q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+  k_buf, v_buf = write_rows(k_buf, k, lengths), write_rows(v_buf, v, lengths)
+  mask = split_kv_attention.visible_slots(lengths, causal_step(1), S)
+  return split_kv_attention.reference(q, k_buf, v_buf, mask).reshape(B, heads * D), k_buf, v_buf

@@ -20,11 +20,6 @@ class Projection(NamedTuple):
   k_norm: jax.Array | None  # [head_dim]
 
 
-def rope_head_dim(head_dim: int) -> bool:
-  """Triton needs power-of-two vectors: a head_dim that is one, and so are its halves (RoPE's)."""
-  return head_dim >= 4 and head_dim & (head_dim - 1) == 0
-
-
 def rounded(a: jax.Array, dtype) -> jax.Array:
   """fp32 -> rounded to the compute dtype, back in fp32: the unfused step stores every intermediate
   in the compute dtype."""

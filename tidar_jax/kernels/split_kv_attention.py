@@ -13,7 +13,7 @@ The visibility of a key to a query is not a mask array: new token t sees the row
 (< length) and the step tokens the step's `masks.StepIntervals` allow (u < prefix[t], lo[t] <= u <
 hi[t]), computed from three int vectors in-kernel instead of reading a [T, max_len] mask per layer.
 
-Requirements (checked by `supported`): the cache's slot count is a multiple of the key block (the
+Requirements (checked by `support.split_kv`): the cache's slot count is a multiple of the key block (the
 decode loop allocates max_len rounded up to `dispatch.CACHE_ALIGN` on a GPU) and lengths + T <=
 max_len (the host check of `loop.check_request`). Runs compiled on a GPU (Triton) and interpreted
 elsewhere. `reference` is the dense masked softmax it must equal (and the decoders' attention off
@@ -29,13 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from tidar_jax.kernels import support
 from tidar_jax.kernels.pallas_common import (combine, interpret_mode, key_block, online_softmax,
                                               online_softmax_start, triton_params)
 from tidar_jax.masks import MASKED, StepIntervals
-
-
-def supported(max_len: int) -> bool:
-  return key_block(max_len) is not None
 
 
 def visible_slots(lengths: jax.Array, step: StepIntervals, max_len: int) -> jax.Array:
@@ -191,7 +188,7 @@ def step_attention(
 ) -> jax.Array:  # [batch, T, heads, head_dim]
   if block_k and k_buf.shape[1] % block_k:
     raise ValueError(f"block_k={block_k} must divide max_len={k_buf.shape[1]}")
-  if not supported(k_buf.shape[1]):
+  if not support.split_kv(k_buf.shape[1]):
     raise ValueError(f"split-KV attention needs max_len % 16 == 0 (got max_len={k_buf.shape[1]}); use "
                      "attention='cudnn' or 'dense'")
   return _attention(q, k_buf, v_buf, lengths, step.key(), row_tile, splits, block_k, num_warps, num_stages,
