@@ -56,6 +56,9 @@ def test_expected_tokens_and_the_best_set():
   assert len(kept1) >= len(kept8) and gain1 >= full / predraft.step_cost(72, 1)
   assert predraft.step_cost(20, 1) == pytest.approx(1.371) and predraft.step_cost(46, 8) == pytest.approx(
       (1.474 + 2.909) / 2)
+  # A periodic chain: always k-1 accepted with only block 0 kept alternates full drafts (k tokens) and
+  # none (1 token): 5.5 tokens per step at k = 10.
+  assert predraft.expected_tokens([0] * 9 + [1], (0,)) == pytest.approx(5.5)
   with pytest.raises(ValueError, match="histogram is empty"):
     predraft.expected_tokens([0, 0, 0], (0,))
 

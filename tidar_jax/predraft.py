@@ -94,9 +94,10 @@ def expected_tokens(hist: Sequence[float], kept: Sequence[int]) -> float:
   for n in range(k):
     for a, pa in enumerate(law):
       move[n, n_valid[min(a, n)]] += pa
-  state = np.full(k, 1.0 / k)
-  for _ in range(200):
-    state = state @ move
+  # The stationary law: state (move - I) = 0 with the states summing to 1 (least squares, so a
+  # periodic chain -- e.g. every step accepting all drafts of a single kept block 0 -- is fine too).
+  system = np.vstack([(move - np.eye(k)).T, np.ones((1, k))])
+  state = np.linalg.lstsq(system, np.append(np.zeros(k), 1.0), rcond=None)[0]
   emitted = [sum(pa * (min(a, n) + 1) for a, pa in enumerate(law)) for n in range(k)]
   return float(state @ np.asarray(emitted))
 
