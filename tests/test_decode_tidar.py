@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import stats
-from test_decode_ar import (CFG, GREEDY, M_AR, MASK_ID, PROMPT_LENGTHS, full_forward, random_params,
-                            random_prompts)
+from test_decode_ar import (CFG, GREEDY, M_AR, MASK_ID, PROMPT_LENGTHS, full_forward, params,  # noqa: F401
+                            prompts, random_prompts)  # params, prompts: the module fixtures
 from tidar_jax import masks
 from tidar_jax.decode import cache as cache_lib
 from tidar_jax.decode import loop
@@ -37,16 +37,6 @@ SHARP = SamplingParams(temperature=0.01, top_k=12)
 # Compilation is most of this module's time, the decoders then run for milliseconds: compiled without
 # XLA's expensive backend optimisations (conftest.fast_compile), which change no program.
 pytestmark = pytest.mark.usefixtures("fast_compile")
-
-
-@pytest.fixture(scope="module")
-def params():
-  return random_params(CFG, seed=0, std=0.3)
-
-
-@pytest.fixture(scope="module")
-def prompts():
-  return random_prompts(1, PROMPT_LENGTHS, CFG.vocab_size)
 
 
 def tidar(params, prompts, lengths, k, *, eos=None, sampling=GREEDY, key=None, **kwargs):
