@@ -121,6 +121,9 @@ def measure_generate(params: Any, cfg, *, batch: int, prompt_len: int, max_new_t
       "steps": steps, "steps_prefill_only": steps_short, "generated": generated,
       "ms_per_step": per_step * 1e3, "ms_per_step_spread": spread * 1e3,
       "prefill_ms": med_short * 1e3, "total_ms": med_full * 1e3, "first_call_s": first_call_s,
+      # decode = the full call less the one stopped at the first token (prefill + that token)
+      "decode_ms": (med_full - med_short) * 1e3,
+      "decode_tokens_per_s": (generated - 1) * batch / max(med_full - med_short, 1e-12),
       "t_full_s": t_full, "t_prefill_only_s": t_short,
       "mean_accepted_drafts": mean_accept, "tokens_per_step": tokens_per_step,
       "verify_beta": verify_beta, "always_accept": always_accept,

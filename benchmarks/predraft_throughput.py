@@ -50,8 +50,6 @@ def run(rec: common.Recorder, *, models: list[str], batches: list[int], kv: int,
           r, _ = measure_generate(params, cfg, batch=batch, prompt_len=kv, max_new_tokens=new_tokens, block_size=k,
                                   max_len=max_len, reps=reps, predraft=kept, law=law if k else None)
           r.update(label)
-          decode_s = (r["total_ms"] - r["prefill_ms"]) / 1e3
-          r["decode_tokens_per_s"] = (r["generated"] - 1) * batch / max(decode_s, 1e-12)
           if k == 0:
             ar = r
           else:

@@ -28,6 +28,7 @@ from absl import app, flags
 
 from tidar_jax import predraft as predraft_lib
 from tidar_jax.decode.ar import generate_ar
+from tidar_jax.decode.loop import resolve_config
 from tidar_jax.decode.sampling import SamplingParams
 from tidar_jax.decode.tidar import generate_tidar
 
@@ -78,7 +79,7 @@ def generate(params: Any, config: Any, prompts: Sequence[str], tokenizer: Any, *
   rows (a short last batch repeats a prompt), so each prompt-length bucket compiles once.
   predraft: TiDAR's kept draft blocks (None: the config's); "auto" decodes the first batch with
   every block, then the rest with `predraft.best_counts` of its acceptance histogram at this batch
-  size (the choice is logged and in each result's `predraft`).
+  size (each result's `predraft` says which blocks decoded it; `summary` lists the pruned sets).
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}: use one of {MODES}")
@@ -92,9 +93,7 @@ def generate(params: Any, config: Any, prompts: Sequence[str], tokenizer: Any, *
   if empty:
     raise ValueError(f"prompts {empty} encode to no tokens; every prompt needs at least one token")
   root = jax.random.key(seed)
-  if predraft is None:
-    tidar_cfg = config.get("tidar") if hasattr(config, "get") else None
-    predraft = predraft_lib.ALL if tidar_cfg is None else tidar_cfg.get("predraft", predraft_lib.ALL)
+  predraft = predraft_lib.configured(predraft, resolve_config(config)[1])
   auto = predraft == predraft_lib.AUTO
   kept = predraft_lib.ALL if auto else predraft
   results: list[GenerationResult | None] = [None] * len(prompts)

@@ -31,6 +31,13 @@ STEP_COST: dict[int, dict[int, float]] = {
 }
 
 
+def configured(setting: Any, tidar_cfg: Any) -> Any:
+  """`setting`, or when it is None the checkpoint's `tidar.predraft` ("all" without one)."""
+  if setting is not None:
+    return setting
+  return ALL if tidar_cfg is None else tidar_cfg.get("predraft", ALL)
+
+
 def counts(setting: Any, block_size: int) -> tuple[int, ...]:
   """`tidar.predraft` -> the sorted acceptance counts whose blocks a step drafts.
 

@@ -80,13 +80,13 @@ def _target_logits(ar_logits: jax.Array, diffusion_logits: jax.Array | None, bet
   return beta * ar_logits + (1.0 - beta) * diffusion_logits
 
 
-def _sample_rows(keys_B: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+def _sample_rows(keys: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
   """One draw per row and position: logits [batch, n, vocab] -> (tokens [batch, n], the processed
   log-probs they were drawn from [batch, n, vocab]; greedy: argmax and a [batch, n, 1] placeholder)."""
   if params.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:2] + (1,), jnp.float32)
   logprobs = sampling.process_logits(logits, params)
-  return jax.vmap(sampling.sample)(keys_B, logprobs), logprobs
+  return jax.vmap(sampling.sample)(keys, logprobs), logprobs
 
 
 def _force_drafts(st: _Static, forced: jax.Array | None, t0_position: jax.Array, drafts: jax.Array,
@@ -176,8 +176,8 @@ def _step(w: DecodeWeights, st: _Static, key_table: jax.Array, forced: jax.Array
                s.done | hit_eos | (generated >= st.max_new_tokens), s.forward_passes + active,
                s.accepted_hist + (active[:, None] & (j == accepted[:, None])), s.step + 1)
   # Finished rows keep their state (their cache K/V past p is ignored; lengths did not move).
-  kept = (new.t0, new.drafts, new.n_valid, new.q)
-  frozen = loop.freeze_done(s.done, kept, (s.t0, s.drafts, s.n_valid, s.q))
+  carried = (new.t0, new.drafts, new.n_valid, new.q)
+  frozen = loop.freeze_done(s.done, carried, (s.t0, s.drafts, s.n_valid, s.q))
   return new._replace(t0=frozen[0], drafts=frozen[1], n_valid=frozen[2], q=frozen[3])
 
 
@@ -190,7 +190,7 @@ def _draft_rows(st: _Static, blocks: jax.Array, count: jax.Array) -> tuple[jax.A
   sits a - a' positions earlier, so its offsets a-a'+1 .. k-1 draft those positions (k-1-(a-a') valid;
   the rest repeat its last offset, never accepted); no kept count below a: no valid draft."""
   k = st.block_size
-  if predraft_lib.is_full(st.kept, k):
+  if predraft_lib.is_full(st.kept, k):  # every count has its block: no fallback gathers in the step
     chosen = jnp.take_along_axis(blocks, count[:, None, None, None], axis=1)[:, 0]  # [batch, k, d_model]
     return chosen[:, 1:], jnp.full(count.shape, k - 1, jnp.int32)
   source, n_valid = (jnp.asarray(a) for a in predraft_lib.fallback(st.kept, k))  # [k] each, by count
@@ -259,14 +259,15 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
   "all", the default, or e.g. (0, 1, 2, 7)); pruned sets need verify_beta = 1.
   key: one PRNG key, or [batch] keys (row i then equals the batch-of-1 run with key i).
   mask_id: the tokenizer's mask token. max_len: cache slots (default: prompt bucket +
-  max_new_tokens + the tokens one step writes (k + k² with every block); allocated as `dispatch.cache_slots`: on a GPU
-  rounded up to a multiple of 128). forced_drafts: optional [batch, positions] int32; the draft for
+  max_new_tokens + the tokens one step writes, k + k² with every block; allocated as
+  `dispatch.cache_slots`: on a GPU rounded up to a multiple of 128). forced_drafts: optional [batch, positions] int32; the draft for
   position x becomes forced_drafts[row, x] with a one-hot q where that entry is >= 0 (-1, or past
   the table's width: the model's own draft); with a pruned predraft only a row's valid drafts are
-  verified, forced or not. Tests force an oracle continuation, benchmarks force acceptance. hooks, hook_data: tests and benchmarks only (`StepHooks`).
+  verified, forced or not. Tests force an oracle continuation, benchmarks force acceptance.
+  hooks, hook_data: tests and benchmarks only (`StepHooks`).
 
   One compilation per (batch, prompt bucket, max_new_tokens, max_len, block_size, sampling,
-  verify_beta). Returns tokens [batch, max_new_tokens], lengths, stats and the final cache.
+  verify_beta, predraft, hooks). Returns tokens [batch, max_new_tokens], lengths, stats and the final cache.
   """
   args, st = _request(params, config, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
                       key=key, eos_id=eos_id, mask_id=mask_id, max_len=max_len, block_size=block_size,
@@ -310,8 +311,7 @@ def _request(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max
     verify_beta = 1.0 if tidar_cfg is None else float(tidar_cfg.get("verify_beta", 1.0))
   if not 0.0 <= verify_beta <= 1.0:
     raise ValueError(f"verify_beta={verify_beta!r}: must lie in [0, 1] (1 = exact AR verification)")
-  if predraft is None:
-    predraft = predraft_lib.ALL if tidar_cfg is None else tidar_cfg.get("predraft", predraft_lib.ALL)
+  predraft = predraft_lib.configured(predraft, tidar_cfg)
   kept = predraft_lib.counts(predraft, block_size)
   if verify_beta < 1 and not predraft_lib.is_full(kept, block_size):
     raise ValueError(f"predraft={predraft!r} with verify_beta={verify_beta}: mixing diffusion logits into "
