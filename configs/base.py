@@ -78,7 +78,7 @@ def get_config() -> ConfigDict:
   c.train.loss_chunk = 1024  # sequence positions whose fp32 LM-head logits exist at once (the loss)
   c.train.log_every = 10  # steps between metric lines
   c.train.eval_every = 100  # steps between validation evals
-  c.train.eval_batches = 8  # validation batches per eval
+  c.train.eval_batches = 8  # validation batches per eval; 0 = no validation
   c.train.checkpoint_every = 0.25  # between checkpoints: a fraction of train.steps, or a whole number of steps
   c.train.checkpoint_every_s = 600.0  # also checkpoint when this many seconds passed since the last one (0 = off)
   c.train.keep_checkpoints = 3  # checkpoints kept on disk

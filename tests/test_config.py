@@ -32,6 +32,7 @@ def test_tiny_config_is_valid():
     ("train", "grad_accum", -1, "train.grad_accum=-1: must be an integer >= 0"),
     ("train", "micro_batch_per_device", "many", "train.micro_batch_per_device='many': use a positive integer, \"auto\""),
     ("train", "micro_batch_per_device", 0, "train.micro_batch_per_device=0"),
+    ("train", "eval_batches", -1, "train.eval_batches=-1: must be an integer >= 0 (0: no validation)"),
     ("train", "loss_chunk", 0, "train.loss_chunk=0: must be a positive integer"),
     ("train", "learning_rate", 0.0, "train.learning_rate=0.0"),
     ("train", "warmup_steps", 10_000, "train.warmup_steps=10000: use a fraction of train.steps in (0, 1) or a whole "

@@ -97,6 +97,22 @@ def test_resume_after_corrupt_latest_is_exact(uninterrupted, capsys):
   assert out2["last_eval"]["eval_ar_loss"] == out["last_eval"]["eval_ar_loss"]
 
 
+def test_eval_batches_zero_trains_without_validation(uninterrupted, tmp_path):
+  """A validation split too small for one batch is refused with the remedy; train.eval_batches=0 is
+  that remedy: the run trains and logs no validation."""
+  base, config, _ = uninterrupted
+  short = small_config(str(base / "data"), steps=1, batch_size=4096)  # 4096 windows: more than the split holds
+  short.model.num_layers = 1
+  with pytest.raises(ValueError, match="set train.eval_batches=0"):
+    train.train_and_evaluate(short, str(tmp_path / "refused"))
+  short.train.batch_size, short.train.eval_batches = 8, 0
+  short.data.validation_fraction = config.data.validation_fraction
+  out = train.train_and_evaluate(short, str(tmp_path / "no_eval"))
+  assert out["step"] == 1 and out["first_eval"] is None and out["last_eval"] is None
+  lines = (tmp_path / "no_eval" / "metrics.jsonl").read_text()
+  assert '"loss"' in lines and "eval_ar_loss" not in lines
+
+
 def test_export_and_load_for_inference(uninterrupted, tmp_path):
   from tidar_jax import export
 

@@ -161,6 +161,9 @@ def config_errors(config: Any) -> list[str]:
     value = getattr(tr, name)
     if not isinstance(value, int) or value < 1:
       errors.append(f"train.{name}={value!r}: must be a positive integer")
+  eval_batches = tr.get("eval_batches", 1)
+  if not isinstance(eval_batches, int) or isinstance(eval_batches, bool) or eval_batches < 0:
+    errors.append(f"train.eval_batches={eval_batches!r}: must be an integer >= 0 (0: no validation)")
   accum = tr.get("grad_accum", 0)
   if not isinstance(accum, int) or isinstance(accum, bool) or accum < 0:
     errors.append(f"train.grad_accum={accum!r}: must be an integer >= 0 (0: derived from train.micro_batch_per_device)")

@@ -115,11 +115,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_source, tokenizer, seq_len=config.train.seq_len, global_batch_size=config.train.batch_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.num_workers, window_shuffle=config.data.window_shuffle)
-  eval_batches = list(data.make_eval_batches(
+  eval_batches = [] if config.train.eval_batches == 0 else [b["tokens"] for b in data.make_eval_batches(
       eval_source, tokenizer, seq_len=config.train.seq_len,
       batch_size=config.train.batch_size, num_batches=config.train.eval_batches,
-      process_index=jax.process_index(), process_count=jax.process_count()))
-  eval_batches = [b["tokens"] for b in eval_batches]
+      process_index=jax.process_index(), process_count=jax.process_count())]
 
   tx = make_optimizer(config.train)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -156,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricsWriter(workdir, enabled=is_main, keep_through=start_step if restored is not None else -1)
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
-    first_eval = evaluate(eval_step, state["params"], eval_batches, to_device) if start_step == 0 else None
+    first_eval = evaluate(eval_step, state["params"], eval_batches, to_device) if start_step == 0 and eval_batches else None
     if first_eval is not None:
       writer.write(0, first_eval)
       _print_eval("initial", 0, first_eval, is_main)
@@ -180,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{rate:,.0f}")
           t0 = time.perf_counter()
         bar.update(1)
-        if step % config.train.eval_every == 0 or step == config.train.steps:
+        if eval_batches and (step % config.train.eval_every == 0 or step == config.train.steps):
           last_eval = evaluate(eval_step, state["params"], eval_batches, to_device)
           writer.write(step, last_eval)
         if ((step % checkpoint_every == 0 or step == config.train.steps

@@ -135,7 +135,8 @@ def make_eval_batches(source: Sequence[Mapping[str, str]], tokenizer: Tokenizer,
       break
   if not batches:
     raise ValueError(f"the validation split holds fewer than {batch_size} windows of {seq_len} tokens: raise "
-                     "data.validation_fraction, or lower train.batch_size or train.seq_len")
+                     "data.validation_fraction, lower train.batch_size or train.seq_len, or set train.eval_batches=0 "
+                     "(no validation)")
   if len(batches) < num_batches:
     logging.warning("validation split yields %d of the %d requested eval batches", len(batches), num_batches)
   return batches
