@@ -54,8 +54,12 @@ def test_expected_tokens_and_the_best_set():
   full = predraft.expected_tokens(law, tuple(range(8)))
   assert len(kept8) < 8 and gain8 > full / predraft.step_cost(72, 8)
   assert len(kept1) >= len(kept8) and gain1 >= full / predraft.step_cost(72, 1)
-  assert predraft.step_cost(20, 1) == pytest.approx(1.371) and predraft.step_cost(46, 8) == pytest.approx(
-      (1.474 + 2.909) / 2)
+  table = {1: {1: 1.0, 20: 1.4, 72: 1.6}, 8: {1: 1.0, 20: 1.5, 72: 3.0}}
+  assert predraft.step_cost(20, 1, table) == pytest.approx(1.4)
+  assert predraft.step_cost(46, 8, table) == pytest.approx((1.5 + 3.0) / 2)  # interpolated
+  assert predraft.step_cost(46, 32, table) == pytest.approx((1.5 + 3.0) / 2)  # past the largest batch: its row
+  assert predraft.step_cost(124, 8, table) == pytest.approx(3.0 + 52 * 1.5 / 52)  # extrapolated, not held flat
+  assert predraft.step_cost(272, 32) > predraft.step_cost(72, 32) > predraft.step_cost(72, 8)
   # A periodic chain: always k-1 accepted with only block 0 kept alternates full drafts (k tokens) and
   # none (1 token): 5.5 tokens per step at k = 10.
   assert predraft.expected_tokens([0] * 9 + [1], (0,)) == pytest.approx(5.5)

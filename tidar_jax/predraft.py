@@ -23,11 +23,14 @@ ALL = "all"
 AUTO = "auto"
 
 # Step time ÷ the AR step's at the same batch, by batch and tokens per row T, for the 1.5B model over
-# a 2048-slot cache (benchmarks/decode_latency, results/bench/decode_1p5b_h200.json). Between the
-# measured T the cost is interpolated linearly; past the largest batch the largest batch's row is used.
+# a 2048-slot cache on an H200: T = 16..72 from one predraft_throughput run (k = 8, pruned sets;
+# results/bench/predraft_1p5b_h200.json), T = 272 (k = 16) from decode_latency (decode_1p5b_h200.json).
+# Between measured T the cost is interpolated linearly, past the largest T extrapolated along the last
+# segment (the step is compute-bound there); past the largest batch the largest batch's row is used.
 STEP_COST: dict[int, dict[int, float]] = {
-    1: {1: 1.0, 20: 1.371, 72: 1.600, 272: 2.309},
-    8: {1: 1.0, 20: 1.474, 72: 2.909, 272: 8.642},
+    1: {1: 1.0, 16: 1.244, 24: 1.314, 40: 1.385, 72: 1.523, 272: 2.309},
+    8: {1: 1.0, 16: 1.356, 24: 1.608, 40: 1.917, 72: 2.916, 272: 8.642},
+    32: {1: 1.0, 16: 1.960, 24: 2.792, 40: 3.682, 72: 7.035},
 }
 
 
@@ -114,6 +117,9 @@ def step_cost(tokens: int, batch: int, table: Mapping[int, Mapping[int, float]] 
   rows = sorted(table)
   row = table[max([b for b in rows if b <= batch], default=rows[0])]
   ts = sorted(row)
+  if tokens > ts[-1]:  # the last segment's slope: np.interp would hold the last value flat
+    (t0, c0), (t1, c1) = (ts[-2], row[ts[-2]]), (ts[-1], row[ts[-1]])
+    return float(c1 + (tokens - t1) * (c1 - c0) / (t1 - t0))
   return float(np.interp(tokens, ts, [row[t] for t in ts]))
 
 
