@@ -183,6 +183,7 @@ def test_tpu_target_reports_splash_and_the_mask_sparsity(capsys):
   printed = capsys.readouterr().out
   assert out["device_gb"] == 95.0 and out["compiled_attention"] == "flash_footprint"
   assert "device tpu-v5p (tpu) 95.0 GiB" in printed and "splash attention's memory, modelled" in printed
+  assert "compiled on the CPU for a TPU: activations read high" in printed  # the CPU compiler's f32 copies
   assert "training mask: 68.8% of its (512 x 512) (q, kv) blocks are empty" in printed
   m = dry_run.validate(importlib.import_module("configs.1p5b").get_config())
   assert dry_run._compiled_attention(m, "ar", "tpu") == "dense"  # splash takes only the TiDAR training mask

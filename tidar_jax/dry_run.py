@@ -349,6 +349,10 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
     f"per device; device {device_name} ({platform}) {device_gb:.1f} GiB (budget {memory_fit.MARGIN:.0%}: "
     f"{_gib(budget)} GiB); attention compiled as {attn!r}"
     + (f" ({modelled} attention's memory, modelled on this machine)" if attn == "flash_footprint" else ""))
+  if jax.default_backend() == "cpu" and platform != "cpu":
+    # XLA's CPU compiler holds layer-stacked bf16 residuals as f32 copies around their updates.
+    p(f"compiled on the CPU for a {platform.upper()}: activations read high (bf16 residuals held as f32), so the "
+      "plan errs toward smaller micro-batches; run --dry_run on the target host for its compiler's figure")
   if config.tidar.objective == "tidar":
     sparsity = splash_attention.block_sparsity(length, config.tidar.block_size)
     out["mask_sparsity"] = sparsity
