@@ -1,6 +1,6 @@
 """What every command-line tool shares: one `error:` line for a user's mistake, and quiet logs.
 
-`train`, `generate`, `export`, `convert.from_hf` and `convert.to_hf` define their flags and a
+`train`, `generate`, `evaluate`, `export` and the `convert` tools define their flags and a
 `main(argv)`, then call `cli.run(main)`, which
 
 * parses the flags; a bad flag, a misspelt config field ("did you mean num_layers?") or a config
@@ -45,6 +45,13 @@ def run(main: Callable[[list[str]], int | None]) -> None:
   """`app.run(main)` with the error handling and logging of the module docstring."""
   flags.DEFINE_bool("verbose", False, "Show INFO logs and the traceback of errors.")
   app.run(lambda argv: _main(main, argv), flags_parser=_parse_flags)
+
+
+def define_required_strings(**help_texts: str) -> None:
+  """One required string flag per keyword (`out="Output directory."`): the paths a converter takes.
+  Called under `if __name__ == "__main__"`, since modules that tests import together share names."""
+  for name, help_text in help_texts.items():
+    flags.DEFINE_string(name, None, help_text, required=True)
 
 
 def define_config_file(name: str, default: str | None, help_text: str, **kwargs: Any) -> flags.FlagHolder:

@@ -29,8 +29,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   from tidar_jax import cli
 
-  # Defined here, not at import: `train` defines --workdir too, and tests import both.
-  flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).", required=True)
-  flags.DEFINE_string("out", None, "Output directory of the export.", required=True)
+  cli.define_required_strings(workdir="Training workdir (holds checkpoints/).",
+                              out="Output directory of the export.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Stored weight dtype.")
   cli.run(main)

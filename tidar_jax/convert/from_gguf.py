@@ -260,11 +260,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from tidar_jax import cli
-
-  flags.DEFINE_string("gguf", None, "llama.cpp GGUF model file (llama architecture).", required=True)
-  flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
-  cli.define_config_file("config", None, "Optional training config (a Python file with get_config()) whose "
-                         "model shape matches the file; default: configs/tiny.py's sections with the GGUF "
-                         "model.", lock_config=False)
-  cli.run(main)
+  from_hf.run_cli(main, "gguf", "llama.cpp GGUF model file (llama architecture).")

@@ -409,14 +409,17 @@ def report(config: ml_collections.ConfigDict, source: str, out: str) -> str:
           f"Train: python -m tidar_jax.train --config={os.path.abspath(out)}/config.py --workdir=runs/NAME")
 
 
-if __name__ == "__main__":
+def run_cli(main_fn, source_flag: str, source_help: str) -> None:
+  """The importers' command line (from_hf, from_gguf): the source, --out and an optional training
+  config whose sections the converted checkpoint's config.py takes."""
   from tidar_jax import cli
 
-  # Flags live here, not at import: tests import from_hf and to_hf together, and both take --out.
-  flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json, safetensors, tokenizer.json).",
-                      required=True)
-  flags.DEFINE_string("out", None, "Output checkpoint directory.", required=True)
+  cli.define_required_strings(**{source_flag: source_help}, out="Output checkpoint directory.")
   cli.define_config_file("config", None, "Optional training config (a Python file with get_config()) whose "
-                         "model shape matches the checkpoint; default: configs/tiny.py's sections with the HF "
+                         "model shape matches the source; default: configs/tiny.py's sections with the source's "
                          "model.", lock_config=False)
-  cli.run(main)
+  cli.run(main_fn)
+
+
+if __name__ == "__main__":
+  run_cli(main, "hf_dir", "Hugging Face model directory (config.json, safetensors, tokenizer.json).")

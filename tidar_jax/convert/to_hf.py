@@ -155,10 +155,8 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   from tidar_jax import cli
 
-  # Flags live here, not at import: tests import from_hf and to_hf together, and both take --out.
-  flags.DEFINE_string("ckpt", None, "tidar_jax checkpoint: a from_hf output, an export or a training workdir.",
-                      required=True)
-  flags.DEFINE_string("out", None, "Output Hugging Face model directory.", required=True)
+  cli.define_required_strings(ckpt="tidar_jax checkpoint: a from_hf output, an export or a training workdir.",
+                              out="Output Hugging Face model directory.")
   flags.DEFINE_bool("drop_mask_row", False, "Drop the rows and tokens conversion added (<|mask|>, ...), "
                     "restoring the source HF vocabulary.")
   flags.DEFINE_string("model_type", "", "HF family (qwen2 | qwen3 | llama); default: the source's, or inferred.")
