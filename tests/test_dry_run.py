@@ -118,10 +118,10 @@ def test_cli_dry_run_1p5b():
   assert re.search(r"check on the compiled mesh: XLA's argument bytes 17\.\d+ GiB = analytic", out)
   assert re.search(r"embed/embedding +\(vocab, embed\) +\(tensor, fsdp\) +\(151936, 1536\)", out)
   assert "--dry_run_mesh=1,64,1" in out
-  # the shipped "auto" micro-batch on the default 80 GiB device: 1 sequence (2 would need ~72.5 GiB)
-  assert "batch plan: global 512 x 4096 = 1 device x micro 1 x accum 512 (auto: compiled at micro 1:" in out
-  assert "attention compiled as 'flash_footprint'" in out
-  assert re.search(r"one loss chunk's fp32 logits \[1, 1024, 151936\] 0\.580 GiB", out)
+  # the shipped "auto" micro-batch on the default 80 GiB device: 2 sequences (~54 GiB; 4 would need ~77)
+  assert "batch plan: global 512 x 4096 = 1 device x micro 2 x accum 256 (auto: compiled at micro 1:" in out
+  assert "attention compiled as 'flash_footprint'" in out and "in float16 for bfloat16 (same width)" in out
+  assert re.search(r"one loss chunk's fp32 logits \[2, 1024, 151936\] 1\.159 GiB", out)
   assert re.search(r"^verdict: fits: [0-9.]+ GiB per device of 80\.0 GiB", out, re.M)
 
 
@@ -183,7 +183,8 @@ def test_tpu_target_reports_splash_and_the_mask_sparsity(capsys):
   printed = capsys.readouterr().out
   assert out["device_gb"] == 95.0 and out["compiled_attention"] == "flash_footprint"
   assert "device tpu-v5p (tpu) 95.0 GiB" in printed and "splash attention's memory, modelled" in printed
-  assert "compiled on the CPU for a TPU: activations read high" in printed  # the CPU compiler's f32 copies
+  assert "compiled on the CPU for a TPU in float16 for bfloat16 (same width)" in printed
+  assert dry_run.cpu_standin_dtype("bfloat16") == "float16" and dry_run.cpu_standin_dtype("float32") == "float32"
   assert "training mask: 68.8% of its (512 x 512) (q, kv) blocks are empty" in printed
   m = dry_run.validate(importlib.import_module("configs.1p5b").get_config())
   assert dry_run._compiled_attention(m, "ar", "tpu") == "dense"  # splash takes only the TiDAR training mask
