@@ -12,6 +12,11 @@ QWEN2P5_1P5B = dict(vocab_size=151936, d_model=1536, num_layers=28, num_heads=12
 # Qwen3-8B: qk-norm, untied LM head, the same padded vocab.
 QWEN3_8B = dict(vocab_size=151936, d_model=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
                 mlp_dim=12288, qkv_bias=False, qk_norm=True, tie_embeddings=False, rope_theta=1e6)
+# SmolLM2-135M (llama): tied embeddings; 49152 ids + <|mask|> and the converter's added special token,
+# padded to a multiple of 64 rows for the LM head's matmul. norm_eps is the GGUF's float32 1e-5.
+SMOLLM2_135M = dict(vocab_size=49216, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                    mlp_dim=1536, qkv_bias=False, qk_norm=False, tie_embeddings=True, rope_theta=100000.0,
+                    norm_eps=9.999999747378752e-06)
 
 # bf16 compute on fp32 master weights, layers scanned, "auto" attention (cuDNN flash on a GPU,
 # splash on a TPU): what every accelerator config uses.

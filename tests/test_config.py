@@ -7,6 +7,17 @@ from tidar_jax import config as config_lib
 from tidar_jax.optimizer import learning_rate_schedule
 
 
+def test_smollm2_config_is_the_published_model():
+  """configs/smollm2.py's model section is SmolLM2-135M (transformers counts 134,515,008 parameters for
+  its 49152-row tied embedding) plus the rows padded for <|mask|>; the converter checks the rest."""
+  from configs import smollm2
+  from tidar_jax import flops
+
+  m = config_lib.validate(smollm2.get_config())
+  assert flops.count_params(m)["total"] == 134_515_008 + (m.vocab_size - 49152) * m.d_model
+  assert m.vocab_size % 64 == 0 and m.tie_embeddings and m.dtype == "bfloat16"
+
+
 def test_tiny_config_is_valid():
   cfg = config_lib.validate(tiny.get_config())
   assert cfg.num_heads % cfg.num_kv_heads == 0 and hash(cfg)
