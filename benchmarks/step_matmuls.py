@@ -3,8 +3,8 @@
 HBM. One row (the AR step): XLA as is (a GEMV fusion), XLA with the row padded to 16 (a GEMM
 kernel: what the decode engine did for small weights before the transposed layout), a multiply +
 row reduction over the weight stored transposed [N, K] (what the engine does for q/k/v, o and
-down). More rows (a TiDAR step, --rows 72,272): XLA as is, padded to a multiple of 128 rows, and
-the weight stored transposed.
+down). More rows (a TiDAR step, --rows 16,24,40,72,272): XLA as is, padded to a multiple of 128
+rows, the weight stored transposed, and up to 128 rows the Pallas small-row GEMM over either layout.
 
     python -m benchmarks.step_matmuls --model 1p5b --out matmuls.json [--rows 1,72,272]
     python -m benchmarks.step_matmuls --smoke
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from tidar_jax.decode import engine
+from tidar_jax.kernels import small_row_gemm
 
 
 def shapes(cfg) -> dict[str, tuple[int, int]]:
@@ -39,6 +40,9 @@ def variants(rows: int = 1) -> dict[str, Callable]:
     if to != rows:
       out[f"XLA, {rows} rows padded to {to}"] = _padded(rows, to)
     out[f"XLA, {rows} rows, weight stored transposed [N, K]"] = "transposed"
+    if rows <= small_row_gemm.MAX_ROWS:  # the pruned steps' rows: the Pallas kernel over either layout
+      out[f"Pallas small-row GEMM, {rows} rows"] = lambda x, w: small_row_gemm.gemm(x, w).astype(x.dtype)
+      out[f"Pallas small-row GEMM, {rows} rows, weight stored transposed [N, K]"] = "small_row_transposed"
     return out
   return {"XLA, 1 row": lambda x, w: x @ w, "XLA, padded to 16 rows": _padded(1, 16),
           "XLA row reduction, weight stored transposed [N, K]": "transposed_reduce"}
@@ -58,10 +62,12 @@ def run(rec: common.Recorder, cfg, layers: int, reps: int, deadline: common.Dead
         rec.add({**label, "skipped": "time budget"})
         continue
       weights = ws
-      if fn in ("transposed", "transposed_reduce"):  # the same matrices stored [N, K]
+      if fn in ("transposed", "transposed_reduce", "small_row_transposed"):  # the same matrices stored [N, K]
         weights = [w.T.copy() for w in ws]
         if fn == "transposed":  # x @ W as a GEMM contracting over K
           fn = lambda x, wt: jnp.einsum("rk,nk->rn", x, wt)  # noqa: E731
+        elif fn == "small_row_transposed":
+          fn = lambda x, wt: small_row_gemm.gemm(x, wt, transposed=True).astype(x.dtype)  # noqa: E731
         else:  # one row: the decode engine's own multiply + row reduction
           fn = lambda x, wt: engine.matmul(x, wt, transposed=True)  # noqa: E731
 

@@ -120,6 +120,8 @@ def test_step_matmuls(out):
   assert {r["matrix"] for r in recs} == {"q/k/v", "down"}  # the smoke run's two shapes
   assert {r["rows"] for r in recs} == {1, 20}  # --rows 1 and the smoke run's many-row step
   assert all(r["max_abs_err_vs_xla"] < 0.1 for r in recs)  # bf16 rounding of sums over <= 384 terms
+  assert not [r for r in result["records"] if "error" in r]
+  assert sum(r["variant"].startswith("Pallas small-row GEMM") for r in recs) == 4  # 2 shapes x 2 layouts, 20 rows
 
 
 def test_config_loader():
