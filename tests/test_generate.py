@@ -41,9 +41,10 @@ def test_library_greedy_tidar_equals_ar(loaded):
   assert line.startswith("[tidar] tokens=") and "T/NFE=" in line and "tokens/s=" in line
 
 
-def test_library_predraft_sets_and_auto_keep_greedy_identity(loaded):
+def test_library_predraft_sets_and_auto_keep_greedy_identity(loaded, caplog):
   """A pruned set and "auto" (first batch with every block, then the set best_counts picks from its
-  acceptance at this batch size) decode exactly greedy AR; the sets used are in the results."""
+  acceptance at this batch size) decode exactly greedy AR; the sets used are in the results, and auto
+  says so when even its set is predicted slower than AR."""
   params, config, tokenizer = loaded
   k = config.tidar.block_size
   ar = gen.generate(params, config, PROMPTS, tokenizer, mode="ar", max_new_tokens=NEW, batch_size=1)
@@ -55,8 +56,9 @@ def test_library_predraft_sets_and_auto_keep_greedy_identity(loaded):
   # batches run shortest prompt first: the first one decoded with every block measured the acceptance
   first = min(range(len(PROMPTS)), key=lambda i: len(tokenizer.encode(PROMPTS[i])))
   assert auto[first].predraft == list(range(k))
-  chosen, _ = predraft.best_counts(auto[first].accepted_hist, 1)
+  chosen, gain = predraft.best_counts(auto[first].accepted_hist, 1)
   assert all(r.predraft == list(chosen) for i, r in enumerate(auto) if i != first)
+  assert ("--mode=ar decodes faster here" in caplog.text) == (gain < 1)
 
 
 def test_library_rejects_bad_input(loaded):

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from tidar_jax import predraft as predraft_lib
 from tidar_jax.decode.ar import generate_ar
@@ -121,7 +121,10 @@ def generate(params: Any, config: Any, prompts: Sequence[str], tokenizer: Any, *
       results[i] = GenerationResult(prompts[i], tokenizer.decode(text_ids), ids, int(forward_passes[r]),
                                     hist[r].tolist(), seconds / len(batch), mode, used)
     if mode == "tidar" and auto and kept == predraft_lib.ALL:  # the first batch measured the acceptance
-      kept, _ = predraft_lib.best_counts(hist[:len(batch)].sum(axis=0), batch_size)
+      kept, gain = predraft_lib.best_counts(hist[:len(batch)].sum(axis=0), batch_size)
+      if gain < 1:  # the step-cost table says even the best pruned step loses to AR at this batch
+        logging.warning("predraft=auto: at batch %d this acceptance makes TiDAR about %.2fx AR's tokens/s "
+                        "even with draft blocks %s; --mode=ar decodes faster here", batch_size, gain, kept)
   return results
 
 
