@@ -372,6 +372,27 @@ def test_eval_batches_need_one_full_batch(corpus, tok):
     pipeline.make_eval_batches(prepared.validation, tok, seq_len=256, batch_size=64, num_batches=1)
 
 
+def test_a_split_short_of_one_batch_gives_one_batch_of_the_row_multiple(corpus, tok):
+  """The trainer passes row_multiple = devices x micro-batch: a split with fewer windows than one
+  batch evaluates its first windows, as many as that multiple allows, split over the processes."""
+  _, _, prepared = corpus
+  stream = np.concatenate([tok.encode(prepared.validation[i]["text"]) + [tok.eos_id]
+                           for i in range(len(prepared.validation))])
+  windows = len(stream) // 64  # [windows, 64]: fewer than the batch of 512 asked for
+  assert 6 <= windows < 512
+  kwargs = dict(seq_len=64, batch_size=512, num_batches=4, row_multiple=3)
+  (batch,) = pipeline.make_eval_batches(prepared.validation, tok, **kwargs)
+  rows = windows // 3 * 3
+  np.testing.assert_array_equal(batch["tokens"], stream[:rows * 64].reshape(rows, 64))
+  parts = [pipeline.make_eval_batches(prepared.validation, tok, process_index=i, process_count=2, **kwargs)[0]
+           for i in range(2)]
+  rows2 = windows // 6 * 6  # two processes: a multiple of lcm(3, 2), each process half of it
+  assert [len(p["tokens"]) for p in parts] == [rows2 // 2] * 2
+  np.testing.assert_array_equal(np.concatenate([p["tokens"] for p in parts]), batch["tokens"][:rows2])
+  with pytest.raises(ValueError, match=rf"holds fewer than {windows + 1} windows of 64 tokens"):
+    pipeline.make_eval_batches(prepared.validation, tok, **{**kwargs, "row_multiple": windows + 1})
+
+
 def test_to_global_array_shards_the_batch():
   mesh = Mesh(np.array(jax.devices()), ("data",))
   sharding = NamedSharding(mesh, PartitionSpec("data"))

@@ -113,6 +113,17 @@ def test_eval_batches_zero_trains_without_validation(uninterrupted, tmp_path):
   assert '"loss"' in lines and "eval_ar_loss" not in lines
 
 
+def test_a_validation_split_short_of_one_batch_is_evaluated_in_micro_batches(uninterrupted, tmp_path, caplog):
+  """Fewer validation windows than the global batch: one batch of a multiple of devices x micro rows,
+  evaluated in the train step's micro-batches (its own accumulation count)."""
+  base, _, _ = uninterrupted
+  short = small_config(str(base / "data"), steps=1, batch_size=512, micro_batch_per_device=1)
+  short.model.num_layers, short.data.validation_fraction = 1, 0.05  # a few files: < 512 windows, >= 8
+  out = train.train_and_evaluate(short, str(tmp_path / "short_eval"))
+  assert "fewer than one batch of 512: evaluating one batch of" in caplog.text
+  assert np.isfinite(out["first_eval"]["eval_ar_loss"]) and np.isfinite(out["last_eval"]["eval_diffusion_loss"])
+
+
 def test_export_and_load_for_inference(uninterrupted, tmp_path):
   from tidar_jax import export
 

@@ -115,10 +115,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_source, tokenizer, seq_len=config.train.seq_len, global_batch_size=config.train.batch_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.num_workers, window_shuffle=config.data.window_shuffle)
-  eval_batches = [] if config.train.eval_batches == 0 else [b["tokens"] for b in data.make_eval_batches(
-      eval_source, tokenizer, seq_len=config.train.seq_len,
-      batch_size=config.train.batch_size, num_batches=config.train.eval_batches,
-      process_index=jax.process_index(), process_count=jax.process_count())]
 
   tx = make_optimizer(config.train)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -147,8 +143,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     print(f"batch plan: {plan.describe()}" + (f"; compiled step {memory.total / 2**30:.2f} GiB per device "
                                               "(XLA's estimate)" if memory else ""), flush=True)
+  # A validation split shorter than one batch gives one batch of a multiple of devices x micro rows.
+  eval_batches = [] if config.train.eval_batches == 0 else [b["tokens"] for b in data.make_eval_batches(
+      eval_source, tokenizer, seq_len=config.train.seq_len,
+      batch_size=config.train.batch_size, num_batches=config.train.eval_batches,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      row_multiple=plan.batch_devices * plan.micro_batch)]
+  # each eval batch in micro-batches of the train step's size: evaluating fits wherever training does
+  eval_accum = (len(eval_batches[0]) * jax.process_count() // (plan.batch_devices * plan.micro_batch)
+                if eval_batches else plan.grad_accum)
   with sharding.activate(mesh, rules):
-    eval_step = jax.jit(train_step.make_eval_step(model_cfg, config, tokenizer.mask_id, plan.grad_accum),
+    eval_step = jax.jit(train_step.make_eval_step(model_cfg, config, tokenizer.mask_id, eval_accum),
                         in_shardings=(state_shardings["params"], batch_sharding))
     to_device = functools.partial(data.to_global_array, sharding=batch_sharding)
 

@@ -10,6 +10,7 @@ state is a few integers that orbax saves next to the model.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -119,24 +120,36 @@ def make_train_iterator(source: Sequence[Mapping[str, str]], tokenizer: Tokenize
 
 
 def make_eval_batches(source: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                      num_batches: int, process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                      num_batches: int, process_index: int = 0, process_count: int = 1,
+                      row_multiple: int = 0) -> list[dict[str, np.ndarray]]:
   """The first `num_batches` full batches of the validation stream in corpus order: identical every call.
 
   `batch_size` is global; each process gets its rows of every global batch. Fewer batches come back
-  (with a warning) when the split is too short; the last, partial window is never used.
+  (with a warning) when the split is too short; the last, partial window is never used. A split
+  shorter than one batch gives one smaller batch instead, of the most windows that are a multiple of
+  `row_multiple` (the devices x micro-batch that split a batch; 0: refuse), with a warning.
   """
   _check_source(source, "validation")
   rows = local_batch_size(batch_size, process_count)
   windows = _packed(grain.MapDataset.source(source), tokenizer, seq_len).filter(_is_full).map(_tokens_only)
   batches = []
-  for batch in windows.batch(batch_size, drop_remainder=True):
-    batches.append({TOKENS: batch[TOKENS][process_index * rows:(process_index + 1) * rows]})  # [rows, seq_len]
+  multiple = math.lcm(row_multiple, process_count) if row_multiple else 0
+  for batch in windows.batch(batch_size, drop_remainder=False):
+    tokens = batch[TOKENS]  # [<= batch_size, seq_len]
+    if len(tokens) < batch_size:  # the split's end
+      if batches or not multiple or len(tokens) < multiple:
+        break
+      short = len(tokens) // multiple * multiple
+      logging.warning("the validation split holds %d windows of %d tokens, fewer than one batch of %d: "
+                      "evaluating one batch of %d", len(tokens), seq_len, batch_size, short)
+      part = short // process_count
+      return [{TOKENS: tokens[process_index * part:(process_index + 1) * part]}]
+    batches.append({TOKENS: tokens[process_index * rows:(process_index + 1) * rows]})  # [rows, seq_len]
     if len(batches) == num_batches:
       break
   if not batches:
-    raise ValueError(f"the validation split holds fewer than {batch_size} windows of {seq_len} tokens: raise "
-                     "data.validation_fraction, lower train.batch_size or train.seq_len, or set train.eval_batches=0 "
-                     "(no validation)")
+    raise ValueError(f"the validation split holds fewer than {multiple or batch_size} windows of {seq_len} tokens: "
+                     "raise data.validation_fraction, lower train.seq_len, or set train.eval_batches=0 (no validation)")
   if len(batches) < num_batches:
     logging.warning("validation split yields %d of the %d requested eval batches", len(batches), num_batches)
   return batches

@@ -17,7 +17,8 @@ from tidar_jax.config import validate
 def eval_batches(config, tokenizer, eval_source, num_batches: int) -> list[np.ndarray]:
   batches = data.make_eval_batches(eval_source, tokenizer, seq_len=config.train.seq_len,
                                    batch_size=config.train.batch_size, num_batches=num_batches,
-                                   process_index=jax.process_index(), process_count=jax.process_count())
+                                   process_index=jax.process_index(), process_count=jax.process_count(),
+                                   row_multiple=jax.device_count())  # a short split: one batch over the devices
   return [b["tokens"] for b in batches]
 
 
