@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tidar_jax.kernels.pallas_common import MatrixTiling
+
 from tidar_jax.decode.weights import quantize_int8
 from tidar_jax.kernels import int8_gemv as gemv
 
@@ -22,7 +24,7 @@ def _case(k: int, n: int, x_dtype=jnp.float32, seed: int = 0):
 
 
 @pytest.mark.parametrize("transposed", [True, False], ids=["W^T [N,K]", "W [K,N]"])
-@pytest.mark.parametrize("tiling", [None, gemv.Tiling(8, 16, 3), gemv.Tiling(32, 32, 1), gemv.Tiling(16, 8, 6)],
+@pytest.mark.parametrize("tiling", [None, MatrixTiling(8, 16, 3), MatrixTiling(32, 32, 1), MatrixTiling(16, 8, 6)],
                          ids=["default", "splits3", "one-program-along-K", "splits6"])
 def test_gemv_equals_the_dequantised_product(transposed, tiling):
   x, q, want = _case(96, 64)
@@ -37,7 +39,7 @@ def test_gemv_equals_the_dequantised_product(transposed, tiling):
 def test_gemv_reads_a_bf16_row():
   """The engine's gate/up row is bf16 (q/k/v, o and down get the folded norm's fp32 row)."""
   x, q, want = _case(64, 32, jnp.bfloat16, seed=4)
-  y = gemv.gemv(x, q.q, q.scale, transposed=False, tiling=gemv.Tiling(16, 16, 2))
+  y = gemv.gemv(x, q.q, q.scale, transposed=False, tiling=MatrixTiling(16, 16, 2))
   np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
@@ -61,4 +63,4 @@ def test_bad_shapes_and_tilings_are_named():
   with pytest.raises(ValueError, match="scale"):
     gemv.gemv(x, q.q, q.scale[:4], transposed=False)
   with pytest.raises(ValueError, match="does not tile N=32, K=64"):
-    gemv.gemv(x, q.q, q.scale, transposed=False, tiling=gemv.Tiling(32, 16, 3))
+    gemv.gemv(x, q.q, q.scale, transposed=False, tiling=MatrixTiling(32, 16, 3))

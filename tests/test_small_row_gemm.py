@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tidar_jax.kernels.pallas_common import MatrixTiling
+
 from tidar_jax.kernels import small_row_gemm as srg
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -20,8 +22,8 @@ def _case(m: int, k: int, n: int, dtype=jnp.float32, seed: int = 0):
 
 
 @pytest.mark.parametrize("transposed", [True, False], ids=["W^T [N,K]", "W [K,N]"])
-@pytest.mark.parametrize("m,tiling", [(16, None), (24, srg.Tiling(32, 16, 3)), (1, srg.Tiling(16, 32, 1)),
-                                      (40, srg.Tiling(64, 16, 2))],
+@pytest.mark.parametrize("m,tiling", [(16, None), (24, MatrixTiling(32, 16, 3)), (1, MatrixTiling(16, 32, 1)),
+                                      (40, MatrixTiling(64, 16, 2))],
                          ids=["16-rows-default", "24-rows-splits3", "1-row-one-program-along-K", "40-rows-splits2"])
 def test_gemm_equals_the_product(transposed, m, tiling):
   x, w, want = _case(m, 96, 64)
@@ -35,7 +37,7 @@ def test_gemm_equals_the_product(transposed, m, tiling):
 def test_gemm_of_bf16_accumulates_in_fp32():
   """The decoder's operands are bf16; the kernel's sum over K is fp32, as XLA's reference is."""
   x, w, _ = _case(24, 128, 32, jnp.bfloat16, seed=3)
-  y = srg.gemm(x, w, tiling=srg.Tiling(32, 32, 2))
+  y = srg.gemm(x, w, tiling=MatrixTiling(32, 32, 2))
   np.testing.assert_allclose(np.asarray(y), np.asarray(srg.reference(x, w)), rtol=2e-6, atol=1e-4)
 
 
@@ -57,4 +59,4 @@ def test_bad_shapes_are_refused():
   with pytest.raises(ValueError, match="more than 128 rows"):
     srg.gemm(jnp.zeros((129, 32)), w)
   with pytest.raises(ValueError, match="does not tile"):
-    srg.gemm(x, w, tiling=srg.Tiling(32, 16))
+    srg.gemm(x, w, tiling=MatrixTiling(32, 16))

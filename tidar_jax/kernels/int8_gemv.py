@@ -20,21 +20,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tidar_jax.kernels.pallas_common import interpret_mode, triton_params
-
-
-class Tiling(NamedTuple):
-  block_n: int  # output channels per program (a power of two dividing N)
-  block_k: int  # input channels per inner step (a power of two dividing K / splits)
-  splits: int = 1  # programs along K
-  num_warps: int = 4
-  num_stages: int = 2
+from tidar_jax.kernels.pallas_common import MatrixTiling, split_k_matmul
 
 
 def _splits(steps: int, max_steps: int) -> int:
@@ -42,7 +33,7 @@ def _splits(steps: int, max_steps: int) -> int:
   return next(s for s in range(1, steps + 1) if steps % s == 0 and steps // s <= max_steps)
 
 
-def default_tiling(n: int, k: int, transposed: bool) -> Tiling:
+def default_tiling(n: int, k: int, transposed: bool) -> MatrixTiling:
   """Small tiles (1-4 KB of int8), several programs per SM, at most 6-10 inner steps each.
 
   Chosen by timing the whole 1.5B AR step (a one-matrix microbenchmark ranks tilings differently):
@@ -53,10 +44,10 @@ def default_tiling(n: int, k: int, transposed: bool) -> Tiling:
   if transposed:  # rows of W^T: block_k contiguous bytes per row
     block_k = 512 if k % 512 == 0 else math.gcd(k, 128)
     block_n = math.gcd(n, 4 if block_k == 512 else 8)
-    return Tiling(block_n, block_k, _splits(k // block_k, 10))
+    return MatrixTiling(block_n, block_k, _splits(k // block_k, 10))
   block_n = math.gcd(n, 128)  # rows of W: block_n contiguous bytes per row
   block_k = math.gcd(k, 32)
-  return Tiling(block_n, block_k, _splits(k // block_k, 6))
+  return MatrixTiling(block_n, block_k, _splits(k // block_k, 6))
 
 
 def _kernel(x_ref, w_ref, s_ref, o_ref, *, transposed: bool, block_n: int, block_k: int, steps: int):
@@ -77,7 +68,7 @@ def _kernel(x_ref, w_ref, s_ref, o_ref, *, transposed: bool, block_n: int, block
   o_ref[pl.program_id(1), outs] = y * s_ref[outs]
 
 
-def gemv(x: jax.Array, q: jax.Array, scale: jax.Array, *, transposed: bool, tiling: Tiling | None = None,
+def gemv(x: jax.Array, q: jax.Array, scale: jax.Array, *, transposed: bool, tiling: MatrixTiling | None = None,
          interpret: bool | None = None) -> jax.Array:
   """x [K] (any float dtype) against the int8 matrix q (W^T [N, K] when `transposed`, else W [K, N])
   with one fp32 scale per output channel: (x @ (q * scale)) -> [N] fp32, accumulated in fp32."""
@@ -85,21 +76,9 @@ def gemv(x: jax.Array, q: jax.Array, scale: jax.Array, *, transposed: bool, tili
   if x.shape != (k,) or scale.shape != (n,):
     raise ValueError(f"gemv: x {x.shape} and scale {scale.shape} do not fit a {'transposed ' * transposed}"
                      f"matrix {q.shape} (want x ({k},), scale ({n},))")
-  t = tiling or default_tiling(n, k, transposed)
-  if n % t.block_n or k % (t.block_k * t.splits):
-    raise ValueError(f"gemv: {t} does not tile N={n}, K={k} (block_n must divide N, block_k * splits K)")
-  interpret = interpret_mode(interpret)
-  kernel = functools.partial(_kernel, transposed=transposed, block_n=t.block_n, block_k=t.block_k,
-                             steps=k // (t.block_k * t.splits))
-  partial = pl.pallas_call(
-      kernel,
-      grid=(n // t.block_n, t.splits),
-      out_shape=jax.ShapeDtypeStruct((t.splits, n), jnp.float32),
-      compiler_params=triton_params(t.num_warps, t.num_stages, interpret),
-      interpret=interpret,
-      name="int8_gemv",
-  )(x, q, scale.astype(jnp.float32))
-  return partial[0] if t.splits == 1 else jnp.sum(partial, axis=0)
+  kernel = functools.partial(_kernel, transposed=transposed)
+  return split_k_matmul(kernel, (x, q, scale.astype(jnp.float32)), tiling=tiling or default_tiling(n, k, transposed),
+                        n=n, k=k, rows=(), name="int8_gemv", interpret=interpret)
 
 
 def reference(x: jax.Array, q: jax.Array, scale: jax.Array, *, transposed: bool) -> jax.Array:

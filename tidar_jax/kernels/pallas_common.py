@@ -1,10 +1,12 @@
 """What the GPU (Triton) Pallas kernels of the decode step share: compiler parameters, the
-compiled-or-interpreted choice, key blocks, the online softmax of a key loop and the merge of
-key-split partials."""
+compiled-or-interpreted choice, key blocks, the online softmax of a key loop, the merge of
+key-split partials, and the tiled split-K grid of the matmul kernels."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +104,33 @@ def merge(o: jax.Array, m: jax.Array, l: jax.Array, tokens: int, heads: int, dty
       interpret=interpret,
       name=name,
   )(o, m, l)
+
+
+class MatrixTiling(NamedTuple):
+  """How a matmul kernel tiles W: a grid of N / block_n output tiles x `splits` programs along K."""
+  block_n: int  # output channels per program (a power of two dividing N)
+  block_k: int  # input channels per inner step (a power of two dividing K / splits)
+  splits: int = 1  # programs along K
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def split_k_matmul(kernel: Callable, operands: tuple, *, tiling: MatrixTiling, n: int, k: int,
+                   rows: tuple[int, ...], name: str, interpret: bool | None) -> jax.Array:
+  """Runs a matmul kernel over `tiling`'s grid and adds its K-split partial sums -> [*rows, N] fp32.
+
+  kernel(*operand_refs, out_ref, block_n=, block_k=, steps=): program (i, j) writes output tile i of
+  split j into out_ref [splits, *rows, N] after `steps` inner steps of block_k input channels."""
+  t = tiling
+  if n % t.block_n or k % (t.block_k * t.splits):
+    raise ValueError(f"{name}: {t} does not tile N={n}, K={k} (block_n must divide N, block_k * splits K)")
+  interpret = interpret_mode(interpret)
+  partial = pl.pallas_call(
+      functools.partial(kernel, block_n=t.block_n, block_k=t.block_k, steps=k // (t.block_k * t.splits)),
+      grid=(n // t.block_n, t.splits),
+      out_shape=jax.ShapeDtypeStruct((t.splits, *rows, n), jnp.float32),
+      compiler_params=triton_params(t.num_warps, t.num_stages, interpret),
+      interpret=interpret,
+      name=name,
+  )(*operands)
+  return partial[0] if t.splits == 1 else jnp.sum(partial, axis=0)

@@ -19,27 +19,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tidar_jax.kernels.pallas_common import interpret_mode, triton_params
+from tidar_jax.kernels.pallas_common import MatrixTiling, split_k_matmul
 
 ROW_TILE = 16  # Triton's dot needs at least 16 rows
 MAX_ROWS = 128  # past this XLA's GEMMs reuse each weight tile enough to run near their peak
 
 
-class Tiling(NamedTuple):
-  block_n: int  # output channels per program (a power of two dividing N)
-  block_k: int  # input channels per inner step (a power of two dividing K / splits)
-  splits: int = 1  # programs along K
-  num_warps: int = 4
-  num_stages: int = 3
-
-
-def default_tiling(m: int, n: int, k: int, *, programs: int = 264) -> Tiling:
+def default_tiling(m: int, n: int, k: int, *, programs: int = 264) -> MatrixTiling:
   """Tiles of 64 output channels by 64-128 input channels, and enough splits along K that the grid
   has at least `programs` programs (two per SM of an H100/H200) while each keeps 4+ inner steps."""
   block_n = math.gcd(n, 64)
@@ -47,7 +38,7 @@ def default_tiling(m: int, n: int, k: int, *, programs: int = 264) -> Tiling:
   steps = k // block_k
   splits = next((s for s in range(1, steps + 1)
                  if steps % s == 0 and ((n // block_n) * s >= programs or steps // s <= 4)), steps)
-  return Tiling(block_n, block_k, splits)
+  return MatrixTiling(block_n, block_k, splits, num_stages=3)
 
 
 def _kernel(x_ref, w_ref, o_ref, *, transposed: bool, block_n: int, block_k: int, steps: int):
@@ -67,7 +58,7 @@ def _kernel(x_ref, w_ref, o_ref, *, transposed: bool, block_n: int, block_k: int
   o_ref[pl.program_id(1), :, outs] = jax.lax.fori_loop(0, steps, step, jnp.zeros((rows, block_n), jnp.float32))
 
 
-def gemm(x: jax.Array, w: jax.Array, *, transposed: bool = False, tiling: Tiling | None = None,
+def gemm(x: jax.Array, w: jax.Array, *, transposed: bool = False, tiling: MatrixTiling | None = None,
          interpret: bool | None = None) -> jax.Array:
   """x [M, K] @ W -> [M, N] fp32 (fp32 accumulation), for M <= MAX_ROWS; w is W [K, N], or W^T
   [N, K] when `transposed`; x and w share a dtype (bf16 in the decoder)."""
@@ -76,23 +67,11 @@ def gemm(x: jax.Array, w: jax.Array, *, transposed: bool = False, tiling: Tiling
   if w.shape != ((n, k) if transposed else (k, n)) or m > MAX_ROWS:
     raise ValueError(f"small_row_gemm: x {x.shape} does not fit a {'transposed ' * transposed}matrix {w.shape}, "
                      f"or has more than {MAX_ROWS} rows")
-  t = tiling or default_tiling(m, n, k)
-  if n % t.block_n or k % (t.block_k * t.splits):
-    raise ValueError(f"small_row_gemm: {t} does not tile N={n}, K={k} (block_n must divide N, block_k * splits K)")
   padded = -(-m // ROW_TILE) * ROW_TILE
   xp = jnp.pad(x, ((0, padded - m), (0, 0)))  # [padded, K]
-  interpret = interpret_mode(interpret)
-  kernel = functools.partial(_kernel, transposed=transposed, block_n=t.block_n, block_k=t.block_k,
-                             steps=k // (t.block_k * t.splits))
-  partial = pl.pallas_call(
-      kernel,
-      grid=(n // t.block_n, t.splits),
-      out_shape=jax.ShapeDtypeStruct((t.splits, padded, n), jnp.float32),
-      compiler_params=triton_params(t.num_warps, t.num_stages, interpret),
-      interpret=interpret,
-      name="small_row_gemm",
-  )(xp, w)
-  return (partial[0] if t.splits == 1 else jnp.sum(partial, axis=0))[:m]
+  kernel = functools.partial(_kernel, transposed=transposed)
+  return split_k_matmul(kernel, (xp, w), tiling=tiling or default_tiling(m, n, k), n=n, k=k, rows=(padded,),
+                        name="small_row_gemm", interpret=interpret)[:m]
 
 
 def reference(x: jax.Array, w: jax.Array, *, transposed: bool = False) -> jax.Array:
