@@ -185,8 +185,8 @@ def _measure(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules:
 
 def cpu_standin_dtype(dtype: str) -> str:
   """The compute dtype a CPU compiles in place of `dtype`: float16 for bfloat16 (same width). XLA's CPU
-  dots take no bf16, so it upcasts them, and keeps f32 copies of layer-stacked bf16 activations that a
-  GPU or TPU would not: ~60% over the H200's measured peak at the 1p5b shape, ~8% with float16."""
+  dots take no bf16, so it upcasts them and keeps f32 copies of layer-stacked bf16 activations that a
+  GPU or TPU would not hold; float16 dots it takes as they are."""
   return "float16" if dtype == "bfloat16" and jax.default_backend() == "cpu" else dtype
 
 

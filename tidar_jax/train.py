@@ -160,7 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricsWriter(workdir, enabled=is_main, keep_through=start_step if restored is not None else -1)
     stop = _StopFlag()
     previous_handler = signal.signal(signal.SIGTERM, stop)
-    first_eval = evaluate(eval_step, state["params"], eval_batches, to_device) if start_step == 0 and eval_batches else None
+    first_eval = (evaluate(eval_step, state["params"], eval_batches, to_device)
+                  if start_step == 0 and eval_batches else None)
     if first_eval is not None:
       writer.write(0, first_eval)
       _print_eval("initial", 0, first_eval, is_main)
