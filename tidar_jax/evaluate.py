@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: HumanEval pass@1 with TiDAR vs AR decoding statistics, or likelihood.
 
-    python -m tidar_jax.evaluate --checkpoint=DIR --task=humaneval [--limit=N] [--out=FILE.json]
+    python -m tidar_jax.evaluate --checkpoint=DIR [--step=N] --task=humaneval [--limit=N] [--out=FILE.json]
         [--batch_sizes=1,8] [--temperatures=0,0.8] [--max_new_tokens=256] [--timeout=10] [--dtype=float32]
     python -m tidar_jax.evaluate --checkpoint=DIR --task=nll [--split=eval] [--eval_batches=8]
         [--data_source=GLOB]
@@ -169,6 +169,8 @@ def summary(report: dict[str, Any]) -> str:
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("checkpoint", None, "export dir or training workdir (latest checkpoint)", flag_values=fv)
+  flags.DEFINE_integer("step", None, "a training workdir's checkpoint of this step (default: the latest)",
+                       flag_values=fv)
   flags.DEFINE_enum("task", "humaneval", list(TASKS), "what to evaluate", flag_values=fv)
   flags.DEFINE_string("out", None, "JSON report path (default: CHECKPOINT/eval_TASK.json)", flag_values=fv)
   flags.DEFINE_integer("limit", None, "humaneval: only the first N problems", flag_values=fv)
@@ -203,7 +205,7 @@ def run(fv: flags.FlagValues) -> dict[str, Any]:
 
   if not fv.checkpoint:
     raise app.UsageError("--checkpoint is required (an export dir or a training workdir)")
-  params, config, tokenizer = load_for_inference(fv.checkpoint)
+  params, config, tokenizer = load_for_inference(fv.checkpoint, step=fv.step)
   if fv.task == "humaneval":
     report = evaluate_humaneval(params, config, tokenizer, limit=fv.limit,
                                 batch_sizes=_numbers("batch_sizes", fv.batch_sizes, int),
