@@ -18,7 +18,8 @@ import sys
 from typing import Any
 
 from benchmarks import common
-from tidar_jax import checkpoint, metrics
+from benchmarks.reproduce.results import read_metrics
+from tidar_jax import checkpoint
 from tidar_jax.config import validate
 from tidar_jax.decode.sampling import SamplingParams
 from tidar_jax.evaluation import decoding, humaneval
@@ -28,9 +29,7 @@ EVAL_KEYS = ("eval_ar_loss", "eval_diffusion_loss")
 
 def eval_losses_by_step(workdir: str) -> dict[int, dict[str, float]]:
   """The validation losses the trainer logged, by step (metrics.jsonl; empty if there is none)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  rows = metrics.read_jsonl(path) if os.path.exists(path) else []
-  return {r["step"]: {k: r[k] for k in EVAL_KEYS if k in r} for r in rows if "eval_ar_loss" in r}
+  return {r["step"]: {k: r[k] for k in EVAL_KEYS if k in r} for r in read_metrics(workdir) if "eval_ar_loss" in r}
 
 
 def point(params: Any, config: Any, tokenizer: Any, prompts: decoding.PromptSet, *, batch: int,
@@ -50,7 +49,8 @@ def run(rec: common.Recorder, *, workdir: str, base: str | None, prompts: int, m
   steps = checkpoint.checkpoint_steps(workdir)
   if not steps:
     raise SystemExit(f"--workdir={workdir}: no checkpoints; train with checkpoints kept along the run")
-  _, config, tokenizer = checkpoint.load_for_inference(workdir, flag="--workdir", step=steps[-1])
+  last = checkpoint.load_for_inference(workdir, flag="--workdir", step=steps[-1])  # decoded last, not loaded again
+  _, config, tokenizer = last
   if config.tidar.objective != "tidar":
     raise SystemExit(f"--workdir={workdir} trained the {config.tidar.objective!r} objective: T/NFE needs a TiDAR run")
   problems = humaneval.problems(prompts)
@@ -64,7 +64,8 @@ def run(rec: common.Recorder, *, workdir: str, base: str | None, prompts: int, m
   points: list[tuple[int, str, str | None]] = [(0, base, None)] if base else []
   points += [(s, workdir, s) for s in steps]
   for step, path, at in points:
-    params, cfg, _ = checkpoint.load_for_inference(path, flag="--base" if at is None else "--workdir", step=at)
+    params, cfg, _ = last if at == steps[-1] else checkpoint.load_for_inference(
+        path, flag="--base" if at is None else "--workdir", step=at)
     if at is None:  # the base export: decoded as the run's TiDAR model (its block size, mask id)
       cfg.tidar.update(objective="tidar", block_size=config.tidar.block_size)
     r = point(params, cfg, tokenizer, ps, batch=batch, max_new_tokens=max_new_tokens, dtype=dtype)

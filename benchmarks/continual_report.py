@@ -11,15 +11,14 @@ Reads (each optional; a missing one leaves its table out):
                                             `tidar_jax.evaluate --task=humaneval`
   acceptance_curve.json                     `benchmarks.acceptance_curve`
   train_step_smollm2.json                   `benchmarks.train_step`
-Prints the markdown tables and writes loss_curves.png, acceptance_curve.png, accepted_hist.png and
-tokens_per_s.png into the folder (matplotlib: the `bench` extra).
+Prints the markdown tables and writes loss_curves.png, acceptance_curve.png and
+accepted_hist_tokens_per_s.png into the folder (matplotlib: the `bench` extra).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 from typing import Any
@@ -31,10 +30,7 @@ from tidar_jax import metrics
 
 def _json(folder: str, name: str) -> dict[str, Any] | None:
   path = os.path.join(folder, name)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return common.load_json(path) if os.path.exists(path) else None
 
 
 def _jsonl(folder: str, name: str) -> list[dict[str, Any]]:
@@ -44,9 +40,10 @@ def _jsonl(folder: str, name: str) -> list[dict[str, Any]]:
 
 def sweep_table(folder: str) -> str | None:
   rows = []
-  for path in sorted(glob.glob(os.path.join(folder, "sweep_*.jsonl")), key=lambda p: float(p.split("_")[-1][:-6])):
-    lr = os.path.basename(path)[len("sweep_"):-len(".jsonl")]
-    ev = [r for r in metrics.read_jsonl(path) if "eval_ar_loss" in r]
+  names = [os.path.basename(p) for p in glob.glob(os.path.join(folder, "sweep_*.jsonl"))]
+  lrs = sorted((n[len("sweep_"):-len(".jsonl")] for n in names), key=float)
+  for lr in lrs:
+    ev = [r for r in _jsonl(folder, f"sweep_{lr}.jsonl") if "eval_ar_loss" in r]
     if not ev:
       continue
     first, last = ev[0], ev[-1]
