@@ -195,6 +195,38 @@ def test_int8_decode_weights_quantize_per_column_and_stay_close():
   np.testing.assert_allclose(hidden[0], ref[1], atol=1e-5)
 
 
+def test_tidar_step_through_the_small_row_gemm_equals_xla(monkeypatch):
+  """Where `dispatch.small_row_gemm` says so (a GPU, once measured faster), a step's few rows go
+  through `small_row_gemm.gemm` (interpreted here): the same TiDAR step over the ragged cache as
+  XLA's products, every layer's new key/value included. Fails if a layout or the norm's input is wrong."""
+  from tidar_jax import dispatch
+  from tidar_jax.kernels import small_row_gemm as srg
+  cfg = CONFIGS["qwen3"]
+  w = jax.jit(prepare_weights, static_argnums=1)(random_params(cfg), cfg)
+  cache = cache_lib.init_cache(cfg, 1, MAX_LEN)._replace(lengths=jnp.asarray(LENGTHS[1:], jnp.int32))
+  cache = cache._replace(k=tuple(jax.random.normal(jax.random.key(i), k.shape) for i, k in enumerate(cache.k)),
+                         v=tuple(jax.random.normal(jax.random.key(9 + i), v.shape) for i, v in enumerate(cache.v)))
+  T = STEPS["tidar"].tokens
+  tokens = np.arange(1, T + 1)[None]
+  positions = LENGTHS[1:, None] + step_offsets("tidar")[None]
+  real = srg.gemm
+
+  def step(use: bool):
+    monkeypatch.setattr(dispatch, "small_row_gemm", lambda rows: use and 1 < rows <= srg.MAX_ROWS)
+    calls = []
+    monkeypatch.setattr(srg, "gemm", lambda x, m, **kw: calls.append((x.shape[0], kw["transposed"])) or real(x, m, **kw))
+    hidden, out = jax.jit(lambda w: engine.forward(w, cfg, cache, tokens, positions, STEPS["tidar"], "dense"))(w)
+    return engine.logits(w, hidden), out, calls
+
+  want, want_cache, none = step(False)
+  got, got_cache, calls = step(True)
+  # q/k/v, o, down stored [d_out, d_in]; gate/up [d_in, d_out]
+  assert none == [] and calls == [(T, True), (T, True), (T, False), (T, True)] * cfg.num_layers
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+  for a, b in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["qwen2.5", "qwen3"])
 def test_int8_one_row_step_through_the_gemv_kernel_equals_xla(layout, monkeypatch):
   """On a GPU the batch-1 int8 step's matmuls run `int8_gemv.gemv` (q/k/v, o and down stored [d_out,

@@ -1,5 +1,5 @@
 """The platform choices (`tidar_jax.dispatch`): which attention a decode step runs where, the
-cache's alignment and the int8 GEMV's use. The decoders' tests show the choices give the same tokens
+cache's alignment and the Pallas matmuls' use. The decoders' tests show the choices give the same tokens
 (tests/test_decode_ar.py, tests/test_tpu_path.py)."""
 
 import functools
@@ -34,3 +34,16 @@ def test_cache_alignment_and_gemv_use_follow_the_backend(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
     assert dispatch.cache_slots(130) == slots and dispatch.cache_slots(256) == 256
     assert dispatch.int8_gemv(1) is gemv and not dispatch.int8_gemv(8)
+
+
+def test_small_row_gemm_rule(monkeypatch):
+  """The Pallas small-row GEMM takes a step's matmuls only on a GPU, for 2..SMALL_ROW_GEMM_MAX_ROWS
+  rows (one row has its own paths), and none until it is measured faster (the constant's 0)."""
+  def taken() -> list[int]:
+    return [r for r in range(1, 200) if dispatch.small_row_gemm(r)]
+
+  for limit in (dispatch.SMALL_ROW_GEMM_MAX_ROWS, 64):
+    monkeypatch.setattr(dispatch, "SMALL_ROW_GEMM_MAX_ROWS", limit)
+    for backend in ("cpu", "tpu", "gpu"):
+      monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+      assert taken() == (list(range(2, limit + 1)) if backend == "gpu" else [])

@@ -12,7 +12,7 @@ import pytest
 from test_decode_ar import (CFG, GREEDY, MASK_ID, PROMPT_LENGTHS, greedy_by_full_forward, random_params,
                             random_prompts)
 from tidar_jax import dispatch
-from tidar_jax.kernels import int8_gemv, multi_token_attention, one_token_attention, split_kv_attention
+from tidar_jax.kernels import int8_gemv, multi_token_attention, one_token_attention, small_row_gemm, split_kv_attention
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.tidar import generate_tidar
 
@@ -27,7 +27,8 @@ def on_tpu(monkeypatch):
     raise AssertionError("a GPU Pallas kernel was traced on the TPU path")
 
   for module, name in ((split_kv_attention, "step_attention"), (one_token_attention, "attend"),
-                       (multi_token_attention, "attend"), (int8_gemv, "gemv")):
+                       (multi_token_attention, "attend"), (int8_gemv, "gemv"),
+                       (small_row_gemm, "gemm")):
     monkeypatch.setattr(module, name, never)
 
 

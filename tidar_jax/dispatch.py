@@ -1,5 +1,6 @@
 """Every platform choice of the framework in one place: the attention a training step or a decode step
-runs, whether a one-row int8 matmul takes its Pallas kernel, how a decode cache is aligned, and the
+runs, whether a decode step's matmuls take a Pallas kernel (one int8 row, or a few bf16 rows), how a
+decode cache is aligned, and the
 compiler options a decode compiles with. The kernels (`tidar_jax.kernels`) only know how to run:
 compiled on their platform, interpreted elsewhere.
 
@@ -65,6 +66,19 @@ def int8_gemv(rows: int) -> bool:
   (XLA's int8 row reduction streams at about half its bf16 byte rate). Elsewhere XLA's product is
   faster than the interpreted kernel (tests switch it on to check it in the step)."""
   return rows == 1 and jax.default_backend() == "gpu"
+
+
+# Steps of 2..SMALL_ROW_GEMM_MAX_ROWS rows over the whole batch take `kernels.small_row_gemm` on a GPU.
+# 0 (none) until `benchmarks/step_matmuls` measures it faster than XLA's GEMM at those rows on the
+# device: XLA's product is the reference and the fallback.
+SMALL_ROW_GEMM_MAX_ROWS = 0
+
+
+def small_row_gemm(rows: int) -> bool:
+  """Whether a matmul of `rows` rows against a weight of the input's dtype takes
+  `kernels.small_row_gemm`: compiled on a GPU, for a pruned TiDAR step's few rows (one row has its own
+  paths). Elsewhere XLA's product is faster than the interpreted kernel (tests switch it on)."""
+  return 1 < rows <= SMALL_ROW_GEMM_MAX_ROWS and jax.default_backend() == "gpu"
 
 
 # On a GPU the cache is allocated with max_len rounded up to a multiple of this many slots, so the

@@ -28,7 +28,7 @@ from tidar_jax import dispatch
 from tidar_jax.config import ModelConfig
 from tidar_jax.decode.cache import KVCache, write_rows
 from tidar_jax.decode.weights import DecodeWeights, Int8Matrix, LayerWeights, Matrix
-from tidar_jax.kernels import int8_gemv, multi_token_attention, one_token_attention, split_kv_attention
+from tidar_jax.kernels import int8_gemv, multi_token_attention, one_token_attention, small_row_gemm, split_kv_attention
 from tidar_jax.kernels.qkv_epilogue import Projection
 from tidar_jax.masks import StepIntervals
 from tidar_jax.model import fp32_logits, inverse_rms, rms_norm, rope, rope_cos_sin, rope_inv_freq
@@ -53,7 +53,8 @@ def matmul(x: jax.Array, w: Matrix, transposed: bool = False) -> jax.Array:
   One row against W^T (the batch-1 AR step) is a multiply + row reduction: XLA's row-reduction
   kernel streams the weight near the copy rate, faster than its one-row GEMV fusion, a padded GEMM
   or a reduction over W [d_in, d_out]. More rows go to a GEMM, which reads either layout. One row
-  against an int8 matrix goes to `int8_gemv.gemv` where `dispatch.int8_gemv` says so.
+  against an int8 matrix goes to `int8_gemv.gemv` where `dispatch.int8_gemv` says so, and a few rows
+  against a matrix of their dtype to `small_row_gemm.gemm` where `dispatch.small_row_gemm` says so.
   """
   rows = int(np.prod(x.shape[:-1]))
   spec = "...k,nk->...n" if transposed else "...k,kn->...n"
@@ -61,6 +62,9 @@ def matmul(x: jax.Array, w: Matrix, transposed: bool = False) -> jax.Array:
   m = w.q if int8 else w
   if int8 and dispatch.int8_gemv(rows):
     y = int8_gemv.gemv(x.reshape(-1), w.q, w.scale, transposed=transposed)  # [d_out] fp32
+    return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
+  if not int8 and x.dtype == m.dtype and dispatch.small_row_gemm(rows):
+    y = small_row_gemm.gemm(x.reshape(rows, -1), m, transposed=transposed)  # [rows, d_out] fp32
     return y.astype(x.dtype).reshape(*x.shape[:-1], -1)
   if transposed and rows == 1:
     y = jnp.sum(x.reshape(1, -1).astype(jnp.float32) * m.astype(jnp.float32), axis=1)  # [d_out]

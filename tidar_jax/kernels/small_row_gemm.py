@@ -10,9 +10,9 @@ once, accumulating in fp32; `splits` > 1 also divides K over the grid, for matri
 tiles (down: N = 1536), and XLA adds the splits' partial sums in the consumer's fusion.
 
 Layouts, as the decoder stores them: W [K, N] or W^T [N, K] (`transposed`). Compiled on a GPU,
-interpreted elsewhere; `reference` is XLA's product it must equal. Not yet the decoder's choice:
-`benchmarks/step_matmuls` times it against XLA at the pruned steps' row counts, and `dispatch`
-takes it once it measures faster.
+interpreted elsewhere; `reference` is XLA's product it must equal. The decoder's `engine.matmul`
+takes it where `dispatch.small_row_gemm` says so; `benchmarks/step_matmuls` times it against XLA at
+the pruned steps' row counts.
 """
 
 from __future__ import annotations
