@@ -77,6 +77,25 @@ def test_humaneval_with_auto_predraft_adds_the_pruned_decoder(export_dir, tmp_pa
   assert "TiDAR pruned / AR tokens/s" in capsys.readouterr().out
 
 
+def test_completion_text_ends_at_the_first_special_token(export_dir):
+  """EOS, or a chat model's <|im_end|> with more written past it, ends a completion's text."""
+  import numpy as np
+  import tokenizers
+
+  from tidar_jax import tokenizer as tokenizer_lib
+  _, _, tok = checkpoint.load_for_inference(export_dir)
+  backend = tokenizers.Tokenizer.from_str(tok.backend.to_str())
+  backend.add_special_tokens(["<|im_end|>"])
+  chat = tokenizer_lib.Tokenizer.from_backend(backend)
+  im_end = chat.backend.token_to_id("<|im_end|>")
+  code, more = chat.encode("    return a + b\n"), chat.encode("<|im_start|>user")
+  for tokenizer, end in ((tok, tok.eos_id), (chat, chat.eos_id), (chat, im_end)):
+    ids = np.array([code + [end] + more, code + more + [0]])  # row 1: one padding slot past its length
+    res = {"_tokens": ids, "_lengths": np.array([len(ids[0]), len(code) + len(more)])}
+    assert ev._text(tokenizer, res, 0) == "    return a + b\n"
+    assert ev._text(tokenizer, res, 1) == tokenizer.decode(code + more)  # no special token: all of the row
+
+
 def test_known_correct_completions_pass_and_wrong_ones_fail():
   problems = humaneval.problems(3)
   canonical = [p["canonical_solution"] for p in problems]

@@ -114,8 +114,12 @@ def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int |
 
 
 def _text(tokenizer: Any, res: dict[str, Any], row: int) -> str:
+  """Row `row`'s generated text up to its first special token: code never holds one, and a chat-tuned
+  model (SmolLM2-Instruct) may end a completion with its turn's end (`<|im_end|>`) instead of EOS,
+  then write on past it."""
   ids = res["_tokens"][row, :res["_lengths"][row]].tolist()
-  return tokenizer.decode([t for t in ids if t != tokenizer.eos_id])
+  special = tokenizer.special_ids()
+  return tokenizer.decode(ids[:next((i for i, t in enumerate(ids) if t in special), len(ids))])
 
 
 def evaluate_nll(params: Any, config: Any, tokenizer: Any, *, split: str, eval_batches: int,

