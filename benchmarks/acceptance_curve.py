@@ -38,7 +38,7 @@ def point(params: Any, config: Any, tokenizer: Any, prompts: decoding.PromptSet,
   model_cfg = dataclasses.replace(validate(config), dtype=dtype, param_dtype=dtype, remat="none")
   r = decoding.run_decoder("tidar", decoding.decode_params(params, dtype), model_cfg, prompts,
                            block_size=config.tidar.block_size, sampling=SamplingParams(temperature=0.0),
-                           max_new_tokens=max_new_tokens, batch=batch, seed=0, eos_id=tokenizer.eos_id,
+                           max_new_tokens=max_new_tokens, batch=batch, seed=0, eos_id=tokenizer.special_ids(),
                            mask_id=tokenizer.mask_id)
   return {k: r[k] for k in ("tokens_per_forward", "mean_tokens_per_step", "accepted_hist", "generated_tokens",
                             "forward_passes")}

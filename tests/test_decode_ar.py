@@ -128,11 +128,26 @@ def test_eos_ends_each_row_and_pads(params, prompts):
   np.testing.assert_array_equal(out.tokens, np.where(cols < ends[:, None], full, loop.PAD_TOKEN))
 
 
+def test_any_of_several_stop_ids_ends_a_row(params, prompts):
+  """eos_id as several ids (generate/evaluate pass every special token): a row ends at the first of any."""
+  full = np.asarray(generate_ar(params, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
+                                key=jax.random.key(0), eos_id=None).tokens)
+  stops = (int(full[0, 5]), int(full[2, 3]))
+  out = generate_ar(params, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
+                    key=jax.random.key(0), eos_id=stops)
+  ends = np.minimum(np.minimum(first_index(full, stops[0]), first_index(full, stops[1])) + 1, M_AR)
+  assert ends[0] <= 6 and ends[2] <= 4
+  np.testing.assert_array_equal(out.lengths, ends)
+  cols = np.arange(M_AR)[None, :]
+  np.testing.assert_array_equal(out.tokens, np.where(cols < ends[:, None], full, loop.PAD_TOKEN))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(prompt_lengths=np.array([3, 0, 1, 14])), r"prompt_lengths: prompt\(s\) \[1\] are empty"),
     (dict(max_len=20), r"max_len=20 is too small.*raise max_len to >= 38"),
     (dict(max_new_tokens=0), r"max_new_tokens=0"),
     (dict(eos_id=48), r"eos_id=48 lies outside the vocabulary"),
+    (dict(eos_id=(3, 48)), r"eos_id=\(3, 48\) lies outside the vocabulary"),
     (dict(key=jax.random.split(jax.random.key(0), 3)), r"key must be one PRNG key or one per row"),
 ])
 def test_bad_input_is_rejected_before_compiling(params, prompts, kwargs, match):

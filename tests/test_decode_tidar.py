@@ -146,6 +146,16 @@ def test_greedy_batch_of_one_equals_ar_and_its_batched_row(params, prompts, ar, 
       np.testing.assert_array_equal(got[0], want[i])
 
 
+def test_greedy_with_several_stop_ids_equals_ar(params, prompts, ar):
+  """A stop set (two ids met mid-draft in different rows) ends TiDAR's rows where it ends AR's."""
+  plain = np.asarray(ar[None].tokens)
+  stops = (int(plain[0, 6]), int(plain[3, 2]))
+  want = generate_ar(params, CFG, prompts, PROMPT_LENGTHS, max_new_tokens=M_AR, sampling=GREEDY,
+                     key=jax.random.key(0), eos_id=stops)
+  assert np.asarray(want.lengths)[[0, 3]].max() <= 7
+  assert_same_as_ar(tidar(params, prompts, PROMPT_LENGTHS, 4, eos=stops), want)
+
+
 @pytest.fixture(scope="module")
 def sampled(params, prompts):
   keys = jax.random.split(jax.random.key(7), len(PROMPT_LENGTHS))

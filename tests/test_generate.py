@@ -33,12 +33,33 @@ def test_library_greedy_tidar_equals_ar(loaded):
     assert ar.prompt == tidar.prompt == prompt  # results come back in prompt order
     assert ar.tokens == tidar.tokens and ar.text == tidar.text
     assert 1 <= len(tidar.tokens) <= NEW and tidar.forward_passes <= ar.forward_passes == len(ar.tokens)
-    ids = ar.tokens[:-1] if ar.tokens[-1] == tokenizer.eos_id else ar.tokens
+    ids = ar.tokens[:-1] if ar.tokens[-1] in tokenizer.special_ids() else ar.tokens
     assert ar.text == tokenizer.decode(ids)
     assert len(tidar.accepted_hist) == config.tidar.block_size
     assert sum(tidar.accepted_hist) == tidar.forward_passes - 1
   line = gen.summary(runs["tidar"])
   assert line.startswith("[tidar] tokens=") and "T/NFE=" in line and "tokens/s=" in line
+
+
+def test_rows_end_at_every_special_token(loaded, monkeypatch):
+  """Both decoders are asked to end a row at any special token, not EOS alone (a chat model's <|im_end|>)."""
+  params, config, tokenizer = loaded
+  asked = {}
+
+  def recording(name):
+    real = getattr(gen, name)
+
+    def decode(*args, **kwargs):
+      asked[name] = kwargs["eos_id"]
+      return real(*args, **kwargs)
+    return decode
+
+  for name in ("generate_ar", "generate_tidar"):
+    monkeypatch.setattr(gen, name, recording(name))
+  for mode in gen.MODES:
+    gen.generate(params, config, PROMPTS[:1], tokenizer, mode=mode, max_new_tokens=2, batch_size=1)
+  assert asked == {"generate_ar": tokenizer.special_ids(), "generate_tidar": tokenizer.special_ids()}
+  assert tokenizer.eos_id in tokenizer.special_ids() and tokenizer.mask_id in tokenizer.special_ids()
 
 
 def test_library_predraft_sets_and_auto_keep_greedy_identity(loaded, caplog):

@@ -89,7 +89,7 @@ def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int |
           results[mode] = decoding.run_decoder(
               "tidar" if mode == "tidar_pruned" else mode, dparams, model_cfg, prompts, block_size=k,
               sampling=SamplingParams(temperature=t), max_new_tokens=max_new_tokens, batch=b, seed=seed,
-              eos_id=tokenizer.eos_id, mask_id=tokenizer.mask_id, predraft=kept)
+              eos_id=tokenizer.special_ids(), mask_id=tokenizer.mask_id, predraft=kept)
           if predicted is not None:
             results[mode]["predicted_speedup"] = predicted
           if mode != "tidar_pruned":  # the same law as TiDAR's: its completions are not scored again
@@ -118,7 +118,7 @@ def _text(tokenizer: Any, res: dict[str, Any], row: int) -> str:
   model (SmolLM2-Instruct) may end a completion with its turn's end (`<|im_end|>`) instead of EOS,
   then write on past it."""
   ids = res["_tokens"][row, :res["_lengths"][row]].tolist()
-  special = tokenizer.special_ids()
+  special = set(tokenizer.special_ids())
   return tokenizer.decode(ids[:next((i for i, t in enumerate(ids) if t in special), len(ids))])
 
 

@@ -69,10 +69,11 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
-  def special_ids(self) -> frozenset[int]:
-    """Ids of every special token: ours (EOS, pad, mask) and the backend's own (e.g. a chat model's
-    `<|im_start|>`, `<|im_end|>`)."""
-    return frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+  def special_ids(self) -> tuple[int, ...]:
+    """Ids of every special token, sorted: ours (EOS, pad, mask) and the backend's own (e.g. a chat
+    model's `<|im_start|>`, `<|im_end|>`). `generate` and `evaluate` end a row at the first of them:
+    text never holds one, and a chat-tuned model ends its turn with `<|im_end|>`, not EOS."""
+    return tuple(sorted(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special))
 
   def decode(self, ids: Iterable[int]) -> str:
     """Inverse of `encode`; special ids decode to their spelling so nothing is silently dropped."""

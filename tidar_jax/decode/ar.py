@@ -6,7 +6,7 @@ blocks"). It is the reference TiDAR must match exactly (greedy) or in distributi
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,12 +73,12 @@ _generate_ar = loop.decode_jit(_generate_ar, static_argnames=("cfg", "max_new_to
 
 
 def generate_ar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
-                sampling: SamplingParams, key: Any, eos_id: int | None, max_len: int | None = None
+                sampling: SamplingParams, key: Any, eos_id: int | Sequence[int] | None, max_len: int | None = None
                 ) -> loop.DecodeOutput:
   """Decodes right-padded prompts [batch, N] (row b has prompt_lengths[b] tokens) token by token.
 
   config: a ModelConfig or the checkpoint's ConfigDict. key: one PRNG key, or [batch] keys (row i
-  then equals the batch-of-1 run with key i). max_len: cache slots (default: prompt bucket +
+  then equals the batch-of-1 run with key i). eos_id: the id, or ids, that end a row (None: none). max_len: cache slots (default: prompt bucket +
   max_new_tokens + 1; allocated as `dispatch.cache_slots`: on a GPU rounded up to a multiple of 128).
   One compilation per (batch, prompt bucket, max_new_tokens, max_len, sampling). Returns tokens
   [batch, max_new_tokens], lengths, stats and the final cache.

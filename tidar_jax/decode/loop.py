@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,7 @@ def resolve_config(config: Any) -> tuple[ModelConfig, Any]:
 
 def check_request(cfg: ModelConfig, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
                   sampling: SamplingParams, key: jax.Array, max_len: int | None, lookahead: int,
-                  token_ids: dict[str, int | None]) -> Request:
+                  token_ids: dict[str, int | Sequence[int] | None]) -> Request:
   """Validates a decode request before anything is compiled; raises ValueError naming the argument.
 
   `lookahead` is how many slots past the last generated token a step may write, `step_tokens(k)`
@@ -102,8 +102,9 @@ def check_request(cfg: ModelConfig, prompts: Any, prompt_lengths: Any, *, max_ne
     raise ValueError(f"prompts[{row}, {col}]={prompts[row, col]} is not a token id of this model "
                      f"(vocab_size={cfg.vocab_size}); was the prompt encoded with another tokenizer?")
   for name, value in token_ids.items():
-    if value is not None and not 0 <= value < cfg.vocab_size:
-      raise ValueError(f"{name}={value} lies outside the vocabulary [0, {cfg.vocab_size})")
+    for v in () if value is None else np.atleast_1d(value).tolist():
+      if not 0 <= v < cfg.vocab_size:
+        raise ValueError(f"{name}={value} lies outside the vocabulary [0, {cfg.vocab_size})")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
   if not isinstance(sampling, SamplingParams):
@@ -157,7 +158,8 @@ def emit(out: jax.Array,  # [batch, max_new_tokens + C] int32
          cand: jax.Array,  # [batch, C] candidates
          count: jax.Array,  # [batch] how many candidates the row emits
          eos_id: jax.Array, max_new_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Appends the first `count` candidates of each row, cut at `max_new_tokens` and after an EOS.
+  """Appends the first `count` candidates of each row, cut at `max_new_tokens` and after an EOS (any
+  id of `eos_id` [n]).
 
   out: [batch, max_new_tokens + C] output buffer (PAD past each row's length; the C spare
   columns let every row write a full window without clamping). Returns the buffer, the number
@@ -166,7 +168,7 @@ def emit(out: jax.Array,  # [batch, max_new_tokens + C] int32
   C = cand.shape[1]
   j = jnp.arange(C)[None, :]  # [1, C]
   keep = (j < count[:, None]) & (j < (max_new_tokens - generated)[:, None])  # [batch, C]
-  eos = keep & (cand == eos_id)
+  eos = keep & jnp.any(cand[..., None] == eos_id.reshape(1, 1, -1), axis=-1)  # [batch, C]
   first_eos = jnp.where(jnp.any(eos, axis=1), jnp.argmax(eos, axis=1), C)  # [batch]
   keep &= j <= first_eos[:, None]
   window = jnp.where(keep, cand, PAD_TOKEN)  # positions >= generated are PAD already
@@ -205,6 +207,6 @@ def decode_jit(fn: Callable, *, static_argnames: tuple[str, ...]) -> Callable:
   return call
 
 
-def eos_array(eos_id: int | None) -> jax.Array:
-  """EOS as a traced scalar (no recompile per id); -1 never matches a token."""
-  return jnp.asarray(-1 if eos_id is None else eos_id, jnp.int32)
+def eos_array(eos_id: int | Sequence[int] | None) -> jax.Array:
+  """The ids that end a row as a traced [n] array (no recompile per id); [-1] (None) never matches."""
+  return jnp.asarray([-1] if eos_id is None else np.atleast_1d(eos_id), jnp.int32).reshape(-1)

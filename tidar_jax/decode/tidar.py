@@ -30,7 +30,7 @@ drafts and q that the loop carries from step to step are not part of the output.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -247,7 +247,7 @@ _trace_tidar = loop.decode_jit(_trace_tidar, static_argnames=("st", "steps"))
 
 
 def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
-                   sampling: SamplingParams, key: Any, eos_id: int | None, mask_id: int,
+                   sampling: SamplingParams, key: Any, eos_id: int | Sequence[int] | None, mask_id: int,
                    max_len: int | None = None, block_size: int | None = None, verify_beta: float | None = None,
                    forced_drafts: Any = None, predraft: Any = None, hooks: StepHooks = HOOKS,
                    hook_data: Any = None) -> loop.DecodeOutput:
@@ -257,7 +257,8 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
   section, and a different block_size is an error) or a bare ModelConfig (then block_size is
   required). predraft: the acceptance counts whose draft blocks a step feeds (`predraft.counts`:
   "all", the default, or e.g. (0, 1, 2, 7)); pruned sets need verify_beta = 1.
-  key: one PRNG key, or [batch] keys (row i then equals the batch-of-1 run with key i).
+  key: one PRNG key, or [batch] keys (row i then equals the batch-of-1 run with key i). eos_id: the
+  id, or ids, that end a row (None: rows run to max_new_tokens).
   mask_id: the tokenizer's mask token. max_len: cache slots (default: prompt bucket +
   max_new_tokens + the tokens one step writes, k + k² with every block; allocated as
   `dispatch.cache_slots`: on a GPU rounded up to a multiple of 128). forced_drafts: optional [batch, positions] int32; the draft for
@@ -290,7 +291,7 @@ def trace_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
 
 
 def _request(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
-             sampling: SamplingParams, key: Any, eos_id: int | None, mask_id: int,
+             sampling: SamplingParams, key: Any, eos_id: int | Sequence[int] | None, mask_id: int,
              max_len: int | None = None, block_size: int | None = None, verify_beta: float | None = None,
              forced_drafts: Any = None, predraft: Any = None, hooks: StepHooks = HOOKS,
              hook_data: Any = None) -> tuple[tuple, _Static]:

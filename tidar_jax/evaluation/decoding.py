@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ def decode_params(params, dtype: str):
 
 
 def run_decoder(mode: str, params, model_cfg, prompts: PromptSet, *, block_size: int, sampling, max_new_tokens: int,
-                batch: int, seed: int, eos_id: int, mask_id: int, predraft: Any = "all") -> dict[str, Any]:
+                batch: int, seed: int, eos_id: int | Sequence[int] | None, mask_id: int, predraft: Any = "all") -> dict[str, Any]:
   """Decodes every prompt of the set in batches; per-row tokens and stats plus the timed totals.
   predraft: TiDAR's kept draft blocks (`tidar_jax.predraft.counts`).
 
