@@ -83,6 +83,7 @@ def test_completion_text_ends_at_the_first_special_token(export_dir):
   import tokenizers
 
   from tidar_jax import tokenizer as tokenizer_lib
+  from tidar_jax.evaluation import decoding
   _, _, tok = checkpoint.load_for_inference(export_dir)
   backend = tokenizers.Tokenizer.from_str(tok.backend.to_str())
   backend.add_special_tokens(["<|im_end|>"])
@@ -92,8 +93,8 @@ def test_completion_text_ends_at_the_first_special_token(export_dir):
   for tokenizer, end in ((tok, tok.eos_id), (chat, chat.eos_id), (chat, im_end)):
     ids = np.array([code + [end] + more, code + more + [0]])  # row 1: one padding slot past its length
     res = {"_tokens": ids, "_lengths": np.array([len(ids[0]), len(code) + len(more)])}
-    assert ev._text(tokenizer, res, 0) == "    return a + b\n"
-    assert ev._text(tokenizer, res, 1) == tokenizer.decode(code + more)  # no special token: all of the row
+    assert decoding.row_text(tokenizer, res, 0) == "    return a + b\n"
+    assert decoding.row_text(tokenizer, res, 1) == tokenizer.decode(code + more)  # no special token: all of it
 
 
 def test_known_correct_completions_pass_and_wrong_ones_fail():

@@ -105,21 +105,13 @@ def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int |
                   decoding.greedy_agreement(results[mode], results["ar"]))
         report["decoding"].setdefault(_sampling_name(t), {})[f"batch{b}"] = entry
   for (t, mode), res in tqdm(list(scored.items()), desc="executing", unit="decoder"):
-    completions = [humaneval.truncate(_text(tokenizer, res, i)) for i in range(len(problems))]
+    completions = [humaneval.truncate(decoding.row_text(tokenizer, res, i)) for i in range(len(problems))]
     results = humaneval.score(problems, completions, timeout=timeout)
     report["pass_at_1"].setdefault(_sampling_name(t), {})[mode] = humaneval.pass_at_1(results)
     report["samples"] += [{"sampling": _sampling_name(t), "decoder": mode, "completion": c, **r}
                           for c, r in zip(completions, results)]
   return report
 
-
-def _text(tokenizer: Any, res: dict[str, Any], row: int) -> str:
-  """Row `row`'s generated text up to its first special token: code never holds one, and a chat-tuned
-  model (SmolLM2-Instruct) may end a completion with its turn's end (`<|im_end|>`) instead of EOS,
-  then write on past it."""
-  ids = res["_tokens"][row, :res["_lengths"][row]].tolist()
-  special = set(tokenizer.special_ids())
-  return tokenizer.decode(ids[:next((i for i, t in enumerate(ids) if t in special), len(ids))])
 
 
 def evaluate_nll(params: Any, config: Any, tokenizer: Any, *, split: str, eval_batches: int,

@@ -16,8 +16,8 @@ from tidar_jax import data
 from tidar_jax.config import validate
 from tidar_jax.decode.sampling import SamplingParams
 from tidar_jax.evaluation import humaneval
-from tidar_jax.evaluation.decoding import (PromptSet, decode_params, greedy_agreement, prompt_set, run_decoder,
-                                           strip_private)
+from tidar_jax.evaluation.decoding import (PromptSet, decode_params, greedy_agreement, prompt_set, row_text,
+                                           run_decoder, strip_private)
 from tidar_jax.evaluation.likelihood import eval_batches, likelihood
 
 
@@ -105,7 +105,7 @@ def decode_eval(rec: RunResult, params, config, tokenizer, prompt_sets: list[Pro
         continue
       try:
         r = run_decoder(mode, dparams, model_cfg, ps, block_size=k, sampling=sampling,
-                        max_new_tokens=args.max_new_tokens, batch=batch, seed=args.seed, eos_id=tokenizer.eos_id,
+                        max_new_tokens=args.max_new_tokens, batch=batch, seed=args.seed, eos_id=tokenizer.special_ids(),
                         mask_id=tokenizer.mask_id)
       except Exception as e:  # noqa: BLE001
         rec.error(f"{where} {mode}", e)
@@ -138,8 +138,7 @@ def decode_eval(rec: RunResult, params, config, tokenizer, prompt_sets: list[Pro
       if ps.name == "held_out" and sname == "greedy" and results:
         entry["greedy_samples"] = [
             {"prompt": tokenizer.decode(ps.tokens[i, :ps.lengths[i]].tolist()),
-             **{mode: tokenizer.decode([t for t in r["_tokens"][i, :r["_lengths"][i]].tolist() if t != tokenizer.eos_id])
-                for mode, r in results.items()}}
+             **{mode: row_text(tokenizer, r, i) for mode, r in results.items()}}
             for i in range(min(3, n))]
       rec.flush()
   # Latency regime: batch 1, greedy, the first --speed-prompts held-out prompts.

@@ -102,6 +102,14 @@ def greedy_agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
           "mean_common_prefix": float(first.mean()), "first_divergence": first.tolist()}
 
 
+def row_text(tokenizer: Any, res: dict[str, Any], row: int) -> str:
+  """A `run_decoder` result's row `row` as text, up to its first special token (the decoders stop
+  there when asked to stop at `tokenizer.special_ids()`; text never holds one)."""
+  ids = res["_tokens"][row, :res["_lengths"][row]].tolist()
+  special = set(tokenizer.special_ids())
+  return tokenizer.decode(ids[:next((i for i, t in enumerate(ids) if t in special), len(ids))])
+
+
 def strip_private(d: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in d.items() if not k.startswith("_")}
 
