@@ -1,8 +1,7 @@
 """Every platform choice of the framework in one place: the attention a training step or a decode step
 runs, whether a decode step's matmuls take a Pallas kernel (one int8 row, or a few bf16 rows), how a
-decode cache is aligned, and the
-compiler options a decode compiles with. The kernels (`tidar_jax.kernels`) only know how to run:
-compiled on their platform, interpreted elsewhere.
+decode cache is aligned, and the compiler options a decode compiles with. The kernels
+(`tidar_jax.kernels`) only know how to run: compiled on their platform, interpreted elsewhere.
 
 Every choice reads the backend when it is made (at trace time), never at import: a process may pick
 its platform after importing tidar_jax, and the tests pretend to be a GPU or a TPU.

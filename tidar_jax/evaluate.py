@@ -113,7 +113,6 @@ def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int |
   return report
 
 
-
 def evaluate_nll(params: Any, config: Any, tokenizer: Any, *, split: str, eval_batches: int,
                  data_source: str | None) -> dict[str, Any]:
   """AR NLL / perplexity (and TiDAR's diffusion loss) on `eval_batches` batches of a corpus split."""

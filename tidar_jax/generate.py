@@ -97,7 +97,6 @@ def generate(params: Any, config: Any, prompts: Sequence[str], tokenizer: Any, *
   auto = predraft == predraft_lib.AUTO
   kept = predraft_lib.ALL if auto else predraft
   results: list[GenerationResult | None] = [None] * len(prompts)
-  stops = tokenizer.special_ids()  # a row ends at EOS or any other special token (a chat model's <|im_end|>)
   for batch in _batches([len(ids) for ids in encoded], batch_size):
     rows = batch + [batch[0]] * (batch_size - len(batch))
     lengths = np.array([len(encoded[i]) for i in rows], np.int32)
@@ -105,7 +104,7 @@ def generate(params: Any, config: Any, prompts: Sequence[str], tokenizer: Any, *
     for r, i in enumerate(rows):
       tokens[r, : lengths[r]] = encoded[i]
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(np.array(rows, np.uint32))
-    kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, key=keys, eos_id=stops,
+    kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, key=keys, eos_id=tokenizer.special_ids(),
                   max_len=max_len)
     compile_before, start = _compile_seconds[0], time.perf_counter()
     if mode == "tidar":
@@ -118,8 +117,7 @@ def generate(params: Any, config: Any, prompts: Sequence[str], tokenizer: Any, *
     used = list(predraft_lib.counts(kept, hist.shape[1])) if mode == "tidar" else []
     for r, i in enumerate(batch):
       ids = out_tokens[r, : out_lengths[r]].tolist()
-      text_ids = ids[:-1] if ids and ids[-1] in stops else ids
-      results[i] = GenerationResult(prompts[i], tokenizer.decode(text_ids), ids, int(forward_passes[r]),
+      results[i] = GenerationResult(prompts[i], tokenizer.generated_text(ids), ids, int(forward_passes[r]),
                                     hist[r].tolist(), seconds / len(batch), mode, used)
     if mode == "tidar" and auto and kept == predraft_lib.ALL:  # the first batch measured the acceptance
       kept, gain = predraft_lib.best_counts(hist[:len(batch)].sum(axis=0), batch_size)

@@ -79,6 +79,12 @@ class Tokenizer:
     """Inverse of `encode`; special ids decode to their spelling so nothing is silently dropped."""
     return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
+  def generated_text(self, ids: Sequence[int]) -> str:
+    """A generated row's text: `ids` decoded up to the first special token (where the decoders stop
+    when asked to stop at `special_ids()`), which is not part of the text."""
+    special = set(self.special_ids())
+    return self.decode(ids[:next((i for i, t in enumerate(ids) if t in special), len(ids))])
+
   def save(self, directory: str | os.PathLike[str]) -> pathlib.Path:
     """Writes `<directory>/tokenizer.json` atomically (concurrent processes may save the same file)."""
     directory = pathlib.Path(directory)

@@ -105,8 +105,8 @@ def decode_eval(rec: RunResult, params, config, tokenizer, prompt_sets: list[Pro
         continue
       try:
         r = run_decoder(mode, dparams, model_cfg, ps, block_size=k, sampling=sampling,
-                        max_new_tokens=args.max_new_tokens, batch=batch, seed=args.seed, eos_id=tokenizer.special_ids(),
-                        mask_id=tokenizer.mask_id)
+                        max_new_tokens=args.max_new_tokens, batch=batch, seed=args.seed,
+                        eos_id=tokenizer.special_ids(), mask_id=tokenizer.mask_id)
       except Exception as e:  # noqa: BLE001
         rec.error(f"{where} {mode}", e)
         continue

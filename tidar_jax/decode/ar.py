@@ -78,8 +78,9 @@ def generate_ar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
   """Decodes right-padded prompts [batch, N] (row b has prompt_lengths[b] tokens) token by token.
 
   config: a ModelConfig or the checkpoint's ConfigDict. key: one PRNG key, or [batch] keys (row i
-  then equals the batch-of-1 run with key i). eos_id: the id, or ids, that end a row (None: none). max_len: cache slots (default: prompt bucket +
-  max_new_tokens + 1; allocated as `dispatch.cache_slots`: on a GPU rounded up to a multiple of 128).
+  then equals the batch-of-1 run with key i). eos_id: the id, or ids, that end a row (None: none).
+  max_len: cache slots (default: prompt bucket + max_new_tokens + 1; allocated as
+  `dispatch.cache_slots`: on a GPU rounded up to a multiple of 128).
   One compilation per (batch, prompt bucket, max_new_tokens, max_len, sampling). Returns tokens
   [batch, max_new_tokens], lengths, stats and the final cache.
   """

@@ -44,7 +44,8 @@ def decode_params(params, dtype: str):
 
 
 def run_decoder(mode: str, params, model_cfg, prompts: PromptSet, *, block_size: int, sampling, max_new_tokens: int,
-                batch: int, seed: int, eos_id: int | Sequence[int] | None, mask_id: int, predraft: Any = "all") -> dict[str, Any]:
+                batch: int, seed: int, eos_id: int | Sequence[int] | None, mask_id: int,
+                predraft: Any = "all") -> dict[str, Any]:
   """Decodes every prompt of the set in batches; per-row tokens and stats plus the timed totals.
   predraft: TiDAR's kept draft blocks (`tidar_jax.predraft.counts`).
 
@@ -103,11 +104,8 @@ def greedy_agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def row_text(tokenizer: Any, res: dict[str, Any], row: int) -> str:
-  """A `run_decoder` result's row `row` as text, up to its first special token (the decoders stop
-  there when asked to stop at `tokenizer.special_ids()`; text never holds one)."""
-  ids = res["_tokens"][row, :res["_lengths"][row]].tolist()
-  special = set(tokenizer.special_ids())
-  return tokenizer.decode(ids[:next((i for i, t in enumerate(ids) if t in special), len(ids))])
+  """A `run_decoder` result's row `row` as text (`Tokenizer.generated_text`)."""
+  return tokenizer.generated_text(res["_tokens"][row, :res["_lengths"][row]].tolist())
 
 
 def strip_private(d: dict[str, Any]) -> dict[str, Any]:
