@@ -52,6 +52,12 @@ def test_default_tiling_fills_the_gpu_and_tiles_the_matrix():
   assert srg.default_tiling(16, 1536, 8960).splits > 1  # down: 24 output tiles alone would idle most SMs
 
 
+def test_rows_pad_to_a_power_of_two_the_triton_lowering_takes():
+  # a [48, 16] tile failed to lower on the H100: 40 rows must pad to 64, 72 to 128
+  for m, padded in [(1, 16), (16, 16), (17, 32), (24, 32), (40, 64), (72, 128), (128, 128)]:
+    assert srg.padded_rows(m) == padded
+
+
 def test_bad_shapes_are_refused():
   x, w, _ = _case(8, 32, 16)
   with pytest.raises(ValueError, match="does not fit"):

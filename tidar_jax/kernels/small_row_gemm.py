@@ -5,7 +5,8 @@ The step's time is the weights' stream: 16 rows reuse each weight tile 16 times,
 tensor cores' need, so a GEMM this short is bound by the bytes of W, like a GEMV. XLA's GEMMs at
 these M stream the weights well below the copy rate (a 72-row step's matmuls took 1.48 ms where the
 one-row products of the same weights took 0.95 ms on an H200). Here every program holds all M rows
-(padded to a multiple of 16, the tensor-core dot's least) and streams [block_k, block_n] tiles of W
+(padded to a power of two of at least 16: the tensor-core dot's least, and Triton's lowering takes
+only power-of-two shapes) and streams [block_k, block_n] tiles of W
 once, accumulating in fp32; `splits` > 1 also divides K over the grid, for matrices with few output
 tiles (down: N = 1536), and XLA adds the splits' partial sums in the consumer's fusion.
 
@@ -30,6 +31,12 @@ ROW_TILE = 16  # Triton's dot needs at least 16 rows
 MAX_ROWS = 128  # past this XLA's GEMMs reuse each weight tile enough to run near their peak
 
 
+def padded_rows(m: int) -> int:
+  """The rows a program holds for M rows: the next power of two, at least ROW_TILE (Pallas' Triton
+  lowering refuses a [48, 16] tile, so 40 rows pad to 64, not 48)."""
+  return max(ROW_TILE, 1 << max(m - 1, 0).bit_length())
+
+
 def default_tiling(m: int, n: int, k: int, *, programs: int = 264) -> MatrixTiling:
   """Tiles of 64 output channels by 64-128 input channels, and enough splits along K that the grid
   has at least `programs` programs (two per SM of an H100/H200) while each keeps 4+ inner steps."""
@@ -42,7 +49,7 @@ def default_tiling(m: int, n: int, k: int, *, programs: int = 264) -> MatrixTili
 
 
 def _kernel(x_ref, w_ref, o_ref, *, transposed: bool, block_n: int, block_k: int, steps: int):
-  # x [M, K] (M a multiple of 16); w [K, N] or [N, K] (transposed); o [splits, M, N] fp32
+  # x [M, K] (M a power of two >= 16); w [K, N] or [N, K] (transposed); o [splits, M, N] fp32
   outs = pl.ds(pl.multiple_of(pl.program_id(0) * block_n, block_n), block_n)
   first = pl.program_id(1) * steps * block_k
 
@@ -67,7 +74,7 @@ def gemm(x: jax.Array, w: jax.Array, *, transposed: bool = False, tiling: Matrix
   if w.shape != ((n, k) if transposed else (k, n)) or m > MAX_ROWS:
     raise ValueError(f"small_row_gemm: x {x.shape} does not fit a {'transposed ' * transposed}matrix {w.shape}, "
                      f"or has more than {MAX_ROWS} rows")
-  padded = -(-m // ROW_TILE) * ROW_TILE
+  padded = padded_rows(m)
   xp = jnp.pad(x, ((0, padded - m), (0, 0)))  # [padded, K]
   kernel = functools.partial(_kernel, transposed=transposed)
   return split_k_matmul(kernel, (xp, w), tiling=tiling or default_tiling(m, n, k), n=n, k=k, rows=(padded,),
