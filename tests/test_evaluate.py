@@ -99,17 +99,24 @@ def test_completion_text_ends_at_the_first_special_token(export_dir):
 
 def test_known_correct_completions_pass_and_wrong_ones_fail():
   problems = humaneval.problems(3)
-  canonical = [p["canonical_solution"] for p in problems]
+  # The model sees the prompt without its trailing newline (a byte-level BPE merges it with the body's
+  # indent), so a correct completion starts with the newline the prompt lost.
+  for p in problems:
+    assert humaneval.prompt_text(p) == p["prompt"].rstrip() != p["prompt"]
+  canonical = ["\n" + p["canonical_solution"] for p in problems]
   # What a model writes past the function: cut at the stop sequences, as the scorer does.
   completions = [humaneval.truncate(c + "\nprint(f(1))\ndef f(x):\n    pass\n") for c in canonical]
   assert completions == canonical
   assert humaneval.pass_at_1(humaneval.score(problems, completions, timeout=10)) == 1.0
-  wrong = ["    return None\n", "    while True:\n        pass\n", "    return (\n"]
+  wrong = ["\n    return None\n", "\n    while True:\n        pass\n", "\n    return (\n"]
   results = humaneval.score(problems, wrong, timeout=2)
   assert [r["passed"] for r in results] == [False] * 3
   assert results[0]["result"].startswith("failed: AssertionError")
   assert results[1]["result"] == "timed out"
   assert results[2]["result"].startswith("failed: SyntaxError")
+  # the body glued to the docstring's closing quotes (no newline) is not a program
+  assert humaneval.score(problems[:1], [problems[0]["canonical_solution"]], timeout=10)[0]["result"].startswith(
+      "failed: SyntaxError")
 
 
 def test_nll_on_text_files(export_dir, tmp_path):

