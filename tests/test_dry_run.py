@@ -105,7 +105,8 @@ def test_hypothetical_mesh_from_config_and_bad_fits():
 
 def test_cli_dry_run_1p5b():
   """The command a user types, on this machine's one CPU device: counts, memory, shardings, plan, verdict."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  # the whole 80 GiB H100 as JAX's pool (the default 75% is tested below)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "XLA_PYTHON_CLIENT_MEM_FRACTION": "1.0"}
   result = subprocess.run([sys.executable, "-m", "tidar_jax.train", "--config=configs/1p5b.py", "--dry_run"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -118,7 +119,8 @@ def test_cli_dry_run_1p5b():
   assert re.search(r"check on the compiled mesh: XLA's argument bytes 17\.\d+ GiB = analytic", out)
   assert re.search(r"embed/embedding +\(vocab, embed\) +\(tensor, fsdp\) +\(151936, 1536\)", out)
   assert "--dry_run_mesh=1,64,1" in out
-  # the shipped "auto" micro-batch on the default 80 GiB device: 2 sequences (~54 GiB; 4 would need ~77)
+  assert "device h100 (gpu) 80.0 GiB (JAX's 100% pool of 80.0" in out
+  # the shipped "auto" micro-batch on the 80 GiB device: 2 sequences (~54 GiB; 4 would need ~77)
   assert "batch plan: global 512 x 4096 = 1 device x micro 2 x accum 256 (auto: compiled at micro 1:" in out
   assert "attention compiled as 'flash_footprint'" in out and "in float16 for bfloat16 (same width)" in out
   assert re.search(r"one loss chunk's fp32 logits \[2, 1024, 151936\] 1\.159 GiB", out)
@@ -191,3 +193,24 @@ def test_tpu_target_reports_splash_and_the_mask_sparsity(capsys):
   assert dry_run._compiled_attention(m, "tidar", "gpu") == "flash_footprint"  # cuDNN's, modelled
   with pytest.raises(ValueError, match=r"--dry_run_device='tpu-v9': use one of"):
     dry_run.report(tiny.get_config(), measure=False, device="tpu-v9")
+
+
+def test_a_named_gpu_is_sized_as_jax_pool_of_it(monkeypatch, capsys):
+  """The trainer's auto rule sees JAX's allocator limit (75% of an H100's 80 GiB unless
+  XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), so the dry run for a named GPU budgets the same;
+  an explicit --dry_run_device_gb and a TPU's HBM are taken as they are."""
+  cfg = tiny.get_config()
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
+  assert dry_run.report(cfg, measure=False, device="h100")["device_gb"] == 60.0
+  assert "device h100 (gpu) 60.0 GiB (JAX's 75% pool of 80.0" in capsys.readouterr().out
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  assert dry_run.report(cfg, measure=False, device="h200")["device_gb"] == pytest.approx(126.0)
+  assert dry_run.report(cfg, measure=False, device="h200", device_gb=140.0)["device_gb"] == 140.0
+  assert dry_run.report(cfg, measure=False, device="tpu-v5p")["device_gb"] == 95.0
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")
+  assert dry_run.report(cfg, measure=False, device="h100")["device_gb"] == 80.0
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR")
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "75")
+  with pytest.raises(ValueError, match=r"XLA_PYTHON_CLIENT_MEM_FRACTION='75': use a fraction in \(0, 1\]"):
+    dry_run.report(cfg, measure=False, device="h100")

@@ -288,8 +288,9 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
   resolved against the current devices (explicit sizes beyond them count as hypothetical).
   measure: compile the train step for activations/temporaries (False: analytic numbers only).
   device: a name from `accelerators.BY_NAME` (its platform's attention kernel and memory; default: this
-  accelerator, else "h100"); device_gb: memory per device in GiB (default: the device's); the
-  plan may use `memory_fit.MARGIN` of it.
+  accelerator, else "h100"); device_gb: memory per device in GiB (default: this accelerator's
+  allocator limit; for a named GPU, JAX's pool of its memory, `memory_fit.gpu_pool_fraction`, since
+  that is what the trainer's allocator will hand out); the plan may use `memory_fit.MARGIN` of it.
   """
   model_cfg = validate(config)
   rules = sharding.logical_rules(config.mesh)
@@ -348,6 +349,12 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
   p(f"mesh: data={d} fsdp={f} tensor={t} = {n} devices ({where})")
   length = 2 * seq_len if config.tidar.objective == "tidar" else seq_len  # the model's input length
   device_name, platform, known_gb = target_device(device)
+  pool = ""
+  if device_gb is None and known_gb is not None and platform == "gpu" and not (
+      device is None and jax.default_backend() == "gpu"):  # a named GPU: JAX's pool of it, as the trainer sees it
+    fraction = memory_fit.gpu_pool_fraction()
+    device_gb = known_gb * fraction
+    pool = f" (JAX's {fraction:.0%} pool of {known_gb:.1f}: XLA_PYTHON_CLIENT_MEM_FRACTION)"
   device_gb = device_gb or known_gb or 80.0
   budget = int(memory_fit.MARGIN * device_gb * GiB)
   out["device"], out["device_gb"], out["budget_bytes"] = device_name, device_gb, budget
@@ -355,7 +362,7 @@ def report(config: Any, mesh_shape: tuple[int, int, int] | None = None, *,
   out["compiled_attention"] = attn
   modelled = {"gpu": "cuDNN flash", "tpu": "splash"}.get(platform, "flash")
   p(f"batch: {batch} x {seq_len} tokens (the TiDAR input is {length} long) -> {per_device_batch} sequence(s) "
-    f"per device; device {device_name} ({platform}) {device_gb:.1f} GiB (budget {memory_fit.MARGIN:.0%}: "
+    f"per device; device {device_name} ({platform}) {device_gb:.1f} GiB{pool} (budget {memory_fit.MARGIN:.0%}: "
     f"{_gib(budget)} GiB); attention compiled as {attn!r}"
     + (f" ({modelled} attention's memory, modelled on this machine)" if attn == "flash_footprint" else ""))
   if jax.default_backend() == "cpu" and platform != "cpu":

@@ -52,6 +52,21 @@ class StepMemory:
                int(ma.temp_size_in_bytes))
 
 
+def gpu_pool_fraction() -> float:
+  """The share of a GPU's memory JAX's allocator may hand out: `XLA_PYTHON_CLIENT_MEM_FRACTION`
+  (JAX's default 0.75), or all of it with `XLA_PYTHON_CLIENT_ALLOCATOR=platform`."""
+  if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+    return 1.0
+  value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+  try:
+    fraction = float(value)
+  except ValueError:
+    fraction = -1.0
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r}: use a fraction in (0, 1], e.g. 0.9")
+  return fraction
+
+
 def device_memory_bytes(device: jax.Device | None = None) -> int | None:
   """What the allocator of `device` may hand out (GPU/TPU: `bytes_limit`; CPU: host RAM per device)."""
   device = device or jax.local_devices()[0]

@@ -288,7 +288,8 @@ def define_flags() -> None:
   flags.DEFINE_string("dry_run_device", None, "With --dry_run: the accelerator to size for (h100, h200, a100, b200, "
                       "tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e): its attention kernel and memory; default: this "
                       "accelerator, else h100.")
-  flags.DEFINE_float("dry_run_device_gb", None, "With --dry_run: memory per device in GiB (default: the device's).")
+  flags.DEFINE_float("dry_run_device_gb", None, "With --dry_run: memory per device in GiB (default: the device's; "
+                     "for a named GPU, JAX's pool of it: XLA_PYTHON_CLIENT_MEM_FRACTION, 75% unless set).")
   flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process runs.")
   flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-process run.")
   flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
