@@ -54,8 +54,7 @@ def run(rec: common.Recorder, *, workdir: str, base: str | None, prompts: int, m
   if config.tidar.objective != "tidar":
     raise SystemExit(f"--workdir={workdir} trained the {config.tidar.objective!r} objective: T/NFE needs a TiDAR run")
   problems = humaneval.problems(prompts)
-  ps = decoding.prompt_set("humaneval", [tokenizer.encode(humaneval.prompt_text(p)) for p in problems],
-                           [p["task_id"] for p in problems])
+  ps = decoding.humaneval_prompts(tokenizer, problems)
   tokens_per_step = config.train.batch_size * config.train.seq_len
   losses = eval_losses_by_step(workdir)
   rec.set("run", {"workdir": os.path.abspath(workdir), "block_size": config.tidar.block_size, "prompts": len(problems),

@@ -82,7 +82,6 @@ def test_humaneval_with_auto_predraft_adds_the_pruned_decoder(export_dir, tmp_pa
 
 def test_completion_text_ends_at_the_first_special_token(export_dir):
   """EOS, or a chat model's <|im_end|> with more written past it, ends a completion's text."""
-  import numpy as np
   import tokenizers
 
   from tidar_jax import tokenizer as tokenizer_lib
@@ -159,6 +158,7 @@ def test_library_rejects_bad_arguments(export_dir):
 def test_nll_splits_a_batch_that_does_not_fit_into_micro_batches(export_dir, tmp_path, monkeypatch):
   from tidar_jax import memory_fit
   from tidar_jax.checkpoint import load_for_inference
+  from tidar_jax.evaluation import likelihood
   docs = tmp_path / "docs"
   docs.mkdir()
   for i in range(40):
@@ -169,7 +169,6 @@ def test_nll_splits_a_batch_that_does_not_fit_into_micro_batches(export_dir, tmp
                           data_source=str(docs))
   full = nll()
   assert full["ar_micro_batches"] == full["tidar_micro_batches"] == 1  # host RAM: the whole batch at once
-  from tidar_jax.evaluation import likelihood
   measured = []  # per eval step (AR, then TiDAR's): {grad_accum: bytes per device}
   real_compile, real_fit = likelihood._compile, likelihood.fitting_eval_step
 

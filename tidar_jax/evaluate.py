@@ -56,8 +56,7 @@ def evaluate_humaneval(params: Any, config: Any, tokenizer: Any, *, limit: int |
   if not temperatures or min(temperatures) < 0:
     raise ValueError(f"--temperatures={list(temperatures)}: give temperatures >= 0 (0 = greedy), e.g. 0,0.8")
   problems = humaneval.problems(limit)
-  prompts = decoding.prompt_set("humaneval", [tokenizer.encode(humaneval.prompt_text(p)) for p in problems],
-                                [p["task_id"] for p in problems])
+  prompts = decoding.humaneval_prompts(tokenizer, problems)
   dtype = dtype or config.model.dtype
   model_cfg = dataclasses.replace(validate(config), dtype=dtype, param_dtype=dtype, remat="none")
   dparams = decoding.decode_params(params, dtype)

@@ -16,7 +16,7 @@ from tidar_jax import data
 from tidar_jax.config import validate
 from tidar_jax.decode.sampling import SamplingParams
 from tidar_jax.evaluation import humaneval
-from tidar_jax.evaluation.decoding import (PromptSet, decode_params, greedy_agreement, prompt_set, row_text,
+from tidar_jax.evaluation.decoding import (PromptSet, decode_params, greedy_agreement, humaneval_prompts, row_text,
                                            run_decoder, strip_private)
 from tidar_jax.evaluation.likelihood import eval_batches, likelihood
 
@@ -78,7 +78,7 @@ def humaneval_prompt_set(tokenizer, limit: int) -> PromptSet | None:
     problems = humaneval.problems(limit)
   except ImportError:
     return None
-  return prompt_set("humaneval", [tokenizer.encode(humaneval.prompt_text(p)) for p in problems], [p["task_id"] for p in problems])
+  return humaneval_prompts(tokenizer, problems)
 
 
 def decode_eval(rec: RunResult, params, config, tokenizer, prompt_sets: list[PromptSet], args,

@@ -17,6 +17,7 @@ from tidar_jax import predraft as predraft_lib
 from tidar_jax.decode.ar import generate_ar
 from tidar_jax.decode.loop import bucket_length
 from tidar_jax.decode.tidar import generate_tidar
+from tidar_jax.evaluation import humaneval
 
 
 @dataclasses.dataclass
@@ -121,3 +122,9 @@ def prompt_set(name: str, encoded: list[list[int]], sources: list[str]) -> Promp
   for i, ids in enumerate(encoded):
     tokens[i, :len(ids)] = ids
   return PromptSet(name, tokens, np.array([len(ids) for ids in encoded], np.int32), sources)
+
+
+def humaneval_prompts(tokenizer: Any, problems: Sequence[dict[str, Any]]) -> PromptSet:
+  """HumanEval problems' prompts as the model sees them (`humaneval.prompt_text`), named by task id."""
+  return prompt_set("humaneval", [tokenizer.encode(humaneval.prompt_text(p)) for p in problems],
+                    [p["task_id"] for p in problems])

@@ -56,9 +56,11 @@ def fitting_eval_step(make_step, params, tokens: jax.ShapeDtypeStruct, batch_dev
   """
   limit = memory_fit.device_memory_bytes()
   whole, need = _compile(make_step, params, tokens, 1)
-  if limit is None or need <= memory_fit.MARGIN * limit:  # no allocator statistics: as training without "auto"
+  if limit is None:  # no allocator statistics: the whole batch, as training without "auto"
     return whole, 1
   budget = int(memory_fit.MARGIN * limit)
+  if need <= budget:
+    return whole, 1
   per_device = tokens.shape[0] // batch_devices
   compiled: dict[int, Any] = {per_device: whole}
 
