@@ -58,12 +58,14 @@ def sweep_table(folder: str) -> str | None:
 
 def quality_table(folder: str, tidar: str) -> str | None:
   rows = []
-  for name, label in (("base", "base (before continual pretraining)"), ("ar", "AR-continued"), (tidar, f"TiDAR ({tidar})")):
+  for name, label in (("base", "base (before continual pretraining)"), ("ar", "AR-continued"),
+                      (tidar, f"TiDAR ({tidar})")):
     nll, he = _json(folder, f"nll_{name}.json"), _json(folder, f"he_{name}.json")
     if nll is None and he is None:
       continue
     pass1 = (he or {}).get("pass_at_1", {})
-    rows.append([label, f"{nll['ar_nll']:.4f}" if nll else "", f"{nll['diffusion_loss']:.4f}" if nll and "diffusion_loss" in nll else "",
+    rows.append([label, f"{nll['ar_nll']:.4f}" if nll else "",
+                 f"{nll['diffusion_loss']:.4f}" if nll and "diffusion_loss" in nll else "",
                  *(", ".join(f"{mode} {v:.3f}" for mode, v in pass1.get(s, {}).items()) for s in ("greedy", "t0.8"))])
   if not rows:
     return None
@@ -79,7 +81,8 @@ def decoding_table(he: dict[str, Any]) -> str:
         r = entry.get(mode)
         if r is None:
           continue
-        agree = entry.get("greedy_agreement" if mode == "tidar" else "greedy_agreement_pruned") if mode != "ar" else None
+        agree = (entry.get("greedy_agreement" if mode == "tidar" else "greedy_agreement_pruned")
+                 if mode != "ar" else None)
         speed = entry.get("speedup" if mode == "tidar" else "speedup_pruned") if mode != "ar" else None
         rows.append([sampling, batch[len("batch"):], mode + (f" {r['predraft']}" if mode == "tidar_pruned" else ""),
                      f"{r['tokens_per_forward']:.2f}", round(r["tokens_per_s"]), f"{speed:.2f}x" if speed else "",

@@ -110,7 +110,8 @@ def run(rec: common.Recorder, cfg, model: str, batches, kvs, blocks, layers: int
             continue
           if kernel == "dense":
             ref = out
-          err = None if ref is None else float(jnp.max(jnp.abs(out[:1].astype(jnp.float32) - ref[:1].astype(jnp.float32))))
+          err = None if ref is None else float(
+              jnp.max(jnp.abs(out[:1].astype(jnp.float32) - ref[:1].astype(jnp.float32))))
           us = statistics.median(times) / layers * 1e6
           rec.add({**label, "us_per_layer": us, "max_abs_err_layer0_vs_dense": err})
           print(f"[step_attention] B={batch} kv={kv} k={block} {name}: {us:.1f} us/layer err {err}", flush=True)

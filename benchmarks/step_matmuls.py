@@ -100,7 +100,8 @@ def render(result: dict[str, Any]) -> str:
     rows.append([r["matrix"], f"{r.get('rows', 1)} x {r['K']} x {r['N']}", r["variant"], *val])
   return common.section("step_matmuls", meta, f"{meta.get('shape', '')}; median of {meta.get('reps', '?')} calls of "
                         "all layers chained.",
-                        common.md_table(["matrix", "rows x K x N", "variant", "µs per matrix", "GB/s of weights"], rows))
+                        common.md_table(["matrix", "rows x K x N", "variant", "µs per matrix", "GB/s of weights"],
+                                        rows))
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -123,7 +123,8 @@ def render(result: dict[str, Any]) -> str:
   rows = []
   for r in recs:
     if "step_s" not in r:
-      rows.append([r["model"], r["objective"], r.get("seq_len"), r.get("batch"), r.get("error", r.get("skipped", ""))[:80]]
+      rows.append([r["model"], r["objective"], r.get("seq_len"), r.get("batch"),
+                   r.get("error", r.get("skipped", ""))[:80]]
                   + [None] * 7)
       continue
     ar = by.get((r["model"], r["seq_len"], r["batch"], "ar"))
@@ -169,7 +170,8 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
     meta["matmul"] = common.matmul_rate()
   rec = common.Recorder(args.out, meta)
   run(rec, models=models, seqs=seqs, batches=batches, objectives=args.objectives.split(","), steps=args.steps,
-      overrides={"remat": args.remat, "attention": args.attention, **args.config_overrides}, deadline=common.Deadline(args.budget_s),
+      overrides={"remat": args.remat, "attention": args.attention, **args.config_overrides},
+      deadline=common.Deadline(args.budget_s),
       keep_last=args.smoke)
   return rec.result
 
@@ -217,8 +219,10 @@ def run(rec: common.Recorder, *, models: list[str], seqs: list[int], batches: li
           continue
       rec.add(r)
       print(f"[train] {name} {objective} L={seq_len} B={batch}: {r['step_s'] * 1e3:.1f} ms/step, "
-            f"{r['clean_tokens_per_s']:,.0f} clean tok/s, {r['achieved_tflops']:.0f} TFLOP/s, MFU {_pct(r['mfu_pct'])}, "
-            f"first step {r['first_step_s']:.1f}s, peak {r['memory_gib'].get('peak_bytes_in_use', float('nan')):.1f} GiB",
+            f"{r['clean_tokens_per_s']:,.0f} clean tok/s, {r['achieved_tflops']:.0f} TFLOP/s, "
+            f"MFU {_pct(r['mfu_pct'])}, "
+            f"first step {r['first_step_s']:.1f}s, "
+            f"peak {r['memory_gib'].get('peak_bytes_in_use', float('nan')):.1f} GiB",
             flush=True)
 
 

@@ -35,7 +35,8 @@ def get_config() -> ConfigDict:
   c.model.param_dtype = "float32"  # master weight dtype
   c.model.scan_layers = True  # nn.scan over layers (fast compile); False unrolls the same stacked params
   c.model.remat = "none"  # activation checkpointing per block: none | full | dots
-  c.model.attention = "dense"  # dense (reference) | cudnn (GPU) | splash (TPU) | auto (cudnn on GPU in bf16, splash on TPU, else dense)
+  c.model.attention = "dense"  # dense (reference) | cudnn (GPU) | splash (TPU) | auto (cudnn on GPU in bf16,
+  # splash on TPU, else dense)
   c.model.decode_quant = "none"  # decoding only: int8 = layer matrices as int8 + one scale per output column
 
   c.tidar = ConfigDict()

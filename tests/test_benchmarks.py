@@ -129,7 +129,8 @@ def test_config_loader():
   config = config_loader.load_config("configs/tiny.py")
   assert config == config_loader.load_config("tiny")
   config_loader.apply_overrides(config, {"train.steps": "7", "model.qk_norm": "true", "train.learning_rate": "1e-4",
-                                         "data.dataset": "text_files", "tidar.block_size": 4, "model.scan_layers": False})
+                                         "data.dataset": "text_files", "tidar.block_size": 4,
+                                         "model.scan_layers": False})
   assert (config.train.steps, config.model.qk_norm, config.train.learning_rate) == (7, True, 1e-4)
   assert (config.data.dataset, config.tidar.block_size, config.model.scan_layers) == ("text_files", 4, False)
   with pytest.raises(ValueError, match=r"--config.train.stepz=1: unknown field 'stepz'.*steps"):

@@ -214,7 +214,8 @@ def test_tidar_step_through_the_small_row_gemm_equals_xla(monkeypatch):
   def step(use: bool):
     monkeypatch.setattr(dispatch, "small_row_gemm", lambda rows: use and 1 < rows <= srg.MAX_ROWS)
     calls = []
-    monkeypatch.setattr(srg, "gemm", lambda x, m, **kw: calls.append((x.shape[0], kw["transposed"])) or real(x, m, **kw))
+    monkeypatch.setattr(srg, "gemm",
+                        lambda x, m, **kw: calls.append((x.shape[0], kw["transposed"])) or real(x, m, **kw))
     hidden, out = jax.jit(lambda w: engine.forward(w, cfg, cache, tokens, positions, STEPS["tidar"], "dense"))(w)
     return engine.logits(w, hidden), out, calls
 

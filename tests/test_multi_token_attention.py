@@ -66,7 +66,8 @@ def test_multi_token_attention_refuses_bad_inputs():
   args = (jnp.float32, jnp.zeros((1, 6, 6)), jnp.zeros((1, 6, 6)))
   with pytest.raises(ValueError, match="power-of-two head_dim"):
     mta.attend(jnp.zeros((1, 6, (H + 2 * HKV) * 12)), Projection(None, None, None, None), *args,
-               jnp.zeros((1, 48, HKV, 12)), jnp.zeros((1, 48, HKV, 12)), jnp.zeros(1, jnp.int32), step, heads=H, eps=EPS)
+               jnp.zeros((1, 48, HKV, 12)), jnp.zeros((1, 48, HKV, 12)), jnp.zeros(1, jnp.int32), step,
+               heads=H, eps=EPS)
   with pytest.raises(ValueError, match="Projection.x=None"):
     mta.attend(jnp.zeros((1, 6, (H + 2 * HKV) * D)), Projection(jnp.zeros((1, 8)), None, None, None), *args,
                jnp.zeros((1, S, HKV, D)), jnp.zeros((1, S, HKV, D)), jnp.zeros(1, jnp.int32), step, heads=H, eps=EPS)

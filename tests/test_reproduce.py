@@ -1,7 +1,7 @@
 """benchmarks/reproduce/ (issue 8): the --smoke reproduction trains AR-only and TiDAR with the
 project's trainer on CPU, evaluates likelihood and decoding, and renders RESULTS.md (with or
-without matplotlib); plus its argument checks. Training runs once for the module, compiled without XLA's expensive backend
-optimisations (conftest.fast_compile): nearly all of a smoke run is compilation."""
+without matplotlib); plus its argument checks. Training runs once for the module, compiled without XLA's expensive
+backend optimisations (conftest.fast_compile): nearly all of a smoke run is compilation."""
 
 import importlib.util
 import json

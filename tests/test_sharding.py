@@ -162,7 +162,8 @@ def test_check_divisibility_passes_a_good_fit():
 @pytest.mark.parametrize("model, sizes, batch, message", [
     ({}, (2, 2, 2), 6, r"train.batch_size=6 is not divisible by mesh.data=2 \* mesh.fsdp=2 = 4"),
     (dict(num_heads=18, num_kv_heads=6), (2, 1, 4), 8,
-     r"model.num_kv_heads=6 is not divisible by mesh.tensor=4.*\n.*model.num_heads=18 is not divisible by mesh.tensor=4"),
+     r"model.num_kv_heads=6 is not divisible by mesh.tensor=4.*\n"
+     r".*model.num_heads=18 is not divisible by mesh.tensor=4"),
     (dict(num_kv_heads=2), (1, 1, 8), 8,
      r"model.num_kv_heads=2 is smaller than mesh.tensor=8.*fewer tensor shards"),
     (dict(mlp_dim=510), (1, 2, 4), 8, r"model.mlp_dim=510 is not divisible by mesh.tensor=4"),

@@ -77,7 +77,8 @@ def plan(train_cfg: Any, batch_devices: int, micro_batch: int | None = None, sou
       raise ValueError("train.micro_batch_per_device=auto needs a measured micro-batch (memory_fit)")
     requested, source = micro_batch, source or "train.micro_batch_per_device=auto"
   if requested is None:
-    given = f"train.grad_accum={accum}" if accum else "the whole per-device batch at once: no micro-batch or grad_accum set"
+    given = (f"train.grad_accum={accum}" if accum
+             else "the whole per-device batch at once: no micro-batch or grad_accum set")
     accum = accum or 1
     if per_device % accum:
       raise ValueError(f"train.grad_accum={accum} does not divide the per-device batch ({where}): use a divisor "

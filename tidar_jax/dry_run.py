@@ -154,7 +154,8 @@ def _gib(n: float | None) -> str:
 
 
 def _measure(config: Any, model_cfg: ModelConfig, tx: Any, abstract: Any, rules: Any,
-             shape: tuple[int, int, int], per_device_batch: int, grad_accum: int, attention_impl: str) -> dict[str, Any]:
+             shape: tuple[int, int, int], per_device_batch: int, grad_accum: int,
+             attention_impl: str) -> dict[str, Any]:
   """Lowers and compiles the real train step on `shape` (over the first devices); no allocation."""
   n = math.prod(shape)
   mesh = sharding.make_mesh(SimpleNamespace(data=shape[0], fsdp=shape[1], tensor=shape[2]),

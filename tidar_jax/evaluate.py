@@ -138,7 +138,8 @@ def summary(report: dict[str, Any]) -> str:
   """One screen: per sampling and batch size, each decoder's T/NFE, tokens/s and histogram; pass@1."""
   if report["task"] == "nll":
     extra = f", diffusion loss {report['diffusion_loss']:.4f}" if "diffusion_loss" in report else ""
-    return (f"nll on {report['split']} ({report['dataset']}): {report['tokens']} tokens in {report['batches']} batches, "
+    return (f"nll on {report['split']} ({report['dataset']}): {report['tokens']} tokens "
+            f"in {report['batches']} batches, "
             f"AR NLL {report['ar_nll']:.4f} nats/token, perplexity {report['ar_ppl']:.2f}{extra}")
   lines = [f"humaneval: {report['problems']} problems, max_new_tokens {report['max_new_tokens']}, {report['dtype']}, "
            f"k = {report['block_size']}"]

@@ -138,7 +138,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = train_step.create_train_state(model_cfg, tx, config.seed, state_shardings)
     if config.get("init_from"):
       params = checkpoint.load_params(config.init_from, abstract_unboxed["params"])
-      state = {**state, "params": params, "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)}
+      state = {**state, "params": params,
+               "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params)}
   plan, step_fn, memory = plan_and_compile(config, model_cfg, tx, abstract, mesh, rules, tokenizer.mask_id)
   if is_main:
     print(f"batch plan: {plan.describe()}" + (f"; compiled step {memory.total / 2**30:.2f} GiB per device "

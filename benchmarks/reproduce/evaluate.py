@@ -33,7 +33,8 @@ def evaluate_run(rec: RunResult, params, config, args, deadline: common.Deadline
     lk["seconds"] = time.perf_counter() - t
     rec.set("likelihood", lk)
     log(f"validation ({lk['batches']} batches, {lk['tokens']:,} tokens): AR NLL {lk['ar_nll']:.4f} "
-        f"(ppl {lk['ar_ppl']:.2f})" + (f", diffusion loss {lk['diffusion_loss']:.4f}" if "diffusion_loss" in lk else ""))
+        f"(ppl {lk['ar_ppl']:.2f})"
+        + (f", diffusion loss {lk['diffusion_loss']:.4f}" if "diffusion_loss" in lk else ""))
   except Exception as e:  # noqa: BLE001
     rec.error("likelihood", e)
 

@@ -55,7 +55,8 @@ def _loss_curves(plt, results: list[dict[str, Any]]):
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for r in results:
     rows = _metric_rows(r)
-    tps = lookup(r, "train", "tokens_per_step") or (r["config"]["train"]["batch_size"] * r["config"]["train"]["seq_len"])
+    tps = lookup(r, "train", "tokens_per_step") or (
+        r["config"]["train"]["batch_size"] * r["config"]["train"]["seq_len"])
     tr = [x for x in rows if "ar_loss" in x and "eval_ar_loss" not in x]
     ev = [x for x in rows if "eval_ar_loss" in x]
     if tr:
@@ -71,7 +72,8 @@ def _loss_curves(plt, results: list[dict[str, Any]]):
     if final is not None and lookup(r, "train", "tokens_seen"):
       axes[1].scatter([r["train"]["tokens_seen"] / 1e6], [final], marker="*", s=120, zorder=5)
   axes[0].set(xlabel="clean training tokens (M)", ylabel="loss (nats/token)", title="training loss")
-  axes[1].set(xlabel="clean training tokens (M)", ylabel="validation AR NLL", title="validation AR NLL (* = final eval)")
+  axes[1].set(xlabel="clean training tokens (M)", ylabel="validation AR NLL",
+              title="validation AR NLL (* = final eval)")
   for ax in axes:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

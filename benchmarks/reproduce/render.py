@@ -96,10 +96,12 @@ def _header(results: list[dict[str, Any]], summaries: list[dict[str, Any]], out_
   mc, tc = cfg.get("model", {}), cfg.get("train", {})
   if mc:
     lines += [f"Model: {mc.get('num_layers')} layers, d_model {mc.get('d_model')}, {mc.get('num_heads')} heads "
-              f"({mc.get('num_kv_heads')} KV) x {mc.get('head_dim')}, MLP {mc.get('mlp_dim')}, vocab {mc.get('vocab_size')}, "
+              f"({mc.get('num_kv_heads')} KV) x {mc.get('head_dim')}, MLP {mc.get('mlp_dim')}, "
+              f"vocab {mc.get('vocab_size')}, "
               f"compute {mc.get('dtype')}, attention {mc.get('attention')}; training {tc.get('steps')} steps x "
               f"{tc.get('batch_size')} x {tc.get('seq_len')} tokens, LR {tc.get('learning_rate')} -> "
-              f"{tc.get('min_learning_rate')}, warmup {tc.get('warmup_steps')}; data {_data_desc(cfg.get('data', {}))}.", ""]
+              f"{tc.get('min_learning_rate')}, warmup {tc.get('warmup_steps')}; "
+              f"data {_data_desc(cfg.get('data', {}))}.", ""]
   return lines
 
 
@@ -115,8 +117,10 @@ def _results(results: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> 
         _tokens(s["tokens"]), _f(s["train_s"], ".0f"), _f(s["train_tok_s"], ",.0f"),
         _f(s["nll"], ".4f"), _f(s["ppl"], ".2f"), (_f(s["gap_pct"], "+.2f") + "%") if s["gap_pct"] is not None else "",
         _f(s["diff"], ".3f"), _f(s["tnfe_greedy"], ".2f"), _f(s["tnfe_sample"], ".2f"),
-        _f(s["ar_tok_s"], ",.0f"), _f(s["tidar_tok_s"], ",.0f"), (_f(s["speedup"], ".2f") + "x") if s["speedup"] else "",
-        _f(s["b1_ar"], ",.0f"), _f(s["b1_tidar"], ",.0f"), (_f(s["b1_speedup"], ".2f") + "x") if s["b1_speedup"] else "",
+        _f(s["ar_tok_s"], ",.0f"), _f(s["tidar_tok_s"], ",.0f"),
+        (_f(s["speedup"], ".2f") + "x") if s["speedup"] else "",
+        _f(s["b1_ar"], ",.0f"), _f(s["b1_tidar"], ",.0f"),
+        (_f(s["b1_speedup"], ".2f") + "x") if s["b1_speedup"] else "",
         f"{s['equal'] * 100:.0f}%" if s["equal"] is not None else ""])
   dec = lookup(results[-1], "decode") or {}
   held = lookup(dec, "sets", "held_out") or {}
@@ -159,7 +163,8 @@ def _targets(summaries: list[dict[str, Any]]) -> list[str]:
   sp = [x for x in (tidar8["speedup"], tidar8["b1_speedup"]) if x]
   if sp:
     t.append(f"| TiDAR tokens/s >= 3x the same model's AR decoding | {tidar8['run']}: "
-             f"{_f(tidar8['speedup'], '.2f')}x at batch {tidar8['decode_batch']}, {_f(tidar8['b1_speedup'], '.2f')}x at "
+             f"{_f(tidar8['speedup'], '.2f')}x at batch {tidar8['decode_batch']}, "
+             f"{_f(tidar8['b1_speedup'], '.2f')}x at "
              f"batch 1 | {verdict(max(sp) >= 3.0)} |")
   return ["## Issue 8 targets", "", "| target | measured | |", "|---|---|---|", *t, ""] if t else []
 
@@ -188,8 +193,10 @@ def _other_prompt_sets(results: list[dict[str, Any]]) -> list[str]:
       if name == "held_out":
         continue
       g = entry.get("greedy", {})
-      extra.append(f"| {r['run']} | {name} | {entry.get('prompts')} | {_f(lookup(g, 'tidar', 'tokens_per_forward'), '.2f')} | "
-                   f"{_f(lookup(g, 'compare', 'speedup'), '.2f')} | {_f(lookup(g, 'compare', 'equal_fraction'), '.2f')} |")
+      extra.append(f"| {r['run']} | {name} | {entry.get('prompts')} | "
+                   f"{_f(lookup(g, 'tidar', 'tokens_per_forward'), '.2f')} | "
+                   f"{_f(lookup(g, 'compare', 'speedup'), '.2f')} | "
+                   f"{_f(lookup(g, 'compare', 'equal_fraction'), '.2f')} |")
   if not extra:
     return []
   return ["## Other prompt sets (greedy)", "", "| run | set | prompts | T/NFE | speedup | TiDAR == AR |",

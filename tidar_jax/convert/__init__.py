@@ -5,6 +5,6 @@
     python -m tidar_jax.convert.to_hf --ckpt=CKPT_DIR --out=HF_DIR [--drop_mask_row]
 
 In Python: `from_hf.convert(hf_dir, out, config=None)`, `from_gguf.convert(path, out, config=None)`
-and `to_hf.export(ckpt, out, ...)`; the per-family name/layout tables live in `families.py`. The submodules are not imported here, so
-`python -m` runs each one once (and its flags are defined once).
+and `to_hf.export(ckpt, out, ...)`; the per-family name/layout tables live in `families.py`.
+The submodules are not imported here, so `python -m` runs each one once (and its flags are defined once).
 """

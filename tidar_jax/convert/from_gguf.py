@@ -172,7 +172,8 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 def tensor_source(reader: Any, path: str, cfg: dict[str, Any]) -> from_hf.TensorSource:
   """The file's tensors under their HF names, dequantized to float32 one at a time."""
   gguf = _gguf()
-  unsupported = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type.name not in SUPPORTED_TYPES]
+  unsupported = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors
+                 if t.tensor_type.name not in SUPPORTED_TYPES]
   if unsupported:
     raise ValueError(f"GGUF tensor {unsupported[0]} has an unsupported type"
                      f"{f' ({len(unsupported) - 1} more)' if len(unsupported) > 1 else ''}: tidar_jax dequantizes "

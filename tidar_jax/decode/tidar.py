@@ -261,7 +261,8 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
   id, or ids, that end a row (None: rows run to max_new_tokens).
   mask_id: the tokenizer's mask token. max_len: cache slots (default: prompt bucket +
   max_new_tokens + the tokens one step writes, k + k² with every block; allocated as
-  `dispatch.cache_slots`: on a GPU rounded up to a multiple of 128). forced_drafts: optional [batch, positions] int32; the draft for
+  `dispatch.cache_slots`: on a GPU rounded up to a multiple of 128).
+  forced_drafts: optional [batch, positions] int32; the draft for
   position x becomes forced_drafts[row, x] with a one-hot q where that entry is >= 0 (-1, or past
   the table's width: the model's own draft); with a pruned predraft only a row's valid drafts are
   verified, forced or not. Tests force an oracle continuation, benchmarks force acceptance.

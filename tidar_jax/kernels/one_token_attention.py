@@ -56,7 +56,8 @@ def default_splits(batch: int, kv_heads: int, max_len: int, block_k: int) -> int
 
 def _attend_kernel(len_ref, cos_ref, sin_ref, qkv_ref, *refs, heads: int, kv_heads: int, block_k: int, splits: int,
                    eps: float, dtype, has_x: bool, has_bias: bool, has_qk_norm: bool):
-  # qkv [batch, heads + 2 kv_heads, head_dim]; cos/sin [batch, head_dim / 2]; caches [batch, max_len, kv_heads, head_dim]
+  # qkv [batch, heads + 2 kv_heads, head_dim]; cos/sin [batch, head_dim / 2];
+  # caches [batch, max_len, kv_heads, head_dim]
   it = iter(refs)
   x_ref = next(it) if has_x else None
   bias_ref = next(it) if has_bias else None
