@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -202,3 +203,28 @@ def test_nll_splits_a_batch_that_does_not_fit_into_micro_batches(export_dir, tmp
   assert split["ar_micro_batches"] > 1 and split["tidar_micro_batches"] > 1
   np.testing.assert_allclose(split["ar_nll"], full["ar_nll"], rtol=1e-5)
   np.testing.assert_allclose(split["diffusion_loss"], full["diffusion_loss"], rtol=1e-5)
+  # On a GPU the whole batch can fail to compile at all (XLA's autotuner allocates the 12 GiB logits
+  # chunk to time it in a 10 GiB pool): that counts as not fitting, and the micro-batches still run.
+  real_eval_step = likelihood._eval_step
+
+  def failing_whole(error):
+    def eval_step(*key):  # key[-1]: grad_accum
+      if key[-1] > 1:
+        return real_eval_step(*key)
+      lowered = types.SimpleNamespace(compile=lambda: (_ for _ in ()).throw(jax.errors.JaxRuntimeError(error)))
+      return types.SimpleNamespace(lower=lambda *args: lowered)
+    return eval_step
+
+  monkeypatch.setattr(likelihood, "_eval_step", failing_whole(
+      "NOT_FOUND: All configs failed during profiling. Failures (17): EXECUTION FAILED: RESOURCE_EXHAUSTED: "
+      "Out of memory while trying to allocate 12.03GiB"))
+  budgets((ar[4] + ar[1]) / 2, (tidar[4] + tidar[1]) / 2)
+  measured.clear()
+  oom = nll()
+  assert [m[1] for m in measured] == [likelihood.NO_FIT] * 2
+  assert oom["ar_micro_batches"] == split["ar_micro_batches"] and oom["ar_nll"] == split["ar_nll"]
+  assert oom["diffusion_loss"] == split["diffusion_loss"]
+  monkeypatch.setattr(likelihood, "_eval_step", failing_whole("INTERNAL: not a memory error"))
+  budgets(1 << 60)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # other compile errors are not swallowed
+    nll()
