@@ -8,6 +8,7 @@ compilation per block size. M = 15 new tokens: not a multiple of 2, 4 or 8, and 
 multiple of 4 or 8, so the last step of a fully accepted run is cut at max_new_tokens.
 """
 
+import dataclasses
 import functools
 import logging
 
@@ -441,3 +442,36 @@ def test_int8_decode_weights_keep_tidar_greedy_equal_to_ar(params, prompts, ar):
                        key=jax.random.key(0), eos_id=None, mask_id=MASK_ID, block_size=4)
   assert (np.asarray(ar8.tokens) != np.asarray(ar[None].tokens)).any()  # int8 did change the model
   assert_same_as_ar(out, ar8)
+
+
+@pytest.fixture
+def jax_default_precision():
+  """JAX's own default matmul precision for one test (conftest sets "highest" for the whole suite)."""
+  previous = jax.config.jax_default_matmul_precision
+  jax.config.update("jax_default_matmul_precision", None)
+  yield
+  jax.config.update("jax_default_matmul_precision", previous)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_float32_decode_traces_its_matmuls_in_float32(params, prompts, monkeypatch, jax_default_precision, dtype):
+  """On a GPU, JAX computes float32 dots in TF32 by default, which splits greedy TiDAR from greedy AR
+  where the top two logits nearly tie: both decoders trace a float32 model under "highest" matmul
+  precision (16-bit models under the default). Read at trace time: the CPU computes float32 exactly
+  either way."""
+  seen = []
+  real_emit = loop.emit
+
+  def emit(*args, **kwargs):  # traced once per decoder, inside its jitted loop
+    seen.append(jax.config.jax_default_matmul_precision)
+    return real_emit(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "emit", emit)
+  cfg = dataclasses.replace(CFG, dtype=dtype, param_dtype=dtype)
+  cast = jax.tree.map(lambda x: x.astype(dtype), params)
+  lengths = jnp.asarray(PROMPT_LENGTHS)
+  # max_new_tokens=5: a shape no other test compiles, so both decoders are traced here
+  generate_ar(cast, cfg, prompts, lengths, max_new_tokens=5, sampling=GREEDY, key=jax.random.key(0), eos_id=None)
+  generate_tidar(cast, cfg, prompts, lengths, max_new_tokens=5, sampling=GREEDY, key=jax.random.key(0),
+                 eos_id=None, mask_id=MASK_ID, block_size=4)
+  assert len(seen) >= 2 and set(seen) == {"highest" if dtype == "float32" else None}

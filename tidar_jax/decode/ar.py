@@ -88,5 +88,6 @@ def generate_ar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
   req = loop.check_request(cfg, prompts, prompt_lengths, max_new_tokens=max_new_tokens, sampling=sampling,
                            key=key, max_len=max_len, lookahead=loop.step_tokens(0),
                            token_ids={"eos_id": eos_id})
-  return _generate_ar(params, req.prompts, req.lengths, req.keys, loop.eos_array(eos_id), cfg=cfg,
-                      max_new_tokens=int(max_new_tokens), max_len=req.max_len, sampling=sampling)
+  with loop.matmul_precision(cfg):
+    return _generate_ar(params, req.prompts, req.lengths, req.keys, loop.eos_array(eos_id), cfg=cfg,
+                        max_new_tokens=int(max_new_tokens), max_len=req.max_len, sampling=sampling)

@@ -275,7 +275,8 @@ def generate_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, 
                       key=key, eos_id=eos_id, mask_id=mask_id, max_len=max_len, block_size=block_size,
                       verify_beta=verify_beta, forced_drafts=forced_drafts, predraft=predraft, hooks=hooks,
                       hook_data=hook_data)
-  return _generate_tidar(*args, st=st)
+  with loop.matmul_precision(st.cfg):
+    return _generate_tidar(*args, st=st)
 
 
 def trace_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, steps: int, **kwargs) -> _State:
@@ -288,7 +289,8 @@ def trace_tidar(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, 
   if not isinstance(steps, int) or not 1 <= steps < st.max_new_tokens:
     raise ValueError(f"steps={steps!r}: must lie in [1, max_new_tokens={st.max_new_tokens}) (the keys of "
                      "max_new_tokens - 1 steps)")
-  return _trace_tidar(*args, st=st, steps=steps)
+  with loop.matmul_precision(st.cfg):
+    return _trace_tidar(*args, st=st, steps=steps)
 
 
 def _request(params: Any, config: Any, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
