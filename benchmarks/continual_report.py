@@ -56,16 +56,33 @@ def sweep_table(folder: str) -> str | None:
                           "sum (picked: lowest)"], rows)
 
 
+def _trainer_nll(folder: str, name: str, tidar: str) -> dict[str, float] | None:
+  """`evaluate --task=nll`'s fields from a run's own validation evals (the same batches and eval step for
+  both runs): the base model is either run's step-0 eval, a continued model its last."""
+  runs = ("ar", tidar) if name == "base" else (name,)
+  for run in runs:
+    evals = [r for r in _jsonl(folder, f"metrics_{run}.jsonl") if "eval_ar_loss" in r]
+    if evals:
+      r = evals[0] if name == "base" else evals[-1]
+      keep = name != "base" and "eval_diffusion_loss" in r  # the base model never trained its mask half
+      return {"ar_nll": r["eval_ar_loss"], **({"diffusion_loss": r["eval_diffusion_loss"]} if keep else {})}
+  return None
+
+
 def quality_table(folder: str, tidar: str) -> str | None:
+  """One row per model: validation NLL (`nll_<name>.json`, else the trainer's evals, marked) and pass@1."""
   rows = []
   for name, label in (("base", "base (before continual pretraining)"), ("ar", "AR-continued"),
                       (tidar, f"TiDAR ({tidar})")):
     nll, he = _json(folder, f"nll_{name}.json"), _json(folder, f"he_{name}.json")
+    mark = ""
+    if nll is None:
+      nll, mark = _trainer_nll(folder, name, tidar), " (trainer)"
     if nll is None and he is None:
       continue
     pass1 = (he or {}).get("pass_at_1", {})
-    rows.append([label, f"{nll['ar_nll']:.4f}" if nll else "",
-                 f"{nll['diffusion_loss']:.4f}" if nll and "diffusion_loss" in nll else "",
+    rows.append([label, f"{nll['ar_nll']:.4f}{mark}" if nll else "",
+                 f"{nll['diffusion_loss']:.4f}{mark}" if nll and "diffusion_loss" in nll else "",
                  *(", ".join(f"{mode} {v:.3f}" for mode, v in pass1.get(s, {}).items()) for s in ("greedy", "t0.8"))])
   if not rows:
     return None

@@ -72,3 +72,15 @@ def test_report_tables_from_run_files(tmp_path):
   assert "| greedy | 1 | tidar | 2.50 | 250 | 2.50x | 163/164 | 5 0 1 0 0 0 0 4 |" in decoding
   assert "fp32" not in text and "### Train step" not in text  # no such files: no tables
   assert "| 200 | 13.1 | 2.500 | 1.15 |" in text.split("### T/NFE vs tokens trained")[1]
+
+
+def test_quality_falls_back_to_the_trainers_evals(tmp_path):
+  """Without `evaluate --task=nll` files, the NLL column comes from the runs' own validation evals:
+  the base model from the step-0 eval, each continued model from its last, marked as such."""
+  _write(tmp_path, "metrics_ar.jsonl", _run_metrics([1.5, 1.2, 1.1], tidar=False))
+  _write(tmp_path, "metrics_tidar8.jsonl", _run_metrics([1.5, 1.25, 1.15], tidar=True))
+  _write(tmp_path, "nll_ar.json", {"ar_nll": 1.05})  # a file, where present, wins
+  quality = continual_report.quality_table(str(tmp_path), "tidar8")
+  assert "| base (before continual pretraining) | 1.5000 (trainer) |  |" in quality
+  assert "| AR-continued | 1.0500 |  |" in quality
+  assert "| TiDAR (tidar8) | 1.1500 (trainer) | 2.1500 (trainer) |" in quality
