@@ -58,3 +58,7 @@ def test_auto_search_takes_the_line_then_steps_down():
   assert memory_fit.choose_micro_batch(1, lambda m: law[m], budget=20) == (1, {1: 13})
   with pytest.raises(ValueError, match=r"even 1 sequence per device needs 13, over the 12 budget"):
     memory_fit.choose_micro_batch(64, lambda m: law[m], budget=12)
+  # a step whose compile ran out of memory (NO_FIT) is over any budget, and the refusal says so
+  assert memory_fit.choose_micro_batch(64, lambda m: memory_fit.NO_FIT if m >= 16 else law[m], budget=60)[0] == 8
+  with pytest.raises(ValueError, match=r"needs more than the device \(compiling ran out of memory\), over"):
+    memory_fit.choose_micro_batch(64, lambda m: memory_fit.NO_FIT, budget=12)

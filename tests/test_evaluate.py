@@ -221,7 +221,7 @@ def test_nll_splits_a_batch_that_does_not_fit_into_micro_batches(export_dir, tmp
   budgets((ar[4] + ar[1]) / 2, (tidar[4] + tidar[1]) / 2)
   measured.clear()
   oom = nll()
-  assert [m[1] for m in measured] == [likelihood.NO_FIT] * 2
+  assert [m[1] for m in measured] == [memory_fit.NO_FIT] * 2
   assert oom["ar_micro_batches"] == split["ar_micro_batches"] and oom["ar_nll"] == split["ar_nll"]
   assert oom["diffusion_loss"] == split["diffusion_loss"]
   monkeypatch.setattr(likelihood, "_eval_step", failing_whole("INTERNAL: not a memory error"))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from tidar_jax import checkpoint, metrics, train
+from tidar_jax import checkpoint, memory_fit, metrics, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Packed windows shuffled together. Not the tiny config's 1024, whose first window alone tokenizes
@@ -292,7 +292,7 @@ def test_default_run_logs_no_info_or_third_party_lines(killed_and_resumed):
   assert "preparing the text_files corpus in" in outputs[0][0]
 
 
-def test_auto_micro_batch_plans_and_compiles_the_step(tmp_path):
+def test_auto_micro_batch_plans_and_compiles_the_step(tmp_path, monkeypatch):
   """The trainer's "auto": the largest micro-batch whose compiled step fits the device (here the
   host's memory split over the 8 fake devices: all of it fits), the compiled step and its memory."""
   from tidar_jax import sharding, train_step
@@ -309,3 +309,22 @@ def test_auto_micro_batch_plans_and_compiles_the_step(tmp_path):
   assert (plan.per_device_batch, plan.micro_batch, plan.grad_accum) == (4, 4, 1)
   assert plan.source.startswith("auto: the largest that fits 90% of") and "compiled at 1: " in plan.source
   assert memory.total > 0 and callable(step)
+  # On a GPU a step far past the device can fail to compile at all (XLA's autotuner allocates its
+  # operands): "auto" counts it as not fitting and steps down, where other compile errors raise.
+  real_compile = memory_fit.compile_train_step
+
+  def failing_whole(error):
+    def compile_train_step(*args, grad_accum, **kwargs):
+      if grad_accum == 1:  # 4 rows per device at once
+        raise jax.errors.JaxRuntimeError(error)
+      return real_compile(*args, grad_accum=grad_accum, **kwargs)
+    return compile_train_step
+
+  monkeypatch.setattr(memory_fit, "compile_train_step", failing_whole("RESOURCE_EXHAUSTED: Out of memory"))
+  plan, step, memory = train.plan_and_compile(config, model_cfg, tx, abstract, mesh,
+                                              sharding.logical_rules(config.mesh), model_cfg.vocab_size - 1)
+  assert (plan.micro_batch, plan.grad_accum) == (2, 2) and "4: out of memory" in plan.source
+  monkeypatch.setattr(memory_fit, "compile_train_step", failing_whole("INTERNAL: not a memory error"))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    train.plan_and_compile(config, model_cfg, tx, abstract, mesh, sharding.logical_rules(config.mesh),
+                           model_cfg.vocab_size - 1)

@@ -28,6 +28,7 @@ GiB = 2**30
 # Share of the device's memory a step may plan to use: the rest absorbs allocator fragmentation
 # and what XLA's estimate does not see (cuDNN workspaces, NCCL buffers).
 MARGIN = 0.9
+NO_FIT = 1 << 62  # bytes: what a measure reports for a step whose compile ran out of device memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +105,26 @@ def compile_train_step(config: Any, model_cfg: ModelConfig, tx: Any, abstract_st
   return compiled, StepMemory.of(compiled)
 
 
+def fitting_compile(compile_fn: Callable[[], Any]) -> Any | None:
+  """compile_fn()'s result, or None where compiling itself ran out of device memory: XLA's GPU
+  autotuner allocates a kernel's operands to time it, so a step far past the pool (SmolLM2's 12 GiB
+  logits chunk in a 10 GiB pool, on an H100) fails to compile before any memory analysis exists.
+  A measure for `choose_micro_batch` reports such a step as NO_FIT; other errors raise."""
+  try:
+    return compile_fn()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return None
+
+
 def choose_micro_batch(per_device_batch: int, measure: Callable[[int], int], budget: int,
                        describe: Callable[[int], str] = str) -> tuple[int, dict[int, int]]:
   """The largest divisor m of `per_device_batch` with measure(m) <= budget.
 
-  measure(m): per-device bytes of the step at micro-batch m (a compile). Returns (m, every
-  measurement made). Raises ValueError with the remedy when even m = 1 does not fit.
+  measure(m): per-device bytes of the step at micro-batch m (a compile; NO_FIT where it ran out of
+  memory compiling). Returns (m, every measurement made). Raises ValueError with the remedy when even
+  m = 1 does not fit.
   """
   divisors = sorted(batch_plan.divisors_desc(per_device_batch))
   seen: dict[int, int] = {}
@@ -121,7 +136,8 @@ def choose_micro_batch(per_device_batch: int, measure: Callable[[int], int], bud
 
   if at(1) > budget:
     raise ValueError(
-        f"train.micro_batch_per_device=auto: even 1 sequence per device needs {describe(at(1))}, over the "
+        f"train.micro_batch_per_device=auto: even 1 sequence per device needs "
+        f"{'more than the device (compiling ran out of memory)' if at(1) >= NO_FIT else describe(at(1))}, over the "
         f"{describe(budget)} budget ({MARGIN:.0%} of the device): shard the params and optimizer state over more "
         "devices (mesh.fsdp), split the model (mesh.tensor), recompute more in the backward (model.remat=full), "
         "or shorten train.seq_len")

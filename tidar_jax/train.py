@@ -232,8 +232,11 @@ def plan_and_compile(config: ml_collections.ConfigDict, model_cfg: ModelConfig, 
   compiled: dict[int, tuple[Any, memory_fit.StepMemory | None]] = {}
 
   def measure(m: int) -> int:
-    compiled[m] = compile_at(grad_accum=per_device // m)
-    mem = compiled[m][1]
+    result = memory_fit.fitting_compile(lambda: compile_at(grad_accum=per_device // m))
+    if result is None:
+      return memory_fit.NO_FIT
+    compiled[m] = result
+    mem = result[1]
     if mem is None:
       raise ValueError("train.micro_batch_per_device=auto: this backend reports no memory analysis; give the "
                        "micro-batch as a number")
@@ -241,7 +244,8 @@ def plan_and_compile(config: ml_collections.ConfigDict, model_cfg: ModelConfig, 
 
   micro, tried = memory_fit.choose_micro_batch(per_device, measure, budget, lambda b: f"{b / 2**30:.2f} GiB")
   source = (f"auto: the largest that fits {memory_fit.MARGIN:.0%} of {limit / 2**30:.1f} GiB; compiled at "
-            + ", ".join(f"{m}: {b / 2**30:.1f} GiB" for m, b in sorted(tried.items())))
+            + ", ".join(f"{m}: " + ("out of memory" if b >= memory_fit.NO_FIT else f"{b / 2**30:.1f} GiB")
+                        for m, b in sorted(tried.items())))
   return (batch_plan.plan(config.train, devices, micro, source), *compiled[micro])
 
 

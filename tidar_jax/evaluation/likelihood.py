@@ -21,9 +21,6 @@ from tidar_jax import data, memory_fit, sharding, train, train_step
 from tidar_jax.config import validate
 
 
-NO_FIT = 1 << 62  # bytes: the size of a step that ran out of memory while compiling
-
-
 def eval_batches(config, tokenizer, eval_source, num_batches: int) -> list[np.ndarray]:
   batches = data.make_eval_batches(eval_source, tokenizer, seq_len=config.train.seq_len,
                                    batch_size=config.train.batch_size, num_batches=num_batches,
@@ -43,17 +40,11 @@ def _eval_step(model_cfg, objective: str, block_size: int, loss_alpha: float, lo
 
 
 def _compile(make_step, params, tokens: jax.ShapeDtypeStruct, grad_accum: int) -> tuple[Any, int]:
-  """The eval step in `grad_accum` micro-batches, compiled, and its bytes per device (0: unknown).
-
-  (None, NO_FIT) where compiling itself ran out of device memory: XLA's GPU autotuner allocates a
-  kernel's operands to time it, so a step far past the pool (SmolLM2's 12 GiB logits chunk in a
-  10 GiB pool) fails to compile before any memory analysis exists."""
-  try:
-    compiled = make_step(grad_accum).lower(params, tokens).compile()
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    return None, NO_FIT
+  """The eval step in `grad_accum` micro-batches, compiled, and its bytes per device (0: unknown;
+  (None, memory_fit.NO_FIT) where compiling ran out of device memory: `memory_fit.fitting_compile`)."""
+  compiled = memory_fit.fitting_compile(lambda: make_step(grad_accum).lower(params, tokens).compile())
+  if compiled is None:
+    return None, memory_fit.NO_FIT
   mem = memory_fit.StepMemory.of(compiled)
   return compiled, mem.total if mem else 0
 
