@@ -129,7 +129,8 @@ def render(result: dict[str, Any]) -> str:
       continue
     ar = by.get((r["model"], r["seq_len"], r["batch"], "ar"))
     ratio = f"{r['step_s'] / ar['step_s']:.2f}" if (r["objective"] == "tidar" and ar and "step_s" in ar) else ""
-    rows.append([r["model"], r["objective"], r["seq_len"], r["batch"], f"{r['remat']}/{r['attention']}",
+    layers = "" if r.get("scan_layers", True) else "/unrolled"  # scanned: the default, left unsaid
+    rows.append([r["model"], r["objective"], r["seq_len"], r["batch"], f"{r['remat']}/{r['attention']}{layers}",
                  round(r["step_s"] * 1e3, 1), round(r["clean_tokens_per_s"]), round(r["model_tokens_per_s"]),
                  round(r["model_tflop_per_step"], 2), round(r["achieved_tflops"], 1), _pct(r["mfu_pct"]), ratio,
                  round(r["memory_gib"].get("peak_bytes_in_use", float("nan")), 1)])

@@ -81,6 +81,9 @@ def test_train_step(out):
   h200 = train_step.render({"meta": {"device": "NVIDIA H200", "peak_tflops": 989.0},
                             "records": [{**r, "mfu_pct": 41.25}]})
   assert "41.2%" in h200 and "989 TFLOP/s (NVIDIA H200 dense bf16 datasheet peak)" in h200
+  assert "/unrolled" not in h200 and r["scan_layers"]  # tiny scans its layers; an unrolled run says so
+  assert "| none/auto/unrolled |" in train_step.render({"meta": {}, "records": [{**r, "remat": "none",
+                                                        "attention": "auto", "scan_layers": False}]})
 
 
 def test_profile_step(out):
