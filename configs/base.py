@@ -58,7 +58,7 @@ def get_config() -> ConfigDict:
   c.data.data_dir = "~/.cache/tidar_jax"  # where prepared tfds data and the trained tokenizer are cached
   c.data.tokenizer = ""  # path to tokenizer.json or an HF tokenizer dir; empty = train a BPE on the train split
   c.data.validation_fraction = 0.02  # share of files (by stable hash of the path) held out for validation
-  c.data.num_workers = 0  # grain worker processes (0 = in the main process)
+  c.data.num_workers = 0  # grain worker processes (0 = a thread of the main process; benchmarks/input_pipeline)
   c.data.window_shuffle = 1024  # packed windows shuffled together, so a batch mixes many files (1 = off)
 
   c.train = ConfigDict()

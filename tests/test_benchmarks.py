@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import (common, config_loader, decode_latency, generate_throughput, predraft_throughput,
-                        profile_step, train_step)
+from benchmarks import (common, config_loader, decode_latency, generate_throughput, input_pipeline,
+                        predraft_throughput, profile_step, train_step)
 from tidar_jax import flops
 
 
@@ -155,3 +155,12 @@ def test_config_loader():
   assert (cfg.num_layers, cfg.decode_quant, cfg.remat) == (3, "int8", "full")
   with pytest.raises(ValueError, match=r"--config.model.num_layerz=3: unknown field 'num_layerz'"):
     decode_latency.main(["--smoke", "--no-ceilings", "--config.model.num_layerz=3"])
+
+
+def test_input_pipeline(out):
+  """The trainer's own pipeline alone, timed after the batches its thread prepared during start-up."""
+  result = run(input_pipeline, out, "input_pipeline")
+  (r,) = result["records"]
+  assert (r["num_workers"], r["batch"], r["seq_len"], r["batches"]) == (0, 8, 256, 3)
+  assert r["tokens_per_s"] > 0 and r["first_batch_s"] > 0 and r["max_ms"] >= r["median_ms"]
+  assert result["meta"]["host_cpus"] >= 1 and "8 x 256" in open(out / "input_pipeline.md").read()

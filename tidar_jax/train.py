@@ -204,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           break
     finally:
       bar.close()
+      train_iter.close()  # stops the input pipeline's prefetch thread
       manager.wait_until_finished()
       signal.signal(signal.SIGTERM, previous_handler)
       writer.close()
