@@ -86,8 +86,10 @@ def quality_table(folder: str, tidar: str) -> str | None:
                  *(", ".join(f"{mode} {v:.3f}" for mode, v in pass1.get(s, {}).items()) for s in ("greedy", "t0.8"))])
   if not rows:
     return None
-  return common.md_table(["model", "val AR NLL (nats/token)", "val diffusion loss", "HumanEval pass@1 greedy",
-                          "pass@1 T=0.8"], rows)
+  headers = ["model", "val AR NLL (nats/token)", "val diffusion loss", "HumanEval pass@1 greedy", "pass@1 T=0.8"]
+  if not any(row[-1] for row in rows):  # no model was sampled at T = 0.8: no empty column
+    headers, rows = headers[:-1], [row[:-1] for row in rows]
+  return common.md_table(headers, rows)
 
 
 def decoding_table(he: dict[str, Any]) -> str:

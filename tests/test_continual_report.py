@@ -66,7 +66,7 @@ def test_report_tables_from_run_files(tmp_path):
   assert "| ar | 200 | 13.1 | 2000 | 20.0% |" in train  # median of the logged intervals after the first
   assert "1.5000 → 1.1000" in train and "1.5000 → 1.1500" in train
   quality = text.split("### Quality")[1].split("###")[0]
-  assert "| AR-continued | 1.1000 |  | ar 0.125 |" in quality
+  assert "| AR-continued | 1.1000 |  | ar 0.125 |" in quality and "T=0.8" not in quality  # none sampled
   assert "| TiDAR (tidar8) | 1.1500 | 2.1500 | ar 0.100, tidar 0.100 |" in quality
   decoding = text.split("### HumanEval decoding, TiDAR model (bf16)")[1]
   assert "| greedy | 1 | tidar | 2.50 | 250 | 2.50x | 163/164 | 5 0 1 0 0 0 0 4 |" in decoding
@@ -80,7 +80,9 @@ def test_quality_falls_back_to_the_trainers_evals(tmp_path):
   _write(tmp_path, "metrics_ar.jsonl", _run_metrics([1.5, 1.2, 1.1], tidar=False))
   _write(tmp_path, "metrics_tidar8.jsonl", _run_metrics([1.5, 1.25, 1.15], tidar=True))
   _write(tmp_path, "nll_ar.json", {"ar_nll": 1.05})  # a file, where present, wins
+  _write(tmp_path, "he_ar.json", {"pass_at_1": {"greedy": {"ar": 0.125}, "t0.8": {"ar": 0.0625}}})
   quality = continual_report.quality_table(str(tmp_path), "tidar8")
+  assert "| AR-continued | 1.0500 |  | ar 0.125 | ar 0.062 |" in quality  # a sampled model: the T=0.8 column
   assert "| base (before continual pretraining) | 1.5000 (trainer) |  |" in quality
   assert "| AR-continued | 1.0500 |  |" in quality
   assert "| TiDAR (tidar8) | 1.1500 (trainer) | 2.1500 (trainer) |" in quality
