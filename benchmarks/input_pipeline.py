@@ -33,14 +33,10 @@ from benchmarks import common
 from benchmarks.config_loader import apply_overrides, load_config
 
 
-def measure_one(config: Any, num_workers: int, batches: int) -> dict[str, Any]:
+def measure_one(config: Any, tokenizer: Any, train: Any, num_workers: int, batches: int) -> dict[str, Any]:
   from tidar_jax import data
   from tidar_jax.data import pipeline
 
-  if num_workers and not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()  # grain's workers read its absl flags (the trainer parses them in absl.app)
-  tokenizer = data.get_tokenizer(config)
-  train, _ = data.load_splits(config.data)
   rows, seq_len = config.train.batch_size, config.train.seq_len
   t = time.perf_counter()
   it = data.make_train_iterator(train, tokenizer, seq_len=seq_len, global_batch_size=rows, seed=config.seed,
@@ -105,8 +101,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
           "platform": "host CPUs", "device": _cpu_model(), "jax": jax.__version__, "host": platform.node(),
           "config": args.config, "dataset": config.data.dataset, "host_cpus": os.cpu_count(), "batches": args.batches}
   rec = common.Recorder(args.out, meta)
-  for workers in (int(w) for w in args.workers.split(",")):
-    r = measure_one(config, workers, args.batches)
+  workers_list = [int(w) for w in args.workers.split(",")]
+  if any(workers_list) and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain's workers read its absl flags (the trainer parses them in absl.app)
+  from tidar_jax import data
+  tokenizer, (train, _) = data.get_tokenizer(config), data.load_splits(config.data)  # once for every setting
+  for workers in workers_list:
+    r = measure_one(config, tokenizer, train, workers, args.batches)
     rec.add(r)
     print(f"[input] workers {workers}: {r['tokens_per_s']:,.0f} tokens/s, median {r['median_ms']:.0f} ms per "
           f"{r['batch']} x {r['seq_len']} batch", flush=True)

@@ -118,9 +118,9 @@ def make_train_iterator(source: Sequence[Mapping[str, str]], tokenizer: Tokenize
   if num_workers > 0:
     batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   else:
-    # Tokenizing and packing a batch takes the host ~0.2 s per 65k tokens: in a background thread it
-    # overlaps the trainer's blocking calls (the metrics fetch every log_every steps, evaluation,
-    # checkpointing) as well as the device's step. The state it reports is that of the batches handed
+    # Tokenizing and packing take host time (benchmarks/input_pipeline): in a background thread they
+    # overlap the trainer's blocking calls (the metrics fetch every log_every steps, evaluation,
+    # checkpointing) as well as the device's step. The iterator reports the state of the batches handed
     # out, not of those waiting in its buffer, so checkpoints resume exactly.
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=PREFETCH_BATCHES)
   return _RestorableIterator(iter(batches))
