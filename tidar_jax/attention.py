@@ -21,7 +21,7 @@ def dot_product_attention(
     q: jax.Array,  # [batch, q_len, heads, head_dim]
     k: jax.Array,  # [batch, q_len, kv_heads, head_dim] keys of the new tokens
     v: jax.Array,  # [batch, q_len, kv_heads, head_dim]
-    mask: jax.Array,  # [batch or 1, q_len, q_len] bool, True = may attend (new -> new)
+    mask: jax.Array | None,  # [batch or 1, q_len, q_len] bool, True = may attend (new -> new); None: causal
     cache_k: jax.Array | None = None,  # [batch, max_len, kv_heads, head_dim]
     cache_v: jax.Array | None = None,  # [batch, max_len, kv_heads, head_dim]
     cache_lengths: jax.Array | None = None,  # [batch] int32: slots < length are valid
@@ -34,6 +34,11 @@ def dot_product_attention(
     if implementation == "splash":
       return _splash_training_attention(q, k, v, tidar_block)
     return tidar_training_attention(q, k, v, tidar_block, implementation)
+  if mask is None:
+    if cache_k is not None:
+      raise ValueError("mask=None (causal attention among the new tokens) is for a forward without a "
+                       "KV cache; with a cache pass the [batch or 1, q_len, q_len] mask")
+    return causal_attention(q, k, v, implementation)
   if implementation == "cudnn" and cache_k is None:
     return _cudnn_attention(q, k, v, mask)
   if implementation == FLASH_FOOTPRINT and cache_k is None:
@@ -107,6 +112,17 @@ def _footprint_bwd(res, g):
 flash_footprint.defvjp(_footprint_fwd, _footprint_bwd)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+  """Causal self-attention of q/k/v [batch, q_len, *, head_dim] -> [batch, q_len, heads, head_dim] in
+  the kernel's own causal mode: no mask array is read, and cuDNN's flash kernel skips the tiles above
+  the diagonal (given the same mask as an array it computes every tile: twice the work)."""
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  if implementation == FLASH_FOOTPRINT:
+    return flash_footprint(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
 def _cudnn_attention(q, k, v, mask):
   """GPU fast path (training and prefill): cuDNN flash attention with the boolean mask."""
   B, Q = q.shape[:2]
@@ -127,14 +143,10 @@ def tidar_training_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_siz
   """
   B, Q, H, D = q.shape
   L = Q // 2
+  clean = causal_attention(q[:, :L], k[:, :L], v[:, :L], implementation)
   if implementation in ("cudnn", FLASH_FOOTPRINT):
-    if implementation == "cudnn":
-      clean = jax.nn.dot_product_attention(q[:, :L], k[:, :L], v[:, :L], is_causal=True, implementation="cudnn")
-    else:
-      clean = flash_footprint(q[:, :L], k[:, :L], v[:, :L])
     chunk = chunk or masks.mask_half_chunk(L, block_size)
     return jnp.concatenate([clean, mask_half_attention(q, k, v, block_size, chunk, implementation)], axis=1)
-  clean = jax.nn.dot_product_attention(q[:, :L], k[:, :L], v[:, :L], is_causal=True, implementation="xla")
   prefix, own = masks.training_blocks(L, block_size)  # [nb, L], [k, k] numpy
   nb, kb, Hkv = L // block_size, block_size, k.shape[2]
   qm = q[:, L:].reshape(B, nb, kb, Hkv, H // Hkv, D)  # [batch, block, offset, kv_heads, group, head_dim]

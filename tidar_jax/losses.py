@@ -80,14 +80,15 @@ def compute_loss(model_cfg: ModelConfig, params: Any, tokens: jax.Array, weights
 
   loss_chunk: sequence positions whose logits exist at once (`head_loss.token_nll`): the
   `[batch, 2L, vocab]` fp32 logits are never materialised, in the forward or the backward.
-  structured_attention: for "tidar", attend block by block (`Transformer(tidar_block=k)`, about
-  half the score entries of the dense [2L, 2L] mask); False applies the dense mask (the reference).
+  structured_attention: attend by the mask's structure, not a mask array: for "tidar" block by
+  block (`Transformer(tidar_block=k)`, about half the score entries of the dense [2L, 2L] mask), for
+  "ar" in the attention kernel's causal mode (mask=None); False applies the dense mask (the reference).
   """
   if weights is None:
     weights = jnp.ones(tokens.shape, jnp.float32)
   inputs, positions, mask = model_inputs(tokens, mask_id, objective, block_size)
-  if objective == "tidar" and structured_attention:
-    model, mask = Transformer(model_cfg, tidar_block=block_size), None
+  if structured_attention:
+    model, mask = Transformer(model_cfg, tidar_block=block_size if objective == "tidar" else 0), None
   else:
     model, mask = Transformer(model_cfg), jnp.asarray(mask)
   hidden, _ = model.apply(params, inputs, positions, mask, return_hidden=True)  # [batch, L or 2L, d_model]

@@ -258,7 +258,8 @@ class Transformer(nn.Module):
   """cfg: the architecture. tidar_block > 0: every input is the TiDAR training sequence
   `[x_0..x_{L-1}, M..M]` with draft block size `tidar_block`, attention follows
   `masks.training_mask(L, tidar_block)` computing only the blocks it allows, and `mask` must be
-  None (0: attention follows the given `mask`)."""
+  None. tidar_block = 0: attention follows the given `mask`; mask=None without a cache is causal
+  attention in the kernel's causal mode (AR training: no [L, L] mask array, half the tiles)."""
 
   cfg: ModelConfig
   tidar_block: int = 0
@@ -286,14 +287,18 @@ class Transformer(nn.Module):
       self,
       tokens: jax.Array,  # [batch, q_len] int32
       positions: jax.Array,  # [batch, q_len] int32
-      mask: jax.Array | None,  # [batch or 1, q_len, q_len] bool among the new tokens (None iff tidar_block)
+      mask: jax.Array | None,  # [batch or 1, q_len, q_len] bool among the new tokens; None: the TiDAR
+                               # training mask (tidar_block > 0), else causal (no cache)
       cache: Any = None,  # object with .k/.v [layers, batch, max_len, kv_heads, head_dim], .lengths [batch]
       return_hidden: bool = False,
   ) -> tuple[jax.Array, LayerKV]:
     """Returns (logits [batch, q_len, vocab] fp32, or final-normed hidden) and the new tokens' K/V."""
-    if (mask is None) != bool(self.tidar_block):
-      raise ValueError("pass mask=None exactly when the model is built with tidar_block > 0 (the "
-                       "structured training attention); otherwise pass a [batch or 1, q, q] mask")
+    if self.tidar_block and mask is not None:
+      raise ValueError("a model built with tidar_block > 0 attends by the TiDAR training mask (the "
+                       "structured training attention): pass mask=None")
+    if mask is None and cache is not None and not self.tidar_block:
+      raise ValueError("mask=None (causal attention among the new tokens) is for a forward without a KV "
+                       "cache; with a cache pass the [batch or 1, q, q] mask")
     if mask is not None and mask.ndim == 2:
       mask = mask[None]
     # Gather from the master-dtype table, then cast: nn.Embed(dtype=bf16) would cast the whole
