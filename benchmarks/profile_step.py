@@ -389,7 +389,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", default="1p5b")
+  p.add_argument("--model", default="1p5b", help="'' skips the decode-step profiles")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--kv", type=int, default=2048)
   p.add_argument("--block", type=int, default=16)
@@ -409,29 +409,31 @@ def measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
     args.train_model, args.train_seq_len, args.train_batch = "tiny", 32, 2
   rec = common.Recorder(args.out, {**common.device_info(), "model": args.model, "decode_quant": args.decode_quant})
   profiles = []
-  cfg = common.inference_config(args.model, dtype="float32" if args.smoke else "bfloat16",
-                                decode_quant=args.decode_quant, config_overrides=args.config_overrides)
-  params = common.get_params(cfg, on_host=args.smoke)
-  # The TiDAR step (drafts forced to the AR continuation, as in decode_latency), then the AR step.
-  from benchmarks.decode_latency import forced_table, measure_generate
-  max_len = common.shared_max_len(args.kv, args.new_tokens, [args.block])
-  ar_measured, ar_tokens = measure_generate(params, cfg, batch=args.batch, prompt_len=args.kv,
-                                            max_new_tokens=args.new_tokens, block_size=0, max_len=max_len,
-                                            reps=1 if args.smoke else 3)
-  for block in ([args.block] if args.block else []) + ([] if args.smoke else [0]):
-    forced = forced_table(ar_tokens, args.kv, max_len) if block else None
-    measured = ar_measured if block == 0 else measure_generate(
-        params, cfg, batch=args.batch, prompt_len=args.kv, max_new_tokens=args.new_tokens, block_size=block,
-        max_len=max_len, forced=forced, reps=1 if args.smoke else 3)[0]
-    profiles.append(profile_decode(params, cfg, batch=args.batch, prompt_len=args.kv, new_tokens=args.new_tokens,
-                                   block_size=block, forced=forced, dump_dir=dump_dir_from_flags(),
-                                   measured=measured))
-    rec.set("profiles", profiles)
-  del params
-  common.drop_params()
+  if args.model:
+    cfg = common.inference_config(args.model, dtype="float32" if args.smoke else "bfloat16",
+                                  decode_quant=args.decode_quant, config_overrides=args.config_overrides)
+    params = common.get_params(cfg, on_host=args.smoke)
+    # The TiDAR step (drafts forced to the AR continuation, as in decode_latency), then the AR step.
+    from benchmarks.decode_latency import forced_table, measure_generate
+    max_len = common.shared_max_len(args.kv, args.new_tokens, [args.block])
+    ar_measured, ar_tokens = measure_generate(params, cfg, batch=args.batch, prompt_len=args.kv,
+                                              max_new_tokens=args.new_tokens, block_size=0, max_len=max_len,
+                                              reps=1 if args.smoke else 3)
+    for block in ([args.block] if args.block else []) + ([] if args.smoke else [0]):
+      forced = forced_table(ar_tokens, args.kv, max_len) if block else None
+      measured = ar_measured if block == 0 else measure_generate(
+          params, cfg, batch=args.batch, prompt_len=args.kv, max_new_tokens=args.new_tokens, block_size=block,
+          max_len=max_len, forced=forced, reps=1 if args.smoke else 3)[0]
+      profiles.append(profile_decode(params, cfg, batch=args.batch, prompt_len=args.kv, new_tokens=args.new_tokens,
+                                     block_size=block, forced=forced, dump_dir=dump_dir_from_flags(),
+                                     measured=measured))
+      rec.set("profiles", profiles)
+    del params
+    common.drop_params()
   if args.train_model:
     profiles.append(profile_train(args.train_model, seq_len=args.train_seq_len, batch=args.train_batch,
-                                  objective=args.train_objective, dump_dir=dump_dir_from_flags()))
+                                  objective=args.train_objective, dump_dir=dump_dir_from_flags(),
+                                  overrides=dict(args.config_overrides)))
     rec.set("profiles", profiles)
   return rec.result
 
