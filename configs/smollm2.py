@@ -18,10 +18,13 @@ from configs import base, recipes
 
 def get_config() -> ConfigDict:
   c = base.get_config()
-  c.model.update(**{**recipes.ACCELERATOR, **recipes.SMOLLM2_135M}, remat="none")  # 135M: no remat needed
+  # 135M: no remat needed. Layers unrolled: at d_model 576 the layer scan's stacking of each layer's
+  # saved activations costs a quarter of the train step (benchmarks/profile_step, BENCHMARKS.md).
+  c.model.update(**{**recipes.ACCELERATOR, **recipes.SMOLLM2_135M, "remat": "none", "scan_layers": False})
   c.tidar.update(block_size=8, loss_alpha=1.0)
   c.data.update(dataset="local_code", local_code_roots="stdlib,site-packages", window_shuffle=64,
-                validation_fraction=0.01, num_workers=0)
+                validation_fraction=0.01,
+                num_workers=4)  # one process tokenizes ~320k tokens/s, less than the unrolled AR step takes
   c.train.update(seq_len=1024, batch_size=64, micro_batch_per_device="auto", steps=500, learning_rate=1e-4,
                  min_learning_rate=1e-5, warmup_steps=0.05, weight_decay=0.1, grad_clip=1.0, log_every=10,
                  eval_every=100, eval_batches=8, checkpoint_every=100_000, keep_checkpoints=1)
