@@ -227,6 +227,9 @@ def summarize(kernels: list[dict[str, Any]], op_of: dict[str, str], *, select: C
 
 
 _TRAIN_PARTS = [
+    # the loss's chunk loop (head_loss): a while loop outside the model's scope, scanned layers or not
+    ("backward: LM head + loss", r"transpose\(jvp\(\)\)/"),
+    ("forward: LM head + loss", r"/jvp\(\)/"),
     ("backward: q/k/v/o projections", r"transpose\(.*/attn/(q|k|v|o)/"),
     ("backward: attention core (scores/softmax/PV)", r"transpose\(.*/attn/"),
     ("backward: MLP matmuls", r"transpose\(.*/mlp/(gate|up|down)/"),

@@ -93,6 +93,21 @@ def test_profile_step(out):
   assert train["step"]["kernel_us_total"] > 0 and train["step"]["by_part_us"]
 
 
+@pytest.mark.parametrize("op_name, part", [
+    ("jit(train_step)/jvp()/while/body/eval_jaxpr/reduce_max", "forward: LM head + loss"),  # the loss's chunk loop
+    ("jit(train_step)/transpose(jvp())/while/body/eval_jaxpr/convert_element_type", "backward: LM head + loss"),
+    ("jit(train_step)/jvp(Transformer)/while/body/jit(dynamic_update_index_in_dim)/dynamic_update_slice",
+     "forward: layer-scan plumbing"),
+    ("jit(train_step)/transpose(jvp(Transformer))/eval_jaxpr/layers/attn_norm/reduce_sum",
+     "backward: norms, SwiGLU, residual (elementwise)"),
+    ("jit(train_step)/jvp(Transformer)/eval_jaxpr/layers/mlp/mul", "forward (+remat): norms, SwiGLU, residual"),
+])
+def test_profile_step_train_parts(op_name, part):
+  """A train-step kernel is charged to the part its op belongs to: the loss's chunk loop is not the
+  layer scan (with unrolled layers it is the only while loop of the step)."""
+  assert profile_step.categorize(op_name, "kernel", profile_step._TRAIN_PARTS) == part
+
+
 def test_flop_and_byte_counts():
   """The shape arithmetic behind MFU and the roofline, against the real parameter count."""
   cfg = common.model_config("tiny")
