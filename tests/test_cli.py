@@ -10,6 +10,8 @@ import sys
 import pytest
 from tiny_checkpoint import save_tiny
 
+from tidar_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ROOT}
 
@@ -72,3 +74,32 @@ def test_to_hf_needs_no_torch(tmp_path):
   assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "tokenizer.json"]
   blocked = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
   assert blocked.returncode != 0 and "ModuleNotFoundError" in blocked.stderr  # the block itself works
+
+
+def test_compilation_cache_dir_precedence():
+  assert cli.compilation_cache_dir("/c", {"JAX_COMPILATION_CACHE_DIR": "/env"}) == "/c"
+  assert cli.compilation_cache_dir("", {"JAX_COMPILATION_CACHE_DIR": "/env"}) == ""  # off
+  assert cli.compilation_cache_dir(None, {"JAX_COMPILATION_CACHE_DIR": "/env"}) == "/env"
+  assert cli.compilation_cache_dir(None, {}) == os.path.expanduser("~/.cache/tidar_jax/jax_cache")
+
+
+def test_a_tool_writes_its_compiled_programs_to_the_cache(tmp_path):
+  """generate with the default cache (under $HOME) leaves compiled programs there; with
+  --compilation_cache_dir='' it leaves none, even with $JAX_COMPILATION_CACHE_DIR set."""
+  ckpt = save_tiny(str(tmp_path / "ckpt"), ["def add(a, b):\n    return a + b\n"], num_layers=1)
+  base = {**ENV, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny model compiles in < 1 s
+  base.pop("JAX_COMPILATION_CACHE_DIR", None)
+  homes = {"default": tmp_path / "home_default", "off": tmp_path / "home_off"}
+  extra = {"default": [], "off": ["--compilation_cache_dir="]}
+  envs = {"default": {**base, "HOME": str(homes["default"])},
+          "off": {**base, "HOME": str(homes["off"]), "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "env_cache")}}
+  procs = {case: subprocess.Popen([sys.executable, "-m", "tidar_jax.generate", f"--checkpoint={ckpt}", "--prompt=def",
+                                   "--max_new_tokens=3", *extra[case]], cwd=ROOT, env=envs[case],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for case in homes}
+  for case, p in procs.items():
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, (case, err[-2000:])
+  cached = homes["default"] / ".cache" / "tidar_jax" / "jax_cache"
+  assert cached.is_dir() and any(name.endswith("-cache") for name in os.listdir(cached)), list(cached.parent.iterdir())
+  assert not (homes["off"] / ".cache" / "tidar_jax").exists() and not (tmp_path / "env_cache").exists()

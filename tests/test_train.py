@@ -328,3 +328,32 @@ def test_auto_micro_batch_plans_and_compiles_the_step(tmp_path, monkeypatch):
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
     train.plan_and_compile(config, model_cfg, tx, abstract, mesh, sharding.logical_rules(config.mesh),
                            model_cfg.vocab_size - 1)
+  monkeypatch.setattr(memory_fit, "compile_train_step", real_compile)
+  # An executable compiled with the persistent compilation cache on that reports no memory analysis
+  # (as one loaded from the cache may) is compiled again with the cache off, which then measures;
+  # without a cache directory the None stands.
+  real_compile_once, real_of = memory_fit._compile_train_step, memory_fit.StepMemory.of
+  compiled_with_cache = []  # (executable, cache on while compiling); keeps each executable alive
+
+  def compile_once(*args):
+    compiled_with_cache.append((real_compile_once(*args), jax.config.jax_enable_compilation_cache))
+    return compiled_with_cache[-1][0]
+
+  def cache_was_on(compiled):
+    return next(on for c, on in compiled_with_cache if c is compiled)
+
+  monkeypatch.setattr(memory_fit, "_compile_train_step", compile_once)
+  monkeypatch.setattr(memory_fit.StepMemory, "of",
+                      staticmethod(lambda c: None if cache_was_on(c) else real_of(c)))
+  args = (config, model_cfg, tx, abstract, mesh, sharding.logical_rules(config.mesh))
+  assert memory_fit.compile_train_step(*args, grad_accum=1, mask_id=model_cfg.vocab_size - 1)[1] is None
+  assert [on for _, on in compiled_with_cache] == [True]  # no cache directory: nothing to retry
+  cache_dir = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))
+  try:
+    _, memory = memory_fit.compile_train_step(*args, grad_accum=1, mask_id=model_cfg.vocab_size - 1)
+    assert jax.config.jax_enable_compilation_cache  # restored
+  finally:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+  assert [on for _, on in compiled_with_cache] == [True, True, False]
+  assert memory is not None and memory.total > 0

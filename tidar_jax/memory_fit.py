@@ -46,7 +46,10 @@ class StepMemory:
 
   @classmethod
   def of(cls, compiled: Any) -> "StepMemory | None":
-    ma = compiled.memory_analysis()
+    try:
+      ma = compiled.memory_analysis()
+    except jax.errors.JaxRuntimeError:  # e.g. an executable without its buffer assignment
+      return None
     if ma is None or not hasattr(ma, "temp_size_in_bytes"):
       return None
     return cls(int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes), int(ma.alias_size_in_bytes),
@@ -89,8 +92,24 @@ def compile_train_step(config: Any, model_cfg: ModelConfig, tx: Any, abstract_st
 
   abstract_state: boxed, from `train_step.abstract_train_state`. Returns (compiled step taking
   (state, tokens) and returning (state, metrics), its per-device memory or None if the backend
-  reports none).
+  reports none). An executable the persistent compilation cache gave back without a memory analysis
+  is compiled once more with the cache off, so that "auto" can measure it.
   """
+  compiled = _compile_train_step(config, model_cfg, tx, abstract_state, mesh, rules, grad_accum, mask_id,
+                                 compiler_options)
+  memory = StepMemory.of(compiled)
+  if memory is None and jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache:
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+      compiled = _compile_train_step(config, model_cfg, tx, abstract_state, mesh, rules, grad_accum, mask_id,
+                                     compiler_options)
+    finally:
+      jax.config.update("jax_enable_compilation_cache", True)
+    memory = StepMemory.of(compiled)
+  return compiled, memory
+
+
+def _compile_train_step(config, model_cfg, tx, abstract_state, mesh, rules, grad_accum, mask_id, compiler_options):
   state_shardings = sharding.param_shardings(abstract_state, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh)
   args = (jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -101,8 +120,7 @@ def compile_train_step(config: Any, model_cfg: ModelConfig, tx: Any, abstract_st
                    in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                    donate_argnums=(0,))
     lowered = step.lower(*args)
-  compiled = lowered.compile(compiler_options=compiler_options)
-  return compiled, StepMemory.of(compiled)
+  return lowered.compile(compiler_options=compiler_options)
 
 
 def fitting_compile(compile_fn: Callable[[], Any]) -> Any | None:
