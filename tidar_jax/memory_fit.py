@@ -14,6 +14,7 @@ puts under the budget, and step down until a compiled step really fits. Three co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -92,17 +93,22 @@ def compile_train_step(config: Any, model_cfg: ModelConfig, tx: Any, abstract_st
 
   abstract_state: boxed, from `train_step.abstract_train_state`. Returns (compiled step taking
   (state, tokens) and returning (state, metrics), its per-device memory or None if the backend
-  reports none). An executable the persistent compilation cache gave back without a memory analysis
-  is compiled once more with the cache off, so that "auto" can measure it.
+  reports none: `measured_compile`).
   """
-  compiled = _compile_train_step(config, model_cfg, tx, abstract_state, mesh, rules, grad_accum, mask_id,
-                                 compiler_options)
+  return measured_compile(functools.partial(_compile_train_step, config, model_cfg, tx, abstract_state, mesh,
+                                            rules, grad_accum, mask_id, compiler_options))
+
+
+def measured_compile(compile_fn: Callable[[], Any]) -> tuple[Any, StepMemory | None]:
+  """(compile_fn(), its per-device memory or None if the backend reports none). compile_fn lowers and
+  compiles afresh on each call: an executable the persistent compilation cache gave back without a
+  memory analysis is compiled once more with the cache off, so that a fit can be measured."""
+  compiled = compile_fn()
   memory = StepMemory.of(compiled)
   if memory is None and jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache:
     jax.config.update("jax_enable_compilation_cache", False)
     try:
-      compiled = _compile_train_step(config, model_cfg, tx, abstract_state, mesh, rules, grad_accum, mask_id,
-                                     compiler_options)
+      compiled = compile_fn()
     finally:
       jax.config.update("jax_enable_compilation_cache", True)
     memory = StepMemory.of(compiled)

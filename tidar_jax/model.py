@@ -296,9 +296,6 @@ class Transformer(nn.Module):
     if self.tidar_block and mask is not None:
       raise ValueError("a model built with tidar_block > 0 attends by the TiDAR training mask (the "
                        "structured training attention): pass mask=None")
-    if mask is None and cache is not None and not self.tidar_block:
-      raise ValueError("mask=None (causal attention among the new tokens) is for a forward without a KV "
-                       "cache; with a cache pass the [batch or 1, q, q] mask")
     if mask is not None and mask.ndim == 2:
       mask = mask[None]
     # Gather from the master-dtype table, then cast: nn.Embed(dtype=bf16) would cast the whole

@@ -42,10 +42,11 @@ def _eval_step(model_cfg, objective: str, block_size: int, loss_alpha: float, lo
 def _compile(make_step, params, tokens: jax.ShapeDtypeStruct, grad_accum: int) -> tuple[Any, int]:
   """The eval step in `grad_accum` micro-batches, compiled, and its bytes per device (0: unknown;
   (None, memory_fit.NO_FIT) where compiling ran out of device memory: `memory_fit.fitting_compile`)."""
-  compiled = memory_fit.fitting_compile(lambda: make_step(grad_accum).lower(params, tokens).compile())
-  if compiled is None:
+  result = memory_fit.fitting_compile(
+      lambda: memory_fit.measured_compile(lambda: make_step(grad_accum).lower(params, tokens).compile()))
+  if result is None:
     return None, memory_fit.NO_FIT
-  mem = memory_fit.StepMemory.of(compiled)
+  compiled, mem = result
   return compiled, mem.total if mem else 0
 
 
