@@ -11,9 +11,8 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tidar_jax import dispatch, masks
+from tidar_jax import dispatch, mask_half_attention
 from tidar_jax.kernels import splash_attention
 from tidar_jax.masks import MASKED
 
@@ -131,68 +130,18 @@ def _cudnn_attention(q, k, v, mask):
 
 
 def tidar_training_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int,
-                             implementation: str, chunk: int = 0) -> jax.Array:
+                             implementation: str) -> jax.Array:
   """Attention under `masks.training_mask(L, k)` for q/k/v [batch, 2L, heads, head_dim], computing only
   the blocks the mask allows instead of the dense [2L, 2L] score matrix.
 
-  The clean half attends causally to the clean half (a causal kernel, no mask array). A mask token
-  of block b attends to the clean prefix before its block plus its own block, jointly softmaxed:
-  with cuDNN, chunk by chunk (`mask_half_attention`; chunk 0: `masks.mask_half_chunk`); otherwise
-  block by block, [L, L + k] scores instead of [L, 2L]. Equal to the dense masked attention
-  (tests/test_losses.py).
+  The clean half attends causally to the clean half (a causal kernel, no mask array). The mask half
+  is `mask_half_attention`: its clean prefix through a causal-mode kernel (cuDNN on a GPU), its own
+  blocks in einsums, merged by log-sum-exp. Equal to the dense masked attention (tests/test_losses.py).
   """
-  B, Q, H, D = q.shape
-  L = Q // 2
+  L = q.shape[1] // 2
   clean = causal_attention(q[:, :L], k[:, :L], v[:, :L], implementation)
-  if implementation in ("cudnn", FLASH_FOOTPRINT):
-    chunk = chunk or masks.mask_half_chunk(L, block_size)
-    return jnp.concatenate([clean, mask_half_attention(q, k, v, block_size, chunk, implementation)], axis=1)
-  prefix, own = masks.training_blocks(L, block_size)  # [nb, L], [k, k] numpy
-  nb, kb, Hkv = L // block_size, block_size, k.shape[2]
-  qm = q[:, L:].reshape(B, nb, kb, Hkv, H // Hkv, D)  # [batch, block, offset, kv_heads, group, head_dim]
-  km = k[:, L:].reshape(B, nb, kb, Hkv, D)
-  vm = v[:, L:].reshape(B, nb, kb, Hkv, D)
-  scale = D**-0.5
-  s_pre = jnp.einsum("bnqhgd,bshd->bhgnqs", qm, k[:, :L], preferred_element_type=jnp.float32) * scale
-  s_pre = jnp.where(jnp.asarray(prefix)[None, None, None, :, None, :], s_pre, MASKED)  # [B, Hkv, G, nb, k, L]
-  s_own = jnp.einsum("bnqhgd,bnshd->bhgnqs", qm, km, preferred_element_type=jnp.float32) * scale
-  s_own = jnp.where(jnp.asarray(own)[None, None, None, None], s_own, MASKED)  # [B, Hkv, G, nb, k, k]
-  p = jax.nn.softmax(jnp.concatenate([s_pre, s_own], axis=-1), axis=-1)
-  out = (jnp.einsum("bhgnqs,bshd->bnqhgd", p[..., :L].astype(v.dtype), v[:, :L])
-         + jnp.einsum("bhgnqs,bnshd->bnqhgd", p[..., L:].astype(v.dtype), vm))
-  return jnp.concatenate([clean, out.reshape(B, L, H, D)], axis=1)
-
-
-def mask_half_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_size: int, chunk: int,
-                        implementation: str) -> jax.Array:
-  """The mask half's rows of the training attention through one call of a kernel that wants a single
-  key axis (cuDNN): q/k/v [batch, 2L, *, head_dim] -> [batch, L, heads, head_dim].
-
-  A flash kernel given a mask array computes every (query, key) tile, and the mask half's rows over
-  all 2L keys are mostly masked. Cut into query chunks of `chunk` tokens (`masks.mask_half_chunks`),
-  each chunk only needs the clean prefix up to its end plus its own mask tokens; the chunks become
-  batch entries over L + chunk key slots whose unused tail the kernel skips by its key length, so the
-  scores computed drop from 2L² to about 0.7 L² at 8 chunks. chunk == L is the single [L, 2L] call.
-  """
-  B, Q, H, D = q.shape
-  L, C = Q // 2, chunk
-  n = L // C
-  mask, lengths = masks.mask_half_chunks(L, block_size, C)  # [n, C, L + C], [n]
-
-  def chunk_keys(x: jax.Array) -> jax.Array:  # [batch, 2L, kv_heads, D] -> [batch * n, L + C, kv_heads, D]
-    def one(c: int) -> jax.Array:  # the slot layout of masks.mask_half_chunks: prefix, own tokens, padding
-      pad = jnp.zeros((B, (n - 1 - c) * C) + x.shape[2:], x.dtype)
-      return jnp.concatenate([x[:, :(c + 1) * C], x[:, L + c * C:L + (c + 1) * C], pad], axis=1)
-    # static slices and pads, not a gather: their transpose is slicing and adding, not a scatter
-    return jnp.stack([one(c) for c in range(n)], axis=1).reshape((B * n, L + C) + x.shape[2:])
-
-  q_chunks = q[:, L:].reshape(B * n, C, H, D)
-  # [batch * chunks, 1, C, L + C]
-  chunk_mask = jnp.broadcast_to(jnp.asarray(mask)[None, :, None], (B, n, 1, C, L + C)).reshape(B * n, 1, C, L + C)
-  if implementation == FLASH_FOOTPRINT:
-    out = flash_footprint(q_chunks, chunk_keys(k), chunk_keys(v))
-  else:
-    out = jax.nn.dot_product_attention(q_chunks, chunk_keys(k), chunk_keys(v), mask=chunk_mask,
-                                       key_value_seq_lengths=jnp.asarray(np.tile(lengths, B)),
-                                       implementation=implementation)
-  return out.reshape(B, L, H, D)
+  if implementation == FLASH_FOOTPRINT:  # what a flash kernel keeps for the mask half's queries
+    return jnp.concatenate([clean, flash_footprint(q[:, L:], k[:, :L], v[:, :L])], axis=1)
+  masked = mask_half_attention.attention(q[:, L:], k[:, :L], v[:, :L], k[:, L:], v[:, L:], block_size,
+                                         implementation)
+  return jnp.concatenate([clean, masked], axis=1)

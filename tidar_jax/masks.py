@@ -63,46 +63,6 @@ def training_blocks(seq_len: int, block_size: int) -> tuple[np.ndarray, np.ndarr
   return prefix, own
 
 
-def mask_half_chunk(seq_len: int, block_size: int, chunks: int = 8, align: int = 64) -> int:
-  """Query-chunk length for `mask_half_chunks`: a multiple of the block size and of `align` (a flash
-  kernel's tile) dividing seq_len, giving about `chunks` chunks; seq_len (one chunk) when none fits.
-
-  The mask-half keys a chunk needs are the clean prefix up to its end plus its own mask tokens:
-  L²(1/2 + 3/(2·chunks)) score entries over all chunks instead of the 2L² of one [L, 2L] call
-  (8 chunks: 0.69 L²); more chunks shrink that slowly while the per-chunk key copies grow."""
-  step = int(np.lcm(block_size, align))
-  fits = [c for c in range(step, seq_len + 1, step) if seq_len % c == 0]
-  if not fits:
-    return seq_len
-  return min(fits, key=lambda c: (abs(seq_len // c - chunks), c))
-
-
-@functools.cache
-def mask_half_chunks(seq_len: int, block_size: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-  """The mask half of `training_mask(L, k)` cut into L/chunk query chunks, each with its own keys.
-
-  Chunk c (mask tokens c*C .. (c+1)*C - 1) gets L + C key slots: the clean tokens 0 .. (c+1)*C - 1,
-  then its own mask tokens, then padding. Returns (mask [n, C, L + C] bool, sliced from
-  `training_mask`; lengths [n] int32: the slots in use, (c + 2) * C). Asserts that no visible key is
-  left out.
-  """
-  L, C = seq_len, chunk
-  if chunk % block_size or L % chunk:
-    raise ValueError(f"chunk={chunk} must be a multiple of block_size={block_size} and divide seq_len={L}")
-  n = L // C
-  full = training_mask(L, block_size)[L:]  # [L, 2L]
-  mask = np.zeros((n, C, L + C), bool)
-  for c in range(n):
-    used = np.concatenate([np.arange((c + 1) * C), L + c * C + np.arange(C)])  # training positions of the slots
-    rows = full[c * C:(c + 1) * C]  # [C, 2L]
-    mask[c, :, :used.size] = rows[:, used]
-    assert mask[c].sum() == rows.sum(), "a chunk's key slots miss a visible key"
-  lengths = (np.arange(n, dtype=np.int32) + 2) * C
-  for a in (mask, lengths):
-    a.setflags(write=False)
-  return mask, lengths
-
-
 class StepIntervals(NamedTuple):
   """Which new tokens each new token of a decode step sees, as half-open intervals of step-token
   indices: token t sees u < prefix[t] and lo[t] <= u < hi[t] (besides its row's committed cache
