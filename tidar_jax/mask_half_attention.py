@@ -21,7 +21,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tidar_jax import masks
 from tidar_jax.masks import MASKED
@@ -79,14 +78,6 @@ def _core(implementation: str) -> Core:
   return DENSE
 
 
-@functools.cache
-def _parts(seq_len: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(prefix [L, L]: which clean keys each mask token sees; own [k, k]), from `masks.training_mask`."""
-  prefix = masks.training_mask(seq_len, block_size)[seq_len:, :seq_len]
-  assert not np.triu(prefix).any(), "the prefix must lie strictly inside the causal triangle"
-  return prefix, masks.training_blocks(seq_len, block_size)[1]
-
-
 def _blocks(x: jax.Array, k: int) -> jax.Array:  # [B, L, ...] -> [B * L/k, k, ...]: one batch entry a block
   return x.reshape((x.shape[0] * (x.shape[1] // k), k) + x.shape[2:])
 
@@ -120,7 +111,7 @@ def attention(q: jax.Array,  # [batch, L, heads, head_dim] the mask half's queri
 def _forward(q, kc, vc, km, vm, block_size, implementation):
   B, L, H, D = q.shape
   scale = D**-0.5
-  prefix, own = _parts(L, block_size)
+  prefix, own = masks.training_blocks(L, block_size)
   o_pre, lse_pre = _core(implementation).forward(q, kc, vc, prefix, scale)
   o_own, lse_own = DENSE.forward(_blocks(q, block_size), _blocks(km, block_size), _blocks(vm, block_size),
                                  own, scale)
@@ -137,7 +128,7 @@ def _backward(block_size, implementation, res, dout):
   q, kc, vc, km, vm, out, lse = res
   B, L, H, D = q.shape
   scale = D**-0.5
-  prefix, own = _parts(L, block_size)
+  prefix, own = masks.training_blocks(L, block_size)
   dq_pre, dkc, dvc = _core(implementation).backward(q, kc, vc, prefix, scale, out, lse, dout)
   dq_own, dkm, dvm = DENSE.backward(*(_blocks(x, block_size) for x in (q, km, vm)), own, scale,
                                     _blocks(out, block_size), _lse_blocks(lse, block_size),

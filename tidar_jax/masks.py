@@ -46,10 +46,10 @@ def training_mask(seq_len: int, block_size: int) -> np.ndarray:
 def training_blocks(seq_len: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
   """The block structure of `training_mask(L, k)`, sliced from it (one source of truth).
 
-  Returns (prefix [L/k, L]: which clean keys the mask tokens of block b see, the same for every
-  row of the block; own [k, k]: which mask keys of its own block a mask token sees). Asserts what
-  a structured attention relies on: clean rows are exactly causal and never see the mask half,
-  and a mask row sees no mask key outside its own block.
+  Returns (prefix [L, L]: which clean keys each mask token sees; own [k, k]: which mask keys of its
+  own block a mask token sees). Asserts what a structured attention relies on: clean rows are
+  exactly causal and never see the mask half, a mask row sees no mask key outside its own block,
+  and the prefix lies strictly inside the causal triangle (a causal-mode kernel skips the rest).
   """
   mask = training_mask(seq_len, block_size)
   L, k = seq_len, block_size
@@ -58,8 +58,8 @@ def training_blocks(seq_len: int, block_size: int) -> tuple[np.ndarray, np.ndarr
   mask_half = mask[L:, L:].reshape(nb, k, nb, k)
   own = mask_half[0, :, 0, :]
   assert np.array_equal(mask_half, np.einsum("bc,qs->bqcs", np.eye(nb, dtype=bool), own))
-  prefix = mask[L::k, :L]  # [nb, L]
-  assert np.array_equal(mask[L:, :L], np.repeat(prefix, k, axis=0))
+  prefix = mask[L:, :L]
+  assert not np.triu(prefix).any(), "the prefix must lie strictly inside the causal triangle"
   return prefix, own
 
 
