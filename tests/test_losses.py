@@ -72,10 +72,11 @@ KERNELS = ["dense"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
 @pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
 def test_structured_attention_equals_dense_training_mask(kv_heads, block_size, implementation):
   """Training attention by the mask's structure (clean half causal; mask half: its clean prefix
-  through a causal-mode kernel and its own block in einsums, merged by log-sum-exp, the backward
-  run with the merged output and log-sum-exp) == attention under the dense [2L, 2L] training mask,
-  values and gradients: an off-by-one in the prefix or the own-block extent changes the mask half,
-  and a backward run with a part's own log-sum-exp changes every gradient of the mask half."""
+  through a causal-mode kernel and its own block in einsums, with cuDNN in a Pallas kernel, merged by
+  log-sum-exp, the backward run with the merged output and log-sum-exp) == attention under the
+  dense [2L, 2L] training mask, values and gradients: an off-by-one in the prefix or the own-block
+  extent changes the mask half, and a backward run with a part's own log-sum-exp changes every
+  gradient of the mask half."""
   gpu = implementation == "cudnn"
   B, L, H, D = (2, 256, 4, 64) if gpu else (2, 16, 4, 8)
   dtype = jnp.bfloat16 if gpu else jnp.float32

@@ -6,12 +6,16 @@ A mask token of block b sees the clean tokens before its block and the mask toke
 * the prefix part, mask-half queries over the clean keys, is a subset of the causal triangle (key
   j < b·k <= query i), so a flash kernel in causal mode skips the tiles above the diagonal and a
   bias masks the rest: ~L²/2 scores per row, no key copies;
-* the own-block part is [L/k, k, k] scores, a few einsums;
+* the own-block part is [L/k, k, k] scores;
 
 and the two are merged by their log-sum-exps. The backward of a merged softmax is each part's flash
 backward run with the merged output and log-sum-exp (so rowsum(dout · out) and exp(s - lse) are the
 joint ones), which is why the prefix part needs a kernel whose backward takes them
 (`kernels.cudnn_attention`) and why this is one custom VJP.
+
+With cuDNN the own part and the merge are Pallas kernels (`kernels.own_block_attention`: XLA runs
+[L/k, k, k] products and the merge's passes at a few percent of the card); elsewhere they are the
+einsums and elementwise ops below, the kernels' reference.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from tidar_jax import masks
+from tidar_jax.kernels import own_block_attention
 from tidar_jax.masks import MASKED
 
 
@@ -78,6 +83,13 @@ def _core(implementation: str) -> Core:
   return DENSE
 
 
+def _own_tile(L: int, block_size: int, head_dim: int, implementation: str) -> int | None:
+  """The own-block kernel's tile, or None for the XLA path (no cuDNN, or shapes it does not take)."""
+  if implementation != "cudnn":
+    return None
+  return own_block_attention.tile_for(L, block_size, head_dim)
+
+
 def _blocks(x: jax.Array, k: int) -> jax.Array:  # [B, L, ...] -> [B * L/k, k, ...]: one batch entry a block
   return x.reshape((x.shape[0] * (x.shape[1] // k), k) + x.shape[2:])
 
@@ -111,10 +123,14 @@ def attention(q: jax.Array,  # [batch, L, heads, head_dim] the mask half's queri
 def _forward(q, kc, vc, km, vm, block_size, implementation):
   B, L, H, D = q.shape
   scale = D**-0.5
-  prefix, own = masks.training_blocks(L, block_size)
+  prefix, own = masks.training_blocks(L, block_size, block_size)
   o_pre, lse_pre = _core(implementation).forward(q, kc, vc, prefix, scale)
-  o_own, lse_own = DENSE.forward(_blocks(q, block_size), _blocks(km, block_size), _blocks(vm, block_size),
-                                 own, scale)
+  tile = _own_tile(L, block_size, D, implementation)
+  if tile is not None:
+    out, lse = own_block_attention.forward(q, km, vm, o_pre, lse_pre, block_size, tile)
+    return out, (q, kc, vc, km, vm, out, lse)
+  k = block_size
+  o_own, lse_own = DENSE.forward(_blocks(q, k), _blocks(km, k), _blocks(vm, k), own, scale)
   o_own, lse_own = _unblocks(o_own, B), _lse_unblocks(lse_own, B)
   lse = jnp.logaddexp(lse_pre, lse_own)  # [batch, heads, L]
   # a row of block 0 sees no clean key: its prefix lse is hugely negative and its weight exactly 0
@@ -128,11 +144,15 @@ def _backward(block_size, implementation, res, dout):
   q, kc, vc, km, vm, out, lse = res
   B, L, H, D = q.shape
   scale = D**-0.5
-  prefix, own = masks.training_blocks(L, block_size)
+  prefix, own = masks.training_blocks(L, block_size, block_size)
   dq_pre, dkc, dvc = _core(implementation).backward(q, kc, vc, prefix, scale, out, lse, dout)
-  dq_own, dkm, dvm = DENSE.backward(*(_blocks(x, block_size) for x in (q, km, vm)), own, scale,
-                                    _blocks(out, block_size), _lse_blocks(lse, block_size),
-                                    _blocks(dout, block_size))
+  tile = _own_tile(L, block_size, D, implementation)
+  if tile is not None:
+    dq, dkm, dvm = own_block_attention.backward(q, km, vm, out, lse, dout, dq_pre, block_size, tile)
+    return dq, dkc, dvc, dkm, dvm
+  k = block_size
+  dq_own, dkm, dvm = DENSE.backward(*(_blocks(x, k) for x in (q, km, vm)), own, scale, _blocks(out, k),
+                                    _lse_blocks(lse, k), _blocks(dout, k))
   dq = (dq_pre.astype(jnp.float32) + _unblocks(dq_own, B).astype(jnp.float32)).astype(q.dtype)
   return dq, dkc, dvc, _unblocks(dkm, B), _unblocks(dvm, B)
 

@@ -43,21 +43,24 @@ def training_mask(seq_len: int, block_size: int) -> np.ndarray:
 
 
 @functools.cache
-def training_blocks(seq_len: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def training_blocks(seq_len: int, block_size: int, own_tile: int) -> tuple[np.ndarray, np.ndarray]:
   """The block structure of `training_mask(L, k)`, sliced from it (one source of truth).
 
-  Returns (prefix [L, L]: which clean keys each mask token sees; own [k, k]: which mask keys of its
-  own block a mask token sees). Asserts what a structured attention relies on: clean rows are
-  exactly causal and never see the mask half, a mask row sees no mask key outside its own block,
-  and the prefix lies strictly inside the causal triangle (a causal-mode kernel skips the rest).
+  Returns (prefix [L, L]: which clean keys each mask token sees; own [t, t]: which mask keys a mask
+  token sees within its tile of `own_tile` mask tokens, a multiple of k dividing L, so the tile holds
+  whole blocks). Asserts what a structured attention relies on: clean rows are exactly causal and
+  never see the mask half, a mask row sees no mask key outside its own tile, and the prefix lies
+  strictly inside the causal triangle (a causal-mode kernel skips the rest).
   """
-  mask = training_mask(seq_len, block_size)
-  L, k = seq_len, block_size
-  nb = L // k
+  L, k, t = seq_len, block_size, own_tile
+  if t % k or L % t:
+    raise ValueError(f"own_tile={t} must be a multiple of block_size={k} and divide seq_len={L}")
+  mask = training_mask(L, k)
+  nt = L // t
   assert np.array_equal(mask[:L, :L], causal_mask(L)) and not mask[:L, L:].any()
-  mask_half = mask[L:, L:].reshape(nb, k, nb, k)
+  mask_half = mask[L:, L:].reshape(nt, t, nt, t)
   own = mask_half[0, :, 0, :]
-  assert np.array_equal(mask_half, np.einsum("bc,qs->bqcs", np.eye(nb, dtype=bool), own))
+  assert np.array_equal(mask_half, np.einsum("bc,qs->bqcs", np.eye(nt, dtype=bool), own))
   prefix = mask[L:, :L]
   assert not np.triu(prefix).any(), "the prefix must lie strictly inside the causal triangle"
   return prefix, own
