@@ -6,8 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from tidar_jax import mask_half_attention, masks
+from configs import tiny
+from tidar_jax import attention, mask_half_attention, masks, sharding
 from tidar_jax.kernels import own_block_attention
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # compile-bound: small programs, interpreted kernels
@@ -57,3 +60,42 @@ def test_kernel_path_equals_dense_training_mask(L, block_size, heads, kv_heads, 
   out_d, vjp_d = jax.vjp(jax.jit(dense), q, kc, vc, km, vm)
   for name, a, b in zip(("out", "dq", "dkc", "dvc", "dkm", "dvm"), (out_k, *vjp_k(dout)), (out_d, *vjp_d(dout))):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+def test_cudnn_training_attention_runs_the_kernels_per_shard_under_a_mesh(monkeypatch):
+  """Under a mesh (8 devices, batch over data) the cuDNN path's mask half is one call per shard, as
+  the compiler would not split the Pallas calls (it would gather the global batch onto every device):
+  the kernels see a shard's rows, and values and gradients equal the call without a mesh. cuDNN's
+  parts run as einsums / XLA here (no CPU kernel)."""
+  monkeypatch.setattr(mask_half_attention, "_core", lambda implementation: mask_half_attention.DENSE)
+  xla_causal = attention.causal_attention
+  monkeypatch.setattr(attention, "causal_attention", lambda q, k, v, implementation: xla_causal(q, k, v, "xla"))
+  rows_seen = []
+  forward = own_block_attention.forward
+
+  def recording(q, *args, **kwargs):
+    rows_seen.append(q.shape[0])
+    return forward(q, *args, **kwargs)
+
+  monkeypatch.setattr(own_block_attention, "forward", recording)
+  B, L, H, Hkv, D, k = 8, 32, 4, 2, 16, 8
+  keys = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(keys[0], (B, 2 * L, H, D))
+  kk, v = (jax.random.normal(keys[i], (B, 2 * L, Hkv, D)) for i in (1, 2))
+  cotangent = jax.random.normal(keys[3], (B, 2 * L, H, D))
+
+  def loss(q, kk, v):
+    return jnp.sum(attention.tidar_training_attention(q, kk, v, k, "cudnn") * cotangent)
+
+  step = jax.value_and_grad(loss, argnums=(0, 1, 2))
+  want = jax.jit(step)(q, kk, v)
+  assert rows_seen == [B]
+  config = tiny.get_config()
+  mesh = sharding.make_mesh(config.mesh)
+  assert mesh.shape["data"] == 8
+  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    got = jax.jit(step, in_shardings=(rows, rows, rows))(q, kk, v)
+  assert rows_seen == [B, B // 8]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)

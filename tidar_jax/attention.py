@@ -7,6 +7,7 @@ one fp32 softmax, so a decode step never copies the cache to append its new keys
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -46,16 +47,22 @@ def dot_product_attention(
 
 
 def _splash_training_attention(q, k, v, block_size: int) -> jax.Array:
-  """Splash attention with the static training mask; under a mesh, one kernel per (batch, heads)
-  shard (shard_map: a Pallas call is not split by the compiler), as the q/k/v logical axes say."""
-  fn = functools.partial(splash_attention.tidar_splash_attention, block_size=block_size)
+  """Splash attention with the static training mask, one kernel per shard (`_per_shard`)."""
+  return _per_shard(functools.partial(splash_attention.tidar_splash_attention, block_size=block_size), q, k, v)
+
+
+def _per_shard(fn: Callable[..., jax.Array], q: jax.Array, *kv: jax.Array) -> jax.Array:
+  """fn(q, *kv) -> [batch, q_len, heads, head_dim], called once per (batch, heads) shard under a mesh
+  (shard_map) as the logical axes of q [batch, q_len, heads, head_dim] and each kv [batch, k_len,
+  kv_heads, head_dim] say: the compiler does not split a Pallas call, it would gather the global
+  batch onto every device. Attention never crosses rows or KV groups, so per shard is the same."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return fn(q, k, v)
+    return fn(q, *kv)
   q_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
   kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
-  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                       check_vma=False)(q, k, v)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec,) + (kv_spec,) * len(kv), out_specs=q_spec,
+                       check_vma=False)(q, *kv)
 
 
 def _dense_attention(q, k, v, mask, cache_k, cache_v, cache_lengths):
@@ -136,12 +143,18 @@ def tidar_training_attention(q: jax.Array, k: jax.Array, v: jax.Array, block_siz
 
   The clean half attends causally to the clean half (a causal kernel, no mask array). The mask half
   is `mask_half_attention`: its clean prefix through a causal-mode kernel (cuDNN on a GPU), its own
-  blocks in einsums, merged by log-sum-exp. Equal to the dense masked attention (tests/test_losses.py).
+  blocks in einsums (with cuDNN: Pallas kernels, one call per shard), merged by log-sum-exp. Equal
+  to the dense masked attention (tests/test_losses.py, tests/test_own_block_attention.py).
   """
   L = q.shape[1] // 2
   clean = causal_attention(q[:, :L], k[:, :L], v[:, :L], implementation)
   if implementation == FLASH_FOOTPRINT:  # what a flash kernel keeps for the mask half's queries
     return jnp.concatenate([clean, flash_footprint(q[:, L:], k[:, :L], v[:, :L])], axis=1)
-  masked = mask_half_attention.attention(q[:, L:], k[:, :L], v[:, :L], k[:, L:], v[:, L:], block_size,
-                                         implementation)
+
+  def mask_half(*x):
+    return mask_half_attention.attention(*x, block_size, implementation)
+
+  halves = (q[:, L:], k[:, :L], v[:, :L], k[:, L:], v[:, L:])  # queries; clean keys, values; mask keys, values
+  # with cuDNN its own blocks are Pallas calls, which the compiler does not split across a mesh
+  masked = _per_shard(mask_half, *halves) if implementation == "cudnn" else mask_half(*halves)
   return jnp.concatenate([clean, masked], axis=1)
