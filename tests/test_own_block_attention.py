@@ -50,11 +50,7 @@ def test_kernel_path_equals_dense_training_mask(L, block_size, heads, kv_heads, 
 
   def dense(q, kc, vc, km, vm):  # softmax over [clean; mask] keys under the training mask's rows
     k, v = jnp.concatenate([kc, km], axis=1), jnp.concatenate([vc, vm], axis=1)
-    G = heads // kv_heads
-    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D)
-    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+    return attention.dot_product_attention(q, k, v, mask[None])
 
   out_k, vjp_k = jax.vjp(jax.jit(kernel_path), q, kc, vc, km, vm)
   out_d, vjp_d = jax.vjp(jax.jit(dense), q, kc, vc, km, vm)
